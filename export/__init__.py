@@ -1,0 +1,1 @@
+"""Export to ONNX and TensorRT, and the runtime that loads any of them."""

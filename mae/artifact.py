@@ -1,0 +1,277 @@
+"""The encoder artifact: what every consumer (export, retrieval, serving) loads. Never a pickle.
+
+```
+ARTIFACT/config.json        model (timm VisionTransformer kwargs), preprocessing, pooling, embed_dim, labels,
+                            source checkpoint sha256, versions, sha256 of the artifact, export parity figures
+ARTIFACT/model.safetensors  encoder (+ fc_norm and head when finetuned) under timm's key names
+```
+
+The weights are a plain timm ``VisionTransformer`` state dict, so
+``timm.create_model(config["timm"]["model_name"], pretrained=True,
+pretrained_cfg_overlay=dict(file=".../model.safetensors"), **config["timm"]["kwargs"])`` loads them too.
+An embedding is the pooled feature (``forward_head(pre_logits=True)``), L2-normalised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import platform
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mae
+from mae.data import Preprocessing
+
+FORMAT = 1
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+POOLINGS = ("token", "avg")
+
+
+class ArtifactError(ValueError):
+    """An artifact folder that is missing, incomplete, or whose files disagree."""
+
+
+class Encoder(nn.Module):
+    """A timm ViT that returns the L2-normalised embedding (N, D) and, with a head, logits (N, K).
+
+    This is the exact graph every backend runs (torch eager, ONNX, TensorRT): no masking, no randomness.
+    """
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.vit = vit
+        self.has_head = isinstance(vit.head, nn.Linear)
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        tokens = self.vit.forward_features(pixels)  # (N, 1 + L, D)
+        pooled = self.vit.forward_head(tokens, pre_logits=True)  # (N, D)
+        embedding = F.normalize(pooled.float(), dim=-1)
+        if self.has_head:
+            return embedding, self.vit.head(pooled).float()
+        return (embedding,)
+
+    def tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Patch tokens in spatial (row-major) order after the final norm: (N, L, D)."""
+        return self.vit.forward_features(pixels)[:, self.vit.num_prefix_tokens :]
+
+
+def vit_kwargs(model_cfg: dict[str, Any], pooling: str, fc_norm: bool, num_classes: int) -> dict[str, Any]:
+    """timm ``VisionTransformer`` keyword arguments for an MAE encoder config (the dict form of ModelConfig)."""
+    if pooling not in POOLINGS:
+        raise ArtifactError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    return {
+        "img_size": list(model_cfg["img_size"]),
+        "patch_size": model_cfg["patch_size"],
+        "in_chans": model_cfg["in_chans"],
+        "embed_dim": model_cfg["embed_dim"],
+        "depth": model_cfg["depth"],
+        "num_heads": model_cfg["num_heads"],
+        "mlp_ratio": model_cfg["mlp_ratio"],
+        "qkv_bias": True,
+        "global_pool": pooling,
+        "fc_norm": fc_norm,
+        "num_classes": num_classes,
+    }
+
+
+def build_vit(kwargs: dict[str, Any]) -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    kw = dict(kwargs)
+    kw["img_size"] = tuple(kw["img_size"])
+    return VisionTransformer(**kw, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+
+
+@dataclass
+class Artifact:
+    """A loaded artifact: the torch encoder plus everything needed to feed it and interpret its outputs."""
+
+    path: Path
+    config: dict[str, Any]
+    encoder: Encoder
+    preprocessing: Preprocessing
+
+    @property
+    def sha256(self) -> str:
+        return self.config["sha256"]
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.config["embed_dim"])
+
+    @property
+    def labels(self) -> list[str] | None:
+        return self.config.get("labels")
+
+    @property
+    def pooling(self) -> str:
+        return self.config["pooling"]
+
+
+def save(
+    out: str | Path,
+    state: dict[str, torch.Tensor],
+    *,
+    model_cfg: dict[str, Any],
+    preprocessing: Preprocessing,
+    pooling: str,
+    fc_norm: bool = False,
+    labels: list[str] | None = None,
+    source: dict[str, Any] | None = None,
+) -> Path:
+    """Write config.json + model.safetensors. ``state`` is a timm ViT state dict (decoder keys are dropped)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    num_classes = len(labels) if labels else 0
+    kwargs = vit_kwargs(model_cfg, pooling, fc_norm, num_classes)
+    vit = build_vit(kwargs)
+    wanted = vit.state_dict()
+    weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items() if k in wanted}
+    missing = sorted(set(wanted) - set(weights))
+    if missing:
+        raise ArtifactError(f"the weights lack {missing[:6]} for a {pooling}-pooled encoder"
+                            f"{' with a head' if num_classes else ''}")
+    vit.load_state_dict(weights, strict=True)  # shapes checked here, before anything is written
+    save_file(weights, str(out / WEIGHTS), metadata={"format": "pt"})
+    config = {
+        "format": FORMAT,
+        "model": dict(model_cfg, img_size=list(model_cfg["img_size"])),
+        "timm": {"model_name": "vit_base_patch16_224", "kwargs": kwargs},
+        "preprocessing": preprocessing.to_dict(),
+        "pooling": pooling,
+        "fc_norm": fc_norm,
+        "embed_dim": model_cfg["embed_dim"],
+        "labels": list(labels) if labels else None,
+        "source": source or {},
+        "versions": versions(),
+    }
+    config["sha256"] = content_sha256(out / WEIGHTS, config)
+    write_config(out, config)
+    return out
+
+
+def content_sha256(weights: Path, config: dict[str, Any]) -> str:
+    """Identity of an artifact: its weights and everything that changes what the weights compute."""
+    h = hashlib.sha256()
+    with open(weights, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    meaning = {k: config.get(k) for k in ("model", "preprocessing", "pooling", "fc_norm", "labels")}
+    h.update(json.dumps(meaning, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def write_config(path: str | Path, config: dict[str, Any]) -> None:
+    """Rewrite config.json atomically (export stages add their figures under ``export``)."""
+    path = Path(path)
+    tmp = path / (CONFIG + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    tmp.replace(path / CONFIG)
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"no artifact at {path}")
+    if not path.is_dir():
+        raise ArtifactError(f"{path} is a file; an artifact is a folder with {CONFIG} and {WEIGHTS}")
+    for name in (CONFIG, WEIGHTS):
+        if not (path / name).exists():
+            raise ArtifactError(f"{path} is not a complete artifact: {name} is missing")
+    try:
+        config = json.loads((path / CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path / CONFIG} is not valid JSON ({e})") from e
+    if config.get("format", 0) > FORMAT:
+        raise ArtifactError(f"{path} has artifact format {config['format']}; this version reads up to {FORMAT}")
+    for key in ("model", "timm", "preprocessing", "pooling", "embed_dim", "sha256"):
+        if key not in config:
+            raise ArtifactError(f"{path / CONFIG} lacks {key!r}")
+    return config
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> Artifact:
+    """Rebuild the encoder from an artifact folder; every inconsistency is an ArtifactError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config = read_config(path)
+    if verify:
+        actual = content_sha256(path / WEIGHTS, config)
+        if actual != config["sha256"]:
+            raise ArtifactError(f"{path}: {WEIGHTS} or {CONFIG} changed since export "
+                                f"(sha256 {actual[:12]} != recorded {config['sha256'][:12]})")
+    try:
+        weights = load_file(str(path / WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise ArtifactError(f"{path / WEIGHTS} is not readable safetensors ({e})") from e
+    vit = build_vit(config["timm"]["kwargs"])
+    try:
+        result = vit.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ArtifactError(f"{WEIGHTS} does not match {CONFIG}: {e}") from e
+    problems = [f"missing {result.missing_keys[:4]}" if result.missing_keys else "",
+                f"unexpected {result.unexpected_keys[:4]}" if result.unexpected_keys else ""]
+    if any(problems):
+        raise ArtifactError(f"{WEIGHTS} does not match {CONFIG}: {' '.join(p for p in problems if p)}")
+    encoder = Encoder(vit).eval().to(device)
+    return Artifact(path, config, encoder, Preprocessing.from_dict(config["preprocessing"]))
+
+
+def from_checkpoint(checkpoint: str | Path, out: str | Path, pooling: str | None = None) -> Path:
+    """Write the artifact of a training checkpoint (ours) or of official / timm MAE weights.
+
+    Pooling defaults to what the weights were trained for: the class token after the final norm for a
+    pretrained encoder (the paper's linear-probe feature), average pooling + fc_norm for a finetuned one.
+    Foreign files carry no preprocessing, so they get the ImageNet recipe at their native resolution.
+    """
+    from mae.checkpoint import file_sha256, load_weights
+    from mae.config import Config, DataConfig
+    from mae.model import infer_model_config
+
+    state, saved = load_weights(checkpoint)
+    if saved:
+        cfg = Config.from_dict({k: v for k, v in saved.items() if k in ("model", "data", "optim", "run", "preset")})
+        model_cfg, preprocessing = cfg.model, Preprocessing.from_config(cfg)
+    else:
+        model_cfg = infer_model_config(state)
+        preprocessing = Preprocessing.from_config(Config(model=model_cfg, data=DataConfig()))
+    fc_norm = "fc_norm.weight" in state
+    has_head = "head.weight" in state
+    labels = (saved or {}).get("labels")
+    if has_head and not labels:
+        labels = [str(i) for i in range(state["head.weight"].shape[0])]
+    return save(
+        out,
+        state,
+        model_cfg=dataclasses.asdict(model_cfg),
+        preprocessing=preprocessing,
+        pooling=pooling or ("avg" if fc_norm else "token"),
+        fc_norm=fc_norm,
+        labels=labels if has_head else None,
+        source={"checkpoint": str(Path(checkpoint).resolve()), "sha256": file_sha256(_weights_file(checkpoint))},
+    )
+
+
+def _weights_file(path: str | Path) -> Path:
+    path = Path(path)
+    return path / "checkpoint.pt" if path.is_dir() else path
+
+
+def versions() -> dict[str, str]:
+    import timm
+
+    return {"mae": mae.__version__, "torch": torch.__version__, "timm": timm.__version__,
+            "python": platform.python_version()}

@@ -1,0 +1,116 @@
+"""Training checkpoints and foreign weights.
+
+A training checkpoint is ``{"model", "optimizer", "scaler", "step", "epoch", "config", "format": 1}`` holding
+tensors and primitives only, so ``torch.load(path, weights_only=True)`` opens it without running any pickle code.
+It is written to a temporary file in the same folder and renamed into place, so a crash never leaves a torn file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = 1
+CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "step", "epoch", "config", "format")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable or not what the caller expects."""
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` atomically (temp file + fsync + rename)."""
+    path = Path(path)
+    missing = [k for k in ("model", "step", "config") if k not in state]
+    if missing:
+        raise ValueError(f"checkpoint state lacks {missing}")
+    state = {"format": FORMAT, **state}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Open one of our training checkpoints with ``weights_only=True``; a clear error names what is wrong."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, or a pickle that weights_only refuses
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"{path} is not a training checkpoint of this project (no 'model'/'config')")
+    if ckpt.get("format", FORMAT) > FORMAT:
+        raise CheckpointError(f"{path} has checkpoint format {ckpt['format']}; this version reads up to {FORMAT}")
+    return ckpt
+
+
+def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Weights from any supported file: ours, official MAE ``.pth``, timm/HF ``.safetensors`` or ``.bin``.
+
+    Returns (state dict under timm keys, our config dict or None for foreign files). Official files wrap the
+    weights in ``{"model": ...}``; DDP-saved ones prefix ``module.``; both are unwrapped here.
+    """
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / n for n in ("checkpoint.pt", "model.safetensors", "pytorch_model.bin")]
+        found = [c for c in candidates if c.exists()]
+        if not found:
+            raise CheckpointError(f"{path} holds none of {[c.name for c in candidates]}")
+        path = found[0]
+    if not path.exists():
+        raise CheckpointError(f"no weights file at {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return _strip_prefix(load_file(str(path))), None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"cannot read {path} with weights_only=True ({type(e).__name__}: {e}). Files that need arbitrary "
+            "pickles are refused; the official MAE releases load fine."
+        ) from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    config = obj.get("config") if isinstance(obj.get("config"), dict) else None
+    for key in ("model", "state_dict", "model_state"):
+        if key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise CheckpointError(f"{path} holds no tensors")
+    return _strip_prefix(state), config
+
+
+def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for prefix in ("module.", "_orig_mod."):
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

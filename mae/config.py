@@ -1,0 +1,386 @@
+"""Run configuration: frozen dataclasses, a registry of presets, and ``--set a.b=value`` overrides.
+
+A checkpoint stores ``Config.to_dict()`` and rebuilds its model with ``Config.from_dict(...)``; nothing else
+(no argparse Namespace, no pickled class) is needed to reopen a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The masked autoencoder: a ViT encoder over visible patches and a light decoder over all of them."""
+
+    img_size: tuple[int, int] = (224, 224)
+    """Input (height, width) in pixels; each a multiple of patch_size. ``--set model.img_size=64`` means 64x64."""
+    patch_size: int = 16
+    """Side of a square patch in pixels."""
+    in_chans: int = 3
+    """Input channels: 1 (grey), 3 (RGB) or any N (multi-spectral arrays stored as .npy)."""
+    embed_dim: int = 768
+    """Encoder width."""
+    depth: int = 12
+    """Encoder blocks."""
+    num_heads: int = 12
+    """Encoder attention heads."""
+    mlp_ratio: float = 4.0
+    """Hidden width of the MLPs relative to the token width (encoder and decoder)."""
+    decoder_embed_dim: int = 512
+    """Decoder width (the paper's default decoder is 512 wide and 8 deep)."""
+    decoder_depth: int = 8
+    """Decoder blocks."""
+    decoder_num_heads: int = 16
+    """Decoder attention heads."""
+    mask_ratio: float = 0.75
+    """Fraction of patches hidden from the encoder during pretraining."""
+    norm_pix_loss: bool = True
+    """Regress per-patch normalised pixels (mean 0, variance 1 per patch), as the paper's best setting."""
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patches along (height, width)."""
+        return self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    def validate(self) -> None:
+        h, w = self.img_size
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"model.img_size {self.img_size} is not a multiple of model.patch_size {self.patch_size}")
+        if self.embed_dim % self.num_heads or self.decoder_embed_dim % self.decoder_num_heads:
+            raise ValueError("embed_dim and decoder_embed_dim must be divisible by their head counts")
+        if self.embed_dim % 4 or self.decoder_embed_dim % 4:
+            raise ValueError("2-D sin-cos position embeddings need widths divisible by 4")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"model.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if int(self.num_patches * (1 - self.mask_ratio)) < 1:
+            raise ValueError(f"mask_ratio {self.mask_ratio} leaves no visible patch out of {self.num_patches}")
+        if self.in_chans < 1:
+            raise ValueError("model.in_chans must be >= 1")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where images come from and how they are augmented. Size and channels come from the model config."""
+
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    """Per-channel mean used to normalise inputs (one value is broadcast to every channel)."""
+    std: tuple[float, ...] = IMAGENET_STD
+    """Per-channel standard deviation used to normalise inputs."""
+    interpolation: str = "bicubic"
+    """Resize filter: bicubic (the paper's), bilinear or nearest."""
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    """RandomResizedCrop area range for pretraining (the paper uses 0.2..1)."""
+    hflip: float = 0.5
+    """Probability of a horizontal flip during training."""
+    crop_pct: float = 0.875
+    """Evaluation: resize the short side to size / crop_pct, then centre-crop (timm's convention)."""
+    val_fraction: float = 0.2
+    """Share of each class held out for validation (seeded, stratified)."""
+    split_seed: int = 0
+    """Seed of the train/val split; fixed so that every stage sees the same split."""
+    num_workers: int = 2
+    """DataLoader worker processes (0 loads in the training process)."""
+
+    def channel_stats(self, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Mean and std with one value per channel, broadcasting or averaging the configured ones as needed."""
+
+        def fit(values: tuple[float, ...]) -> tuple[float, ...]:
+            if len(values) == channels:
+                return tuple(values)
+            if len(values) == 1 or channels != 3 and len(values) == 3:
+                avg = sum(values) / len(values)
+                return (avg,) * channels
+            raise ValueError(f"data.mean/std have {len(values)} values but the model has {channels} channels")
+
+        return fit(self.mean), fit(self.std)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with a linear-warmup + cosine schedule, as in the official MAE recipe."""
+
+    batch_size: int = 64
+    """Images per device per micro-step. Effective batch = batch_size x accum_iter x devices."""
+    accum_iter: int = 1
+    """Micro-steps accumulated into one optimiser step."""
+    blr: float = 1.5e-4
+    """Base learning rate: lr = blr x effective batch / 256 (the paper's scaling rule)."""
+    lr: float | None = None
+    """Absolute learning rate; overrides blr when set."""
+    min_lr: float = 0.0
+    """Floor of the cosine schedule."""
+    weight_decay: float = 0.05
+    """AdamW decoupled weight decay; never applied to biases, norms, tokens or position embeddings."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas (the paper uses beta2 = 0.95 for stability)."""
+    warmup_epochs: float = 40.0
+    """Linear warmup length in epochs (converted to optimiser steps)."""
+    clip_grad: float | None = None
+    """Clip the global gradient norm to this value (off in the official pretraining)."""
+
+    def effective_lr(self, effective_batch: int) -> float:
+        return self.lr if self.lr is not None else self.blr * effective_batch / 256
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Length, cadence and execution of a run."""
+
+    epochs: int = 800
+    """Passes over the training set (ignored when steps is set)."""
+    steps: int | None = None
+    """Total optimiser steps; overrides epochs."""
+    seed: int = 0
+    """Seed of model init, data order, augmentation and masks (each step reseeds from it)."""
+    log_every: int = 20
+    """Optimiser steps between lines of metrics.jsonl."""
+    ckpt_every: int = 500
+    """Optimiser steps between checkpoints (one is always written at the end)."""
+    vis_every: int = 500
+    """Optimiser steps between reconstruction grids (one is always drawn at the end)."""
+    amp: str = "auto"
+    """Mixed precision: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or off."""
+    compile: bool = False
+    """torch.compile the model (slower start, faster steps)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a run needs; stored in its checkpoint as a plain dict."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    preset: str = "custom"
+    """Name of the preset this config started from."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        """Rebuild a config from ``to_dict`` output (JSON lists become tuples; unknown keys are an error)."""
+        return _build(cls, d, prefix="")
+
+    def override(self, assignments: Iterable[str]) -> Config:
+        """Apply ``section.key=value`` strings; an unknown key is rejected with the list of valid ones."""
+        cfg = self
+        for item in assignments:
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise ValueError(f"--set expects key=value, got {item!r}")
+            cfg = _assign(cfg, key.strip().split("."), raw.strip(), key.strip())
+        cfg.model.validate()
+        return cfg
+
+    def replace(self, **sections: Any) -> Config:
+        """Replace fields of sections: ``cfg.replace(run={"steps": 10}, optim={"batch_size": 8})``."""
+        updates = {}
+        for name, values in sections.items():
+            current = getattr(self, name)
+            updates[name] = dataclasses.replace(current, **values) if isinstance(values, dict) else values
+        return dataclasses.replace(self, **updates)
+
+
+# ----------------------------------------------------------------------------------------------- presets
+
+PRESETS: dict[str, Callable[[], Config]] = {}
+
+
+def preset(fn: Callable[[], Config]) -> Callable[[], Config]:
+    """Register a preset under its function name."""
+    PRESETS[fn.__name__] = fn
+    return fn
+
+
+def get_preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
+    cfg = PRESETS[name]()
+    cfg.model.validate()
+    return dataclasses.replace(cfg, preset=name)
+
+
+def describe_presets() -> list[dict[str, Any]]:
+    """One row per preset: name, summary and the sizes people compare."""
+    rows = []
+    for name in PRESETS:
+        cfg = get_preset(name)
+        m = cfg.model
+        rows.append(
+            {
+                "name": name,
+                "summary": (PRESETS[name].__doc__ or "").strip().splitlines()[0],
+                "img_size": list(m.img_size),
+                "patch_size": m.patch_size,
+                "encoder": f"{m.embed_dim}w x {m.depth}d, {m.num_heads} heads",
+                "decoder": f"{m.decoder_embed_dim}w x {m.decoder_depth}d, {m.decoder_num_heads} heads",
+                "params_m": round(_param_count(m) / 1e6, 2),
+            }
+        )
+    return rows
+
+
+def _param_count(m: ModelConfig) -> int:
+    """Parameter count from the config alone (blocks dominate; embeddings and heads added exactly)."""
+
+    def blocks(d: int, n: int) -> int:
+        hidden = int(d * m.mlp_ratio)
+        return n * (4 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * hidden + hidden) + (hidden * d + d))
+
+    patch_dim = m.patch_size**2 * m.in_chans
+    enc = patch_dim * m.embed_dim + m.embed_dim + 2 * m.embed_dim + blocks(m.embed_dim, m.depth) + 2 * m.embed_dim
+    dec = (
+        m.embed_dim * m.decoder_embed_dim + m.decoder_embed_dim * 2
+        + blocks(m.decoder_embed_dim, m.decoder_depth) + 2 * m.decoder_embed_dim
+        + m.decoder_embed_dim * patch_dim + patch_dim
+    )
+    return enc + dec
+
+
+def _paper(embed_dim: int, depth: int, heads: int, patch: int) -> Config:
+    """The paper's ImageNet recipe: 224 px, decoder 512 x 8, batch 4096, blr 1.5e-4, 800 epochs, 40 warmup."""
+    return Config(
+        model=ModelConfig(embed_dim=embed_dim, depth=depth, num_heads=heads, patch_size=patch),
+        optim=OptimConfig(batch_size=64, accum_iter=1, blr=1.5e-4, warmup_epochs=40),
+        run=RunConfig(epochs=800),
+    )
+
+
+@preset
+def mae_vit_base_patch16() -> Config:
+    """ViT-B/16 MAE (86M encoder), the paper's default."""
+    return _paper(768, 12, 12, 16)
+
+
+@preset
+def mae_vit_large_patch16() -> Config:
+    """ViT-L/16 MAE (304M encoder)."""
+    return _paper(1024, 24, 16, 16)
+
+
+@preset
+def mae_vit_huge_patch14() -> Config:
+    """ViT-H/14 MAE (632M encoder)."""
+    return _paper(1280, 32, 16, 14)
+
+
+@preset
+def mae_vit_tiny_patch4_32() -> Config:
+    """A 32 px, patch-4 MAE (64 patches) small enough to train on a laptop CPU: the demo and tests use it."""
+    return Config(
+        model=ModelConfig(
+            img_size=(32, 32), patch_size=4, embed_dim=192, depth=6, num_heads=3,
+            decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
+        ),
+        data=DataConfig(crop_scale=(0.35, 1.0), crop_pct=1.0),
+        optim=OptimConfig(batch_size=128, blr=1.5e-4, warmup_epochs=5),
+        run=RunConfig(epochs=100, log_every=10, ckpt_every=200, vis_every=200),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- plumbing
+
+
+def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown config keys {sorted(prefix + k for k in unknown)}; valid: {sorted(names)}")
+    kwargs = {}
+    for name, value in d.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, prefix + name + ".")
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def _assign(obj: Any, path: list[str], raw: str, full_key: str) -> Any:
+    name = path[0]
+    if not dataclasses.is_dataclass(obj) or name not in {f.name for f in dataclasses.fields(obj)}:
+        valid = sorted(_leaf_keys(type(obj) if dataclasses.is_dataclass(obj) else Config))
+        raise ValueError(f"unknown config key {full_key!r}; valid keys: {', '.join(valid)}")
+    hints = typing.get_type_hints(type(obj))
+    current = getattr(obj, name)
+    if len(path) > 1:
+        return dataclasses.replace(obj, **{name: _assign(current, path[1:], raw, full_key)})
+    if dataclasses.is_dataclass(current):
+        raise ValueError(f"{full_key!r} is a section; set one of its keys, e.g. {full_key}.{dataclasses.fields(current)[0].name}=...")
+    return dataclasses.replace(obj, **{name: _coerce(_parse(raw), hints[name], full_key)})
+
+
+def _leaf_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += _leaf_keys(hints[f.name], prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _parse(raw: str) -> Any:
+    """JSON when it parses (numbers, true/false/null, lists), else a comma list, else the string itself."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        if raw.lower() in ("none", "null"):
+            return None
+        if raw.lower() in ("true", "false"):
+            return raw.lower() == "true"
+        if "," in raw:
+            return [_parse(part.strip()) for part in raw.split(",")]
+        return raw
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            value = [value] * (len(args) if args and args[-1] is not Ellipsis else 1)
+        if args and args[-1] is not Ellipsis and len(value) != len(args):
+            raise ValueError(f"{key} expects {len(args)} values, got {list(value)}")
+        elem = args[0] if args else Any
+        return tuple(_coerce(v, elem, key) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{key} expects true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ValueError(f"{key} expects an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key} expects a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key} expects a string, got {value!r}")
+        return value
+    return value

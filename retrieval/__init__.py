@@ -1,0 +1,1 @@
+"""FAISS similarity indexes over image collections."""

@@ -1,0 +1,1 @@
+"""Pretraining, finetuning, linear probing and evaluation."""

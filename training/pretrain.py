@@ -1,0 +1,158 @@
+"""MAE pretraining: ``mae pretrain`` (one process) or ``torchrun --nproc_per_node=K -m mae.cli pretrain`` (DDP)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mae.config import Config
+from mae.data import ImageDataset, Preprocessing, PretrainTransform, Source, load_source, stratified_split
+from mae.model import MaskedAutoencoder
+from mae.visualize import loss_curve, reconstruction_grid
+from training.loop import Dist, RunDir, Trainer, eval_loader, init_distributed, shutdown_distributed
+
+VIS_IMAGES = 8
+VAL_IMAGES = 512  # cap on the images scored for val_loss at each periodic evaluation
+
+
+class Pretrainer(Trainer):
+    """Masked-patch reconstruction; every ``vis_every`` steps: val loss on fixed masks and a reconstruction grid."""
+
+    log_name = "pretrain"
+
+    def __init__(self, cfg: Config, run: RunDir, dist: Dist, source: Source):
+        train_idx, val_idx = stratified_split(source.labels, cfg.data.val_fraction, cfg.data.split_seed)
+        if len(val_idx) == 0:
+            val_idx = train_idx[:VIS_IMAGES]
+        torch.manual_seed(cfg.run.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+        model = MaskedAutoencoder(cfg.model)
+        super().__init__(cfg, run, dist, model, ImageDataset(source, train_idx, PretrainTransform(cfg), cfg.run.seed))
+        self.preprocessing = Preprocessing.from_config(cfg)
+        self.val_set = ImageDataset(source, val_idx[:VAL_IMAGES], self.preprocessing)
+        self.source = source
+
+    def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        loss, _, _ = model(images, mask_ratio=self.cfg.model.mask_ratio)
+        return loss, {}
+
+    @torch.no_grad()
+    def val_loss(self) -> float:
+        """Reconstruction loss on the held-out images with masks fixed by the seed (comparable across steps)."""
+        self.model.eval()
+        gen = torch.Generator().manual_seed(self.cfg.run.seed)
+        total, count = 0.0, 0
+        for images, _, _ in eval_loader(self.val_set, self.cfg.optim.batch_size, 0):
+            noise = torch.rand(images.shape[0], self.cfg.model.num_patches, generator=gen).to(self.dist.device)
+            with self._autocast():
+                loss, _, _ = self.model(images.to(self.dist.device), noise=noise)
+            total += loss.item() * images.shape[0]
+            count += images.shape[0]
+        self.model.train()
+        return total / max(count, 1)
+
+    def periodic(self, step: int, final: bool) -> dict[str, float]:
+        if not self.dist.is_main:
+            return {}
+        val = self.val_loss()
+        picks = np.linspace(0, len(self.val_set) - 1, min(VIS_IMAGES, len(self.val_set))).round().astype(int)
+        images = torch.stack([self.val_set[int(i)][0] for i in picks])  # spread over the classes
+        noise = torch.rand(images.shape[0], self.cfg.model.num_patches, generator=torch.Generator().manual_seed(0))
+        with self._autocast():
+            grid = reconstruction_grid(self.model, images.to(self.dist.device), self.preprocessing.mean,
+                                       self.preprocessing.std, noise=noise.to(self.dist.device))
+        out = self.run.path / "reconstructions"
+        out.mkdir(exist_ok=True)
+        grid.save(out / f"step_{step:07d}.png")
+        return {"val_loss": val}
+
+
+def pretrain(cfg: Config, out: str | Path, data: str, resume: bool = False) -> dict[str, Any]:
+    """Pretrain from ``cfg`` into the run folder ``out``; returns a summary (paths, steps, losses, time)."""
+    dist = init_distributed()
+    try:
+        run = RunDir(out, dist)
+        if run.checkpoint.exists() and not resume:
+            raise FileExistsError(f"{run.checkpoint} exists: pass --resume to continue that run, or choose another --out")
+        source = load_source(data)
+        trainer = Pretrainer(cfg, run, dist, source)
+        resumed_from = None
+        if resume and run.checkpoint.exists():
+            trainer.resume()
+            resumed_from = trainer.step
+        run.write_config(cfg, {"data_source": data, "world_size": dist.world,
+                               "effective_batch": trainer.effective_batch, "lr": trainer.base_lr})
+        started = time.perf_counter()
+        last = trainer.fit()
+        seconds = time.perf_counter() - started
+        summary = {
+            "run": str(run.path),
+            "checkpoint": str(run.checkpoint),
+            "steps": trainer.step,
+            "total_steps": trainer.total_steps,
+            "steps_per_epoch": trainer.steps_per_epoch,
+            "effective_batch": trainer.effective_batch,
+            "lr": trainer.base_lr,
+            "resumed_from_step": resumed_from,
+            "loss": last.get("loss"),
+            "val_loss": last.get("val_loss"),
+            "skipped_images": trainer.skipped_images,
+            "seconds": round(seconds, 1),
+            "world_size": dist.world,
+            "device": str(dist.device),
+        }
+        if dist.is_main:
+            summary["loss_curve"] = str(loss_curve(run.metrics, run.path / "loss_curve.png", ("loss", "val_loss")))
+            recon = sorted((run.path / "reconstructions").glob("*.png"))
+            summary["reconstruction"] = str(recon[-1]) if recon else None
+            (run.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+    finally:
+        shutdown_distributed()
+
+
+def main(args) -> dict[str, Any]:
+    """``mae pretrain``: presets listing, config from flags, or the saved config when resuming."""
+    from mae.checkpoint import load_checkpoint
+    from mae.cli import config_from_args
+    from mae.config import describe_presets
+
+    if args.list_presets:
+        rows = describe_presets()
+        lines = [f"{r['name']:<26} {r['params_m']:>8.2f}M  {r['img_size'][0]}x{r['img_size'][1]}/{r['patch_size']}  "
+                 f"enc {r['encoder']:<24} dec {r['decoder']:<22} {r['summary']}" for r in rows]
+        return {"presets": rows, "text": "\n".join(lines)}
+    if not args.data or not args.out:
+        raise ValueError("--data and --out are required (or --list-presets)")
+    cfg = config_from_args(args)
+    checkpoint = Path(args.out) / "checkpoint.pt"
+    if args.resume and checkpoint.exists():
+        saved = Config.from_dict(load_checkpoint(checkpoint)["config"])
+        asked = args.overrides or args.epochs is not None or args.steps is not None or args.batch_size is not None
+        if asked and saved != cfg:
+            diff = _diff(saved.to_dict(), cfg.to_dict())
+            raise ValueError(f"--resume continues the saved run's config; these options differ from it: {diff}")
+        cfg = saved
+    summary = pretrain(cfg, args.out, args.data, resume=args.resume)
+    summary["text"] = (
+        f"pretrained {summary['steps']} steps in {summary['seconds']} s on {summary['device']} "
+        f"(x{summary['world_size']}): loss {summary['loss']:.4f}, val_loss {summary['val_loss']:.4f}\n"
+        f"  checkpoint      {summary['checkpoint']}\n  metrics         {Path(summary['run']) / 'metrics.jsonl'}\n"
+        f"  loss curve      {summary.get('loss_curve')}\n  reconstruction  {summary.get('reconstruction')}"
+    )
+    return summary
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in a:
+        if isinstance(a[k], dict):
+            out += _diff(a[k], b[k], prefix + k + ".")
+        elif a[k] != b[k]:
+            out.append(f"{prefix}{k}: saved {a[k]!r}, asked {b[k]!r}")
+    return out
