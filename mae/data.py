@@ -221,12 +221,10 @@ def to_channels(arr: np.ndarray, channels: int) -> torch.Tensor:
     Grey is replicated to colour and colour averaged to grey (ITU-R 601 weights); alpha is composited on
     black; an N-channel array must already have N channels.
     """
-    if arr.dtype == np.uint8:
-        x = torch.from_numpy(np.ascontiguousarray(arr)).float().div_(255.0)
-    elif arr.dtype == np.uint16:
-        x = torch.from_numpy(arr.astype(np.float32) / 65535.0)
-    else:
-        x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(arr.dtype, 1.0)
+    x = torch.from_numpy(np.array(arr, dtype=np.float32))  # a writable float copy
+    if scale != 1.0:
+        x /= scale
     x = x.unsqueeze(-1) if x.ndim == 2 else x
     x = x.permute(2, 0, 1)  # (C, H, W)
     c = x.shape[0]
