@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     _json_flag(p)
     p.set_defaults(handler="export.command:main")
 
+    p = sub.add_parser("serve", help="serve /embed, /classify, /search and a page to try them (BentoML)")
+    from serving.command import add_arguments as add_serve_arguments  # argparse and stdlib only: stays instant
+
+    add_serve_arguments(p)
+    _json_flag(p)
+    p.set_defaults(handler="serving.command:main")
+
     p = sub.add_parser("data", help="bundled datasets")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     d = dsub.add_parser("export", help="write a bundled dataset as PNG files (class subfolders) to index or serve")

@@ -11,6 +11,7 @@ import dataclasses
 import io
 import logging
 import math
+import struct
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,10 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a
 
 class ImageError(ValueError):
     """An image that cannot be decoded or converted; the message names the image and the problem."""
+
+
+class ImageTooLargeError(ImageError):
+    """An image over a pixel limit (a decompression bomb, or simply too big to accept)."""
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -160,16 +165,18 @@ def read_image(path: str | Path) -> np.ndarray:
     return decode_image(data, name=str(path))
 
 
-def decode_image(data: bytes, name: str = "image", max_pixels: int | None = None) -> np.ndarray:
+def decode_image(data: bytes, name: str = "image", max_pixels: int | None = None,
+                 formats: Sequence[str] | None = None) -> np.ndarray:
     """Decode encoded bytes (PNG, JPEG, ...) into a uint8 array; the first frame of an animation.
 
     Every PIL mode is handled: palette and 16-bit images are converted, EXIF orientation applied, alpha kept
-    (``to_channels`` decides what to do with it).
+    (``to_channels`` decides what to do with it). ``max_pixels`` is checked from the header, before any pixel
+    is decoded; ``formats`` (PIL format names) restricts which decoders may run on untrusted bytes.
     """
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=list(formats) if formats is not None else None) as im:
             if max_pixels is not None and im.width * im.height > max_pixels:
-                raise ImageError(f"{name}: {im.width}x{im.height} pixels is over the limit of {max_pixels}")
+                raise ImageTooLargeError(f"{name}: {im.width}x{im.height} pixels is over the limit of {max_pixels}")
             im.seek(0)
             im.load()
             im = ImageOps.exif_transpose(im)
@@ -177,10 +184,11 @@ def decode_image(data: bytes, name: str = "image", max_pixels: int | None = None
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{name}: too many pixels ({e})") from e
+        raise ImageTooLargeError(f"{name}: too many pixels ({e})") from e
     except UnidentifiedImageError as e:
-        raise ImageError(f"{name}: not a recognised image format") from e
-    except (OSError, SyntaxError, ValueError) as e:
+        allowed = f" (accepted: {', '.join(formats)})" if formats is not None else ""
+        raise ImageError(f"{name}: not a recognised image format{allowed}") from e
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
         raise ImageError(f"{name}: corrupt or truncated image ({e})") from e
 
 

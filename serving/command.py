@@ -1,0 +1,103 @@
+"""``mae serve``: check the artifact and index, then hand over to ``bentoml serve serving.service:MAEService``.
+
+Problems a user can fix (no artifact, an index built with another model, a port in use) are reported here as
+one line, before BentoML starts worker processes that would each fail with a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from serving.settings import Limits, Settings
+
+SERVICE = "serving.service:MAEService"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``mae serve`` flags (called by ``mae.cli``)."""
+    d, lim = Settings(), Limits()
+    p.add_argument("--artifact", required=True, help="artifact folder (mae export)")
+    p.add_argument("--index", help="index folder (mae index build) for /search and the page's neighbours")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=3000)
+    p.add_argument("--backend", default=d.backend, choices=("auto", "torch", "onnx", "tensorrt"),
+                   help="model backend (auto: TensorRT on a GPU, then onnxruntime, then torch)")
+    p.add_argument("--no-batching", action="store_true", help="one model call per request (the benchmark baseline)")
+    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="most images in one model call")
+    p.add_argument("--max-latency-ms", type=int, default=d.max_latency_ms,
+                   help="a model call predicted to wait longer than this is shed with a 503")
+    p.add_argument("--threads", type=int, default=d.threads, help="model threads on CPU (0: half the cores)")
+    p.add_argument("--workers", type=int, default=d.workers, help="front-end processes (HTTP, decoding, search)")
+    p.add_argument("--max-images", type=int, default=lim.max_images, help="images per request")
+    p.add_argument("--max-image-bytes", type=int, default=lim.max_image_bytes, help="encoded bytes per image")
+    p.add_argument("--max-image-pixels", type=int, default=lim.max_image_pixels,
+                   help="pixels per image (decompression bombs are refused from the header)")
+
+
+def command_line(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """Validate ``args`` and return the ``bentoml serve`` command and its environment."""
+    from mae.artifact import read_config
+
+    artifact = Path(args.artifact).resolve()
+    config = read_config(artifact)
+    index = None
+    if args.index:
+        from retrieval.index import Index
+
+        index = Path(args.index).resolve()
+        Index.load(index, artifact_sha256=config["sha256"])  # refuses an index built with another artifact
+    settings = Settings(artifact=str(artifact), index=str(index or ""), backend=args.backend,
+                        batching=not args.no_batching, max_batch_size=args.max_batch_size,
+                        max_latency_ms=args.max_latency_ms, threads=args.threads, workers=args.workers)
+    settings.validate()
+    limits = Limits(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+                    max_images=args.max_images)
+    limits.validate()
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    _check_port(args.host, args.port)
+    env = dict(os.environ, **settings.to_env(), **limits.to_env())
+    env.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    # bentoml imports serving.service from the working dir; keep the project importable from anywhere.
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", args.host, "--port", str(args.port),
+           "--working-dir", str(ROOT)]
+    return cmd, env
+
+
+def _check_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise OSError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port") from e
+
+
+def page_url(host: str, port: int) -> str:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"http://{shown}:{port}/"
+
+
+def curl_line(url: str, image: str | Path, endpoint: str = "search") -> str:
+    return f"curl -s -F images=@{shlex.quote(str(image))} {url}{endpoint}"
+
+
+def main(args: argparse.Namespace) -> Any:
+    cmd, env = command_line(args)
+    url = page_url(args.host, args.port)
+    info = {"url": url, "artifact": env["MAE_ARTIFACT"], "index": env["MAE_INDEX"] or None,
+            "command": shlex.join(cmd)}
+    if args.json:
+        print(json.dumps(info), flush=True)
+    else:
+        print(f"mae serve: {url} (page), POST {url}embed | classify | search; stop with Ctrl-C", flush=True)
+    os.execvpe(cmd[0], cmd, env)  # BentoML's arbiter takes over this process (and its signals)

@@ -1,0 +1,248 @@
+"""Uploads -> validated, decoded, preprocessed pixels, or a 4xx that names the image and the problem.
+
+Everything a client sends passes through here before it reaches the model: the request is parsed by us (not by
+BentoML's file/PIL types, which answer an undecodable upload with a 500 and fetch URLs given as text), sizes are
+checked before bytes are decoded, only the listed image formats may run a decoder, and every failure becomes a
+``bentoml.exceptions`` error with a 4xx status, so one bad image costs its own request and nothing else.
+
+Two request shapes are accepted, each with the same fields:
+
+- ``multipart/form-data``: one or more ``images`` file parts, optional ``k`` (curl ``-F images=@a.jpg -F k=5``);
+- ``application/json``: ``{"images": ["<base64>", ...], "k": 5}``; a ``data:image/...;base64,`` prefix is allowed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+import numpy as np
+import torch
+from bentoml.exceptions import BadInput, BentoMLException
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from mae.data import ImageError, ImageTooLargeError, Preprocessing, decode_image
+from serving.settings import Limits
+
+# PIL decoders that may run on bytes from the network. Formats that shell out (EPS -> Ghostscript) or are rarely
+# seen and less hardened are refused with a clear message instead.
+ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+MAX_K = 100
+
+
+@dataclass
+class Upload:
+    """One image as received: where it came from (for messages) and its encoded bytes."""
+
+    label: str
+    data: bytes
+
+
+@dataclass
+class ImagesRequest:
+    """A parsed request: the uploads in order and the options that came with them."""
+
+    uploads: list[Upload]
+    k: int = 5
+
+
+def error(message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST) -> BentoMLException:
+    """A BentoML error that its server answers with ``status`` and ``{"error": message}``."""
+    if status == HTTPStatus.BAD_REQUEST:
+        return BadInput(message)
+    return BentoMLException(message, error_code=status)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _capped(request: Request, cap: int) -> Request:
+    """The same request, whose body stream stops with ``_BodyTooLarge`` once it passes ``cap`` bytes.
+
+    A Content-Length over the cap is refused before reading; a chunked upload is cut off as soon as it passes it,
+    so neither memory nor the temporary files multipart parsing spools to can be filled by one request.
+    """
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > cap:
+        raise _BodyTooLarge
+    seen = 0
+    receive = request.receive
+
+    async def counting_receive() -> dict[str, Any]:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > cap:
+                raise _BodyTooLarge
+        return message
+
+    return Request(request.scope, counting_receive)
+
+
+async def parse_request(request: Request, limits: Limits, allow_k: bool = True) -> ImagesRequest:
+    """Read the images (and ``k`` where ``allow_k``) out of a multipart or JSON request; problems are 4xx errors."""
+    media_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    try:
+        capped = _capped(request, limits.max_body_bytes)
+        if media_type == "multipart/form-data":
+            parsed = await _parse_multipart(capped, limits, allow_k)
+        elif media_type in ("application/json", ""):
+            parsed = await _parse_json(capped, limits, allow_k)
+        else:
+            raise error(f"unsupported Content-Type {media_type!r}: send multipart/form-data with image files "
+                        "(curl -F images=@photo.jpg) or application/json with base64 strings "
+                        '({"images": ["..."]})', HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
+    except _BodyTooLarge:
+        raise error(f"request body is over the limit of {limits.max_body_bytes} bytes "
+                    f"({limits.max_images} images of at most {limits.max_image_bytes} bytes)",
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from None
+    if not parsed.uploads:
+        raise error("the request has no images: send one or more 'images' (multipart files or base64 strings)")
+    if len(parsed.uploads) > limits.max_images:
+        raise error(f"{len(parsed.uploads)} images is over the limit of {limits.max_images} per request",
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+    return parsed
+
+
+def _parse_k(value: Any) -> int:
+    if isinstance(value, str):
+        value = value.strip()
+        if re.fullmatch(r"[+-]?\d+", value):
+            value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_K:
+        raise error(f"k must be an integer from 1 to {MAX_K}, got {value!r}")
+    return value
+
+
+def _fields(allow_k: bool) -> str:
+    return "'images' and optionally 'k'" if allow_k else "'images'"
+
+
+def _too_big(label: str, size: int, limits: Limits) -> BentoMLException:
+    return error(f"{label}: {size} bytes is over the limit of {limits.max_image_bytes} bytes per image",
+                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+
+
+async def _parse_multipart(request: Request, limits: Limits, allow_k: bool) -> ImagesRequest:
+    from starlette.exceptions import HTTPException
+    from starlette.formparsers import MultiPartException
+
+    try:
+        form = await request.form(max_files=limits.max_images + 1, max_fields=8, max_part_size=64 * 1024)
+    except (MultiPartException, HTTPException) as e:
+        message = getattr(e, "message", None) or getattr(e, "detail", None) or str(e)
+        if "Too many files" in message:
+            raise error(f"more than {limits.max_images} images in one request is over the limit",
+                        HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from e
+        raise error(f"malformed multipart body: {message}") from e
+    except _BodyTooLarge:
+        raise
+    except Exception as e:  # the multipart parser's own errors on garbage input
+        raise error(f"malformed multipart body ({type(e).__name__}: {e})") from e
+    try:
+        uploads: list[Upload] = []
+        k = 5
+        for key, value in form.multi_items():
+            if key == "images":
+                label = f"image {len(uploads) + 1}"
+                if not isinstance(value, UploadFile):
+                    raise error(f"{label}: the 'images' field holds text, not a file; upload the file itself "
+                                "(curl -F images=@photo.jpg) or send JSON with base64 strings")
+                if value.filename:
+                    label += f" {value.filename!r}"
+                if value.size is not None and value.size > limits.max_image_bytes:
+                    raise _too_big(label, value.size, limits)
+                uploads.append(Upload(label, await value.read()))
+                if len(uploads) > limits.max_images:
+                    break
+            elif key == "k" and allow_k:
+                k = _parse_k(value if isinstance(value, str) else (await value.read()).decode("utf-8", "replace"))
+            else:
+                raise error(f"unknown field {key!r}; this endpoint takes {_fields(allow_k)}")
+    finally:
+        await form.close()
+    return ImagesRequest(uploads, k)
+
+
+_DATA_URL = re.compile(r"^data:[\w.+-]+/[\w.+-]+(;[\w=.+-]+)*;base64,", re.IGNORECASE)
+
+
+async def _parse_json(request: Request, limits: Limits, allow_k: bool) -> ImagesRequest:
+    body = b"".join([chunk async for chunk in request.stream()])
+    if not body.strip():
+        raise error('empty body: send {"images": ["<base64>", ...]} or multipart image files')
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"the body is not valid JSON ({e})") from e
+    if not isinstance(payload, dict):
+        raise error(f'the JSON body must be an object like {{"images": ["<base64>"]}}, got {type(payload).__name__}')
+    unknown = sorted(set(payload) - ({"images", "k"} if allow_k else {"images"}))
+    if unknown:
+        raise error(f"unknown field(s) {unknown}; this endpoint takes {_fields(allow_k)}")
+    images = payload.get("images")
+    if images is None:
+        raise error('the JSON body has no "images": send {"images": ["<base64>", ...]}')
+    if isinstance(images, str):
+        images = [images]
+    if not isinstance(images, list):
+        raise error(f'"images" must be a list of base64 strings, got {type(images).__name__}')
+    if len(images) > limits.max_images:
+        raise error(f"{len(images)} images is over the limit of {limits.max_images} per request",
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+    uploads = [Upload(f"image {i + 1}", _b64decode(s, f"image {i + 1}", limits)) for i, s in enumerate(images)]
+    return ImagesRequest(uploads, _parse_k(payload.get("k", 5)))
+
+
+def _b64decode(value: Any, label: str, limits: Limits) -> bytes:
+    if not isinstance(value, str):
+        raise error(f"{label}: expected a base64 string, got {type(value).__name__}")
+    text = _DATA_URL.sub("", value.strip(), count=1)
+    text = re.sub(r"\s+", "", text)
+    if len(text) * 3 // 4 > limits.max_image_bytes + 2:
+        raise _too_big(label, len(text) * 3 // 4, limits)
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise error(f"{label}: not valid base64 ({e})") from e
+    if len(data) > limits.max_image_bytes:
+        raise _too_big(label, len(data), limits)
+    if not data:
+        raise error(f"{label}: empty image")
+    return data
+
+
+def decode(upload: Upload, limits: Limits) -> np.ndarray:
+    """Bytes -> uint8 (H, W[, C]) array, or a 4xx naming the image: 413 over the pixel limit, 400 otherwise."""
+    if not upload.data:
+        raise error(f"{upload.label}: empty file")
+    try:
+        return decode_image(upload.data, name=upload.label, max_pixels=limits.max_image_pixels,
+                            formats=ALLOWED_FORMATS)
+    except ImageTooLargeError as e:
+        raise error(str(e), HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from e
+    except ImageError as e:
+        raise error(str(e)) from e
+    except Exception as e:  # a decoder bug on hostile bytes must still answer 4xx, not take the request down as 500
+        raise error(f"{upload.label}: could not be decoded ({type(e).__name__}: {e})") from e
+
+
+def to_pixels(uploads: Sequence[Upload], limits: Limits, preprocessing: Preprocessing) -> np.ndarray:
+    """Decode and preprocess every upload: float32 (N, C, H, W), exactly what ``Embedder.preprocess`` makes."""
+    tensors = []
+    for upload in uploads:
+        array = decode(upload, limits)
+        try:
+            tensors.append(preprocessing(array))
+        except ImageError as e:
+            raise error(f"{upload.label}: {e}") from e
+    return torch.stack(tensors).numpy()  # (N, C, H, W)

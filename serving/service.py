@@ -1,0 +1,361 @@
+"""The BentoML service: ``POST /embed``, ``/classify``, ``/search``, the page at ``GET /``, thumbnails.
+
+Two BentoML services, composed the way BentoML runs models with pre-processing:
+
+- ``MAEService`` (the front, bound to the port): parses and validates uploads, decodes and preprocesses them in
+  threads, asks the encoder for vectors, searches the index, renders JSON; it also serves the page.
+- ``Encoder`` (a dependency, its own process): holds the model (``Embedder``, backend picked once at start) and
+  exposes one batchable API over decoded, preprocessed ``float32 (N, C, H, W)`` arrays. Concurrent requests from
+  the front are merged there by BentoML's adaptive batching (CorkDispatcher): arrays, never lists of PIL images.
+
+Start it with ``mae serve --artifact A [--index I]``, or ``MAE_ARTIFACT=A bentoml serve serving.service:MAEService``
+(see ``serving.settings`` for every ``MAE_*`` variable).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from functools import cached_property, lru_cache
+from pathlib import Path
+from typing import Any
+
+import anyio
+import bentoml
+import numpy as np
+from pydantic import BaseModel, Field
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from serving.images import Upload, error, parse_request, to_pixels
+from serving.settings import Limits, Settings, var
+
+log = logging.getLogger("mae.serving")
+
+SETTINGS = Settings.from_env()
+LIMITS = Limits.from_env()
+WEB = Path(__file__).parent / "web"
+THUMBNAIL_SIZE = 128
+
+# Where a request's time goes; scraped from /metrics by bench/serving.py. BentoML gathers the metrics of all
+# service processes (front and encoder) into the front's /metrics.
+_TIME_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+DECODE_SECONDS = bentoml.metrics.Histogram(
+    name="mae_decode_seconds", documentation="Per request: parse-to-pixels time (decode, convert, resize, normalise)",
+    buckets=_TIME_BUCKETS)
+ENCODER_SECONDS = bentoml.metrics.Histogram(
+    name="mae_encoder_call_seconds", documentation="Per request: waiting for the encoder (queue + transfer + model)",
+    buckets=_TIME_BUCKETS)
+MODEL_SECONDS = bentoml.metrics.Histogram(
+    name="mae_model_batch_seconds", documentation="Per model call: time in the backend", buckets=_TIME_BUCKETS)
+BATCH_IMAGES = bentoml.metrics.Histogram(
+    name="mae_model_batch_images", documentation="Per model call: images in the batch",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+IMAGE_MODEL_SECONDS = bentoml.metrics.Counter(
+    name="mae_model_image_seconds", documentation="Sum over images of the time of the model call each was part of")
+
+
+def _require_artifact() -> Path:
+    if not SETTINGS.artifact:
+        raise RuntimeError(f"no artifact: set {var('artifact')} (mae serve --artifact A does)")
+    return Path(SETTINGS.artifact)
+
+
+# ----------------------------------------------------------------------------------------------- model process
+
+
+@bentoml.service(name="mae-encoder", workers=1, threads=1, traffic={"timeout": 120})
+class Encoder:
+    """The model, loaded once; one model call at a time, batched across requests."""
+
+    def __init__(self) -> None:
+        import torch
+
+        from export.runtime import Embedder
+
+        torch.set_num_threads(SETTINGS.model_threads)  # onnxruntime's own pools are configured by the Embedder
+        self.embedder = Embedder.load(_require_artifact(), backend=SETTINGS.backend)
+        c, h, w = self.embedder.preprocessing.input_size
+        self.embedder.run(np.zeros((1, c, h, w), np.float32))  # warm up: first-call allocations, lazy inits
+        log.info("encoder %s loaded on %s (%d threads, batching %s)", self.embedder.sha256[:12],
+                 self.embedder.backend_name, SETTINGS.model_threads,
+                 f"up to {SETTINGS.max_batch_size}" if SETTINGS.batching else "off")
+
+    @bentoml.api(batchable=SETTINGS.batching, batch_dim=0, max_batch_size=SETTINGS.max_batch_size,
+                 max_latency_ms=SETTINGS.max_latency_ms)
+    def run(self, pixels: np.ndarray) -> np.ndarray:
+        """Preprocessed pixels float32 (N, C, H, W) -> (N, D [+ K]): embedding, then logits when there is a head."""
+        started = time.perf_counter()
+        out = self.embedder.run(pixels)
+        seconds = time.perf_counter() - started
+        MODEL_SECONDS.observe(seconds)
+        BATCH_IMAGES.observe(len(pixels))
+        IMAGE_MODEL_SECONDS.inc(seconds * len(pixels))
+        parts = [out["embedding"]] + ([out["logits"]] if "logits" in out else [])
+        return np.concatenate(parts, axis=1).astype(np.float32, copy=False)  # (N, D + K)
+
+    @bentoml.api
+    def describe(self) -> dict[str, Any]:
+        """The backend that actually runs the model (chosen at start from what the machine has)."""
+        return {"backend": self.embedder.backend_name, "threads": SETTINGS.model_threads}
+
+
+# ----------------------------------------------------------------------------------------------- HTTP schema
+
+
+class ImagesInput(bentoml.IODescriptor):
+    """One or more images: multipart ``images`` files, or JSON ``{"images": ["<base64>", ...]}``."""
+
+    images: list[Path] = Field(description="image files (PNG, JPEG, GIF, BMP, TIFF, WebP, PPM); in a JSON body, "
+                                           "base64 strings (a data: URL prefix is allowed)")
+
+    @classmethod
+    async def from_http_request(cls, request: Request, serde: Any) -> ImagesInput:
+        # Our own parser instead of BentoML's file fields: limits, formats and 4xx messages are ours (images.py).
+        parsed = await parse_request(request, LIMITS, allow_k=False)
+        return cls.model_construct(images=parsed.uploads)
+
+
+class TopKInput(ImagesInput):
+    """Images as for /embed, and how many results to return for each."""
+
+    k: int = Field(5, ge=1, le=100, description="results per image")
+
+    @classmethod
+    async def from_http_request(cls, request: Request, serde: Any) -> TopKInput:
+        parsed = await parse_request(request, LIMITS, allow_k=True)
+        return cls.model_construct(images=parsed.uploads, k=parsed.k)
+
+
+class EmbedOutput(BaseModel):
+    embeddings: list[list[float]] = Field(description="one L2-normalised vector per image, in request order")
+    dim: int
+    model: str = Field(description="sha256 of the artifact that computed them")
+
+
+class Prediction(BaseModel):
+    label: str
+    index: int
+    probability: float
+
+
+class ClassifyOutput(BaseModel):
+    predictions: list[list[Prediction]] = Field(description="top-k labels per image, most probable first")
+    model: str
+
+
+class Neighbour(BaseModel):
+    id: int
+    score: float = Field(description="inner product of L2-normalised vectors (cosine similarity)")
+    path: str
+    label: str | None
+    thumbnail: str = Field(description="URL of a small PNG of the item, served by this API")
+
+
+class SearchOutput(BaseModel):
+    neighbours: list[list[Neighbour]] = Field(description="top-k items per image, most similar first")
+    model: str
+    index_count: int
+
+
+# ----------------------------------------------------------------------------------------------- the page
+
+
+async def _page(_: Request) -> Response:
+    return FileResponse(WEB / "index.html", media_type="text/html")
+
+
+async def _info(_: Request) -> Response:
+    return JSONResponse(await bentoml.get_current_service().info())
+
+
+async def _thumbnail(request: Request) -> Response:
+    service: MAEService = bentoml.get_current_service()
+    try:
+        item_id = int(request.path_params["item_id"])
+    except ValueError:
+        return JSONResponse({"error": "thumbnail ids are integers"}, status_code=400)
+    try:
+        png = await anyio.to_thread.run_sync(service.thumbnail, item_id)
+    except LookupError as e:
+        return JSONResponse({"error": str(e)}, status_code=404)
+    return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+
+async def _docs(_: Request) -> Response:
+    # BentoML's Swagger UI (normally at /, which the page takes); it reads ./docs.json and ./static_content.
+    from _bentoml_impl.server import app as bentoml_app
+
+    return FileResponse(Path(bentoml_app.__file__).parent / "main-openapi.html", media_type="text/html")
+
+
+PAGE = Starlette(routes=[
+    Route("/", _page, methods=["GET"]),
+    Route("/info", _info, methods=["GET"]),
+    Route("/thumbnail/{item_id}", _thumbnail, methods=["GET"]),
+    Route("/docs", _docs, methods=["GET"]),
+    Mount("/web", StaticFiles(directory=WEB), name="web"),
+])
+
+
+# ----------------------------------------------------------------------------------------------- front
+
+
+def _keep_one_session(proxy: Any) -> None:
+    """Stop BentoML's dependency client from replacing its HTTP session under load.
+
+    BentoML 1.4.30+ (``_bentoml_impl.client.proxy2.SessionManager``) swaps its aiohttp session every 100 requests
+    or 5 minutes and closes the old one while calls are still in flight on it, failing them with "Server
+    disconnected": 252 of 640 requests from 64 concurrent clients here. One session per worker is what aiohttp
+    intends; if BentoML's internals change this does nothing and the retry in ``_call_encoder`` remains.
+    """
+    manager = getattr(getattr(proxy, "to_async", None), "_session_manager", None)
+    if manager is not None and hasattr(manager, "max_requests") and hasattr(manager, "max_age"):
+        manager.max_requests = math.inf
+        manager.max_age = math.inf
+    else:
+        log.warning("BentoML's client has no SessionManager to configure; relying on retries")
+
+
+
+@bentoml.asgi_app(PAGE, path="/", name="page")
+@bentoml.service(name="mae", workers=SETTINGS.workers, traffic={"timeout": 120}, envs=[{"name": "MAE_ARTIFACT"}])
+class MAEService:
+    """Embeddings, classification and search by image for one artifact (and optionally one index)."""
+
+    encoder = bentoml.depends(Encoder)
+
+    def __init__(self) -> None:
+        import torch
+
+        from mae.artifact import read_config
+        from mae.data import Preprocessing
+
+        torch.set_num_threads(1)  # many small per-image resizes in parallel threads, not one large one
+        path = _require_artifact()
+        self.config = read_config(path)
+        self.sha256: str = self.config["sha256"]
+        self.dim = int(self.config["embed_dim"])
+        self.labels: list[str] | None = self.config.get("labels")
+        self.preprocessing = Preprocessing.from_dict(self.config["preprocessing"])
+        self.index = None
+        if SETTINGS.index:
+            from retrieval.index import Index
+
+            self.index = Index.load(SETTINGS.index, artifact_sha256=self.sha256)
+        self._decode_limiter = anyio.CapacityLimiter(max(2, SETTINGS.model_threads))
+        self._backend: dict[str, Any] | None = None
+        _keep_one_session(self.encoder)
+
+    # ------------------------------------------------------------------ shared steps
+
+    async def _vectors(self, uploads: list[Upload]) -> np.ndarray:
+        """Uploads -> (N, D [+ K]) from the encoder; decoding runs in threads, the model in its own process."""
+        started = time.perf_counter()
+        pixels = await anyio.to_thread.run_sync(to_pixels, uploads, LIMITS, self.preprocessing,
+                                                limiter=self._decode_limiter)  # (N, C, H, W)
+        decoded = time.perf_counter()
+        out = await self._call_encoder(pixels)
+        DECODE_SECONDS.observe(decoded - started)
+        ENCODER_SECONDS.observe(time.perf_counter() - decoded)
+        return np.asarray(out, dtype=np.float32)
+
+    async def _call_encoder(self, pixels: np.ndarray) -> np.ndarray:
+        import aiohttp
+
+        try:
+            return await self.encoder.to_async.run(pixels)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientConnectionError) as e:
+            # A pooled keep-alive connection the encoder's server had already closed (BentoML #4971). The call is a
+            # pure function of its input, so one retry on a fresh connection is safe.
+            log.warning("encoder connection dropped (%s); retrying once", e)
+            return await self.encoder.to_async.run(pixels)
+
+    # ------------------------------------------------------------------ APIs
+
+    @bentoml.api(route="/embed", input_spec=ImagesInput, output_spec=EmbedOutput)
+    async def embed(self, images: list[Upload]) -> EmbedOutput:
+        """L2-normalised embeddings, one per image, from the artifact's encoder."""
+        out = await self._vectors(images)
+        return EmbedOutput(embeddings=out[:, : self.dim].tolist(), dim=self.dim, model=self.sha256)
+
+    @bentoml.api(route="/classify", input_spec=TopKInput, output_spec=ClassifyOutput)
+    async def classify(self, images: list[Upload], k: int = 5) -> ClassifyOutput:
+        """Top-k labels with softmax probabilities (artifacts exported from a finetuned checkpoint)."""
+        from export.runtime import top_k
+
+        if not self.labels:
+            raise error("this artifact has no classification head (it was exported from a pretrained, not a "
+                        "finetuned, checkpoint): use /embed or /search")
+        out = await self._vectors(images)
+        predictions = top_k(out[:, self.dim :], self.labels, k)
+        return ClassifyOutput(predictions=predictions, model=self.sha256)
+
+    @bentoml.api(route="/search", input_spec=TopKInput, output_spec=SearchOutput)
+    async def search(self, images: list[Upload], k: int = 5) -> SearchOutput:
+        """The k most similar items of the index for each image."""
+        if self.index is None:
+            raise error("this server has no index: start it with --index INDEX (mae index build makes one)")
+        vectors = np.ascontiguousarray((await self._vectors(images))[:, : self.dim])  # (N, D)
+        hits = await anyio.to_thread.run_sync(self.index.search, vectors, k)
+        neighbours = [[Neighbour(id=h.id, score=h.score, path=h.path, label=h.label,
+                                 thumbnail=f"/thumbnail/{h.id}") for h in row] for row in hits]
+        return SearchOutput(neighbours=neighbours, model=self.sha256, index_count=self.index.count)
+
+    # ------------------------------------------------------------------ page helpers
+
+    async def info(self) -> dict[str, Any]:
+        """What the page needs to know: model identity, head, index; the backend as the encoder reports it."""
+        if self._backend is None:
+            self._backend = await self.encoder.to_async.describe()
+        return {
+            "model": self.sha256,
+            "dim": self.dim,
+            "labels": self.labels,
+            "input_size": list(self.preprocessing.input_size),
+            "backend": self._backend,
+            "index": None if self.index is None else {"path": str(self.index.path), "count": self.index.count},
+            "batching": {"enabled": SETTINGS.batching, "max_batch_size": SETTINGS.max_batch_size,
+                         "max_latency_ms": SETTINGS.max_latency_ms},
+            "limits": {"max_images": LIMITS.max_images, "max_image_bytes": LIMITS.max_image_bytes,
+                       "max_image_pixels": LIMITS.max_image_pixels},
+        }
+
+    @cached_property
+    def _thumbnail_cache(self) -> Any:
+        return lru_cache(maxsize=1024)(self._render_thumbnail)
+
+    def thumbnail(self, item_id: int) -> bytes:
+        """A PNG of an indexed item, at most THUMBNAIL_SIZE pixels a side; only ids in the catalogue are served."""
+        if self.index is None:
+            raise LookupError("this server has no index")
+        return self._thumbnail_cache(item_id)
+
+    def _render_thumbnail(self, item_id: int) -> bytes:
+        import io
+
+        from PIL import Image
+
+        from mae.data import ImageError, read_image
+
+        hit = self.index.item(item_id)
+        if hit is None:
+            raise LookupError(f"no item {item_id} in the index")
+        try:
+            array = read_image(hit.path)
+        except ImageError as e:
+            raise LookupError(f"item {item_id}: {e}") from e
+        if array.ndim == 3 and array.shape[2] not in (3, 4):
+            array = array[..., :3] if array.shape[2] > 4 else array[..., 0]
+        im = Image.fromarray(array)
+        im.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.LANCZOS)
+        scale = 96 // max(im.width, im.height, 1)
+        if scale > 1:  # tiny images (28 px digits) are upscaled crisply so that people can see them
+            im = im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return buf.getvalue()

@@ -1,0 +1,177 @@
+"""Helpers for the serving tests: tiny artifacts and a real server started the way a user starts it.
+
+Not a conftest: test_serving.py and test_page.py import it, so the fixtures stay next to the tests that use them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_artifact(out: Path, labels: list[str] | None = None, depth: int = 1, seed: int = 0) -> Path:
+    """A random-weight artifact of the tiny preset (32x32, patch 4); with ``labels``, avg pooling + fc_norm + head."""
+    from mae import artifact
+    from mae.config import get_preset
+    from mae.data import Preprocessing
+
+    cfg = get_preset("mae_vit_tiny_patch4_32").override([f"model.depth={depth}"])
+    model_cfg = dataclasses.asdict(cfg.model)
+    pooling, fc_norm = ("avg", True) if labels else ("token", False)
+    torch.manual_seed(seed)
+    vit = artifact.build_vit(artifact.vit_kwargs(model_cfg, pooling, fc_norm, len(labels or [])))
+    with torch.no_grad():  # timm zero-inits the head; random logits make the top-k order meaningful
+        for p in vit.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.2)
+    return artifact.save(out, vit.state_dict(), model_cfg=model_cfg, preprocessing=Preprocessing.from_config(cfg),
+                         pooling=pooling, fc_norm=fc_norm, labels=labels)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
+    e.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    return e
+
+
+class Server:
+    """``mae serve`` in a subprocess on a free loopback port; stopped (its whole process group) on exit."""
+
+    def __init__(self, artifact: Path, index: Path | None = None, log: Path | None = None,
+                 extra: Sequence[str] = ()):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "mae.cli", "serve", "--artifact", str(artifact), "--port", str(self.port),
+               "--host", "127.0.0.1", *extra]
+        if index is not None:
+            cmd += ["--index", str(index)]
+        self.log = log
+        self._log_file = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=self._log_file, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mae serve exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"mae serve not ready after {timeout} s:\n{self.tail()}")
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:] if self.log and self.log.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        if self._log_file is not subprocess.DEVNULL:
+            self._log_file.close()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+def request(url: str, body: bytes | None = None, content_type: str | None = None, method: str | None = None,
+            timeout: float = 60) -> tuple[int, bytes]:
+    """(status, body) of one HTTP request, errors included."""
+    req = urllib.request.Request(url, data=body, method=method or ("POST" if body is not None else "GET"))
+    if content_type:
+        req.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def post_json(url: str, payload: object) -> tuple[int, object]:
+    status, body = request(url, json.dumps(payload).encode(), "application/json")
+    try:
+        return status, json.loads(body)
+    except json.JSONDecodeError:
+        return status, body.decode(errors="replace")
+
+
+def multipart(files: list[tuple[str, str, bytes, str]], fields: dict[str, str] | None = None) -> tuple[bytes, str]:
+    """A multipart/form-data body from (field, filename, bytes, content type) parts; returns (body, content type)."""
+    boundary = "----maeboundary7d41f3"
+    parts = []
+    for name, value in (fields or {}).items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    for field, filename, data, ctype in files:
+        head = (f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
+                f"Content-Type: {ctype}\r\n\r\n").encode()
+        parts.append(head + data + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``mae ARGS`` as a user runs it (a fresh interpreter), output captured."""
+    return subprocess.run([sys.executable, "-m", "mae.cli", *args], cwd=ROOT, env=env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def retrieval_ready() -> bool:
+    """Whether the retrieval layer (``retrieval.index.Index`` and ``mae index build``) is in this checkout."""
+    try:
+        from retrieval.index import Index  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_index(artifact: Path, images: Path, out: Path) -> Path:
+    """``mae index build`` over a folder, the way the README tells users to."""
+    done = run_cli("index", "build", "--artifact", str(artifact), "--images", str(images), "--out", str(out))
+    if done.returncode != 0:
+        raise RuntimeError(f"mae index build failed:\n{done.stdout}\n{done.stderr}")
+    return out
+
+
+def export_digits(out: Path, limit: int) -> list[Path]:
+    """``limit`` of scikit-learn's 8x8 digits as PNG files in class folders (a small labelled collection)."""
+    done = run_cli("data", "export", "--data", "digits", "--out", str(out), "--limit", str(limit))
+    if done.returncode != 0:
+        raise RuntimeError(f"mae data export failed:\n{done.stderr}")
+    return sorted(out.rglob("*.png"))
+
+
+def error_message(body: object) -> str:
+    """The message of an error answer: BentoML sends {"error": m} or [{"error": m}] depending on the layer."""
+    item = body[0] if isinstance(body, list) and body else body
+    if isinstance(item, dict) and "error" in item:
+        return str(item["error"]) + (f" {item['detail']}" if item.get("detail") else "")
+    return str(body)
