@@ -26,7 +26,37 @@ def stage_pretrain(ctx: dict[str, Any], args: argparse.Namespace) -> None:
     ctx["pretrain"] = summary
 
 
-STAGES = [stage_pretrain]
+def stage_serve(ctx: dict[str, Any], args: argparse.Namespace) -> None:
+    """Start the HTTP server on the demo's artifact and index (``--no-serve`` skips it); ``main`` waits on it."""
+    if args.no_serve:
+        return
+    from serving.command import curl_line, start
+
+    out = Path(args.out)
+    artifact = Path(ctx.get("export", {}).get("artifact") or out / "artifact")
+    index = ctx.get("index", {}).get("index") or (out / "index" if (out / "index" / "manifest.json").exists() else None)
+    example = _example_image(out, args.data, index)
+    print(f"[demo] starting the server on {artifact}" + (f" with index {index}" if index else ""), flush=True)
+    proc, url = start(artifact, index, port=3000, log=out / "serve.log")
+    endpoint = "search" if index else "embed"
+    ctx["serve"] = {"url": url, "curl": curl_line(url, example, endpoint), "log": str(out / "serve.log"),
+                    "process": proc}
+
+
+def _example_image(out: Path, data: str, index: Path | None) -> Path:
+    """An image to put in the printed curl line: one the index holds, else one of the demo's data written out."""
+    if index is not None:
+        from retrieval.index import Index
+
+        hit = Index.load(index).item(0)
+        if hit is not None and Path(hit.path).exists():
+            return Path(hit.path)
+    from mae.data import export_source, load_source
+
+    return export_source(load_source(data), out / "example", [0])[0]
+
+
+STAGES = [stage_pretrain, stage_serve]
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -43,5 +73,27 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         f"  loss curve      {p['loss_curve']}",
         f"  reconstruction  {p['reconstruction']}",
     ]
+    if "serve" in ctx:
+        lines += [f"  page            {ctx['serve']['url']}",
+                  f"  try             {ctx['serve']['curl']}",
+                  f"  server log      {ctx['serve']['log']}   (Ctrl-C stops the server)"]
     ctx["text"] = "\n".join(lines)
+    if "serve" in ctx:
+        return _serve_until_interrupted(ctx, args)
     return ctx
+
+
+def _serve_until_interrupted(ctx: dict[str, Any], args: argparse.Namespace) -> int:
+    """Print the summary, then keep the server up until Ctrl-C (or until it exits)."""
+    import json
+
+    from serving.command import stop
+
+    proc = ctx["serve"].pop("process")
+    print(json.dumps({k: v for k, v in ctx.items() if k != "text"}, default=str) if args.json else ctx["text"],
+          flush=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        stop(proc)
+        return 0

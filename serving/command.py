@@ -101,3 +101,81 @@ def main(args: argparse.Namespace) -> Any:
     else:
         print(f"mae serve: {url} (page), POST {url}embed | classify | search; stop with Ctrl-C", flush=True)
     os.execvpe(cmd[0], cmd, env)  # BentoML's arbiter takes over this process (and its signals)
+
+
+def start(artifact: str | Path, index: str | Path | None = None, host: str = "127.0.0.1", port: int | None = None,
+          extra: list[str] | None = None, log: Path | None = None, timeout: float = 300.0,
+          env: dict[str, str] | None = None):
+    """Start ``mae serve`` in the background and wait until it is ready; returns (process, page URL)."""
+    proc, url = launch(artifact, index, host, port, extra, log, env)
+    wait_ready(proc, url, timeout, log)
+    return proc, url
+
+
+def launch(artifact: str | Path, index: str | Path | None = None, host: str = "127.0.0.1", port: int | None = None,
+           extra: list[str] | None = None, log: Path | None = None, env: dict[str, str] | None = None):
+    """Start ``mae serve`` in its own process group without waiting; returns (process, page URL).
+
+    For ``mae demo``, the tests and the benchmark: a free port is picked when ``port`` is None or taken; ``env``
+    adds variables; output goes to ``log`` (appended) when given. Stop it with ``stop(process)``.
+    """
+    import subprocess
+
+    if port is None or not _port_free(host, port):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "mae.cli", "serve", "--artifact", str(artifact), "--host", host, "--port", str(port)]
+    cmd += ["--index", str(index)] if index else []
+    cmd += list(extra or [])
+    environ = dict(os.environ, **(env or {}))
+    environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environ.get("PYTHONPATH")]))
+    out = open(log, "ab") if log else None  # noqa: SIM115 - the child has its own copy; closed below
+    try:
+        proc = subprocess.Popen(cmd, env=environ, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                start_new_session=True)
+    finally:
+        if out:
+            out.close()
+    return proc, page_url(host, port)
+
+
+def wait_ready(proc, url: str, timeout: float = 300.0, log: Path | None = None) -> None:
+    """Poll BentoML's /readyz until the server (front and encoder) answers 200; stop it and raise if it never does."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mae serve exited with status {proc.returncode}" + (f"; see {log}" if log else ""))
+        try:
+            with urllib.request.urlopen(url + "readyz", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    stop(proc)
+    raise RuntimeError(f"mae serve was not ready after {timeout:.0f} s" + (f"; see {log}" if log else ""))
+
+
+def stop(proc) -> None:
+    """Stop a server from ``start`` (BentoML's arbiter stops its workers on SIGTERM)."""
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def _port_free(host: str, port: int) -> bool:
+    try:
+        _check_port(host, port)
+    except OSError:
+        return False
+    return True

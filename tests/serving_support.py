@@ -8,11 +8,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -56,51 +55,36 @@ def env() -> dict[str, str]:
 
 
 class Server:
-    """``mae serve`` in a subprocess on a free loopback port; stopped (its whole process group) on exit."""
+    """``mae serve`` in a subprocess on a free loopback port (``serving.command.start``), stopped as a whole."""
 
     def __init__(self, artifact: Path, index: Path | None = None, log: Path | None = None,
                  extra: Sequence[str] = ()):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "mae.cli", "serve", "--artifact", str(artifact), "--port", str(self.port),
-               "--host", "127.0.0.1", *extra]
-        if index is not None:
-            cmd += ["--index", str(index)]
-        self.log = log
-        self._log_file = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=self._log_file, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.artifact, self.index, self.log, self.extra = artifact, index, log, list(extra)
+        # Each server its own BENTOML_HOME: BentoML keeps /metrics in $BENTOML_HOME/prometheus_multiproc_dir and
+        # wipes it when a server starts, so two servers on one machine would otherwise erase each other's metrics.
+        self._home = tempfile.TemporaryDirectory(prefix="bentoml-home-")
+        from serving.command import launch
 
-    def wait_ready(self, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mae serve exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=5) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"mae serve not ready after {timeout} s:\n{self.tail()}")
+        self.proc, url = launch(artifact, index, port=free_port(), extra=self.extra, log=log,
+                                env={"BENTOML_HOME": self._home.name, "BENTOML_DO_NOT_TRACK": "true"})
+        self.url = url.rstrip("/")
+
+    def wait_ready(self, timeout: float = 240.0) -> None:
+        from serving.command import wait_ready
+
+        try:
+            wait_ready(self.proc, self.url + "/", timeout, self.log)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}\n{self.tail()}") from e
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:] if self.log and self.log.exists() else ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        if self._log_file is not subprocess.DEVNULL:
-            self._log_file.close()
+        from serving.command import stop
 
-    def alive(self) -> bool:
-        return self.proc.poll() is None
+        stop(self.proc)
+        self._home.cleanup()
 
 
 def request(url: str, body: bytes | None = None, content_type: str | None = None, method: str | None = None,

@@ -132,6 +132,7 @@ async function query(file) {
 
 function wire() {
   const drop = $("drop");
+  $("preview").addEventListener("error", () => show($("preview"), false));  // not something the browser can show
   $("file").addEventListener("change", (e) => query(e.target.files[0]));
   for (const type of ["dragenter", "dragover"]) {
     drop.addEventListener(type, (e) => { e.preventDefault(); drop.classList.add("over"); });
