@@ -393,3 +393,38 @@ def test_mae_serve_reports_user_errors_in_one_line(setup, tmp_path):
 
         done = run_cli("serve", "--artifact", str(setup["plain"]), "--index", str(setup["index"]))
         assert done.returncode == 1 and read_config(setup["plain"])["sha256"][:12] in done.stderr
+
+
+def test_demo_serve_stage_prints_a_curl_line_that_works(setup, tmp_path):
+    import argparse
+    import shlex
+    import shutil
+    import subprocess
+
+    from mae import demo
+    from serving.command import stop
+
+    ctx = {"export": {"artifact": str(setup["head"])}}
+    if setup["index"] is not None:
+        ctx["index"] = {"index": str(setup["index"])}
+    args = argparse.Namespace(out=str(tmp_path), data="digits", no_serve=True, json=False)
+    demo.stage_serve(ctx, args)
+    assert "serve" not in ctx  # --no-serve skips the stage
+    args.no_serve = False
+    demo.stage_serve(ctx, args)
+    try:
+        curl = ctx["serve"]["curl"]
+        assert curl.startswith("curl ") and ctx["serve"]["url"] in curl
+        if shutil.which("curl"):
+            answer = json.loads(subprocess.run(shlex.split(curl), capture_output=True, text=True, timeout=60,
+                                               check=True).stdout)
+        else:  # the same request without curl: the image path is the one after "images=@"
+            image = Path(shlex.split(curl)[shlex.split(curl).index("-F") + 1].split("@", 1)[1])
+            body, ctype = files((image.name, image.read_bytes()))
+            answer = json.loads(request(shlex.split(curl)[-1], body, ctype)[1])
+        key = "neighbours" if setup["index"] is not None else "embeddings"
+        assert len(answer[key]) == 1, answer
+        status, page = request(ctx["serve"]["url"])
+        assert status == 200 and b"<html" in page
+    finally:
+        stop(ctx["serve"]["process"])
