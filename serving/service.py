@@ -14,9 +14,11 @@ Start it with ``mae serve --artifact A [--index I]``, or ``MAE_ARTIFACT=A bentom
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
@@ -180,7 +182,7 @@ async def _thumbnail(request: Request) -> Response:
     except ValueError:
         return JSONResponse({"error": "thumbnail ids are integers"}, status_code=400)
     try:
-        png = await anyio.to_thread.run_sync(service.thumbnail, item_id)
+        png = await service.thumbnail(item_id)
     except LookupError as e:
         return JSONResponse({"error": str(e)}, status_code=404)
     return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
@@ -242,11 +244,14 @@ class MAEService:
         self.dim = int(self.config["embed_dim"])
         self.labels: list[str] | None = self.config.get("labels")
         self.preprocessing = Preprocessing.from_dict(self.config["preprocessing"])
+        # Every index call runs on one thread that also opened it: the catalogue is SQLite, whose connections
+        # belong to the thread that made them, and FAISS parallelises a search internally anyway.
+        self._index_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mae-index")
         self.index = None
         if SETTINGS.index:
             from retrieval.index import Index
 
-            self.index = Index.load(SETTINGS.index, artifact_sha256=self.sha256)
+            self.index = self._index_thread.submit(Index.load, SETTINGS.index, artifact_sha256=self.sha256).result()
         self._decode_limiter = anyio.CapacityLimiter(max(2, SETTINGS.model_threads))
         self._backend: dict[str, Any] | None = None
         _keep_one_session(self.encoder)
@@ -301,7 +306,7 @@ class MAEService:
         if self.index is None:
             raise error("this server has no index: start it with --index INDEX (mae index build makes one)")
         vectors = np.ascontiguousarray((await self._vectors(images))[:, : self.dim])  # (N, D)
-        hits = await anyio.to_thread.run_sync(self.index.search, vectors, k)
+        hits = await asyncio.get_running_loop().run_in_executor(self._index_thread, self.index.search, vectors, k)
         neighbours = [[Neighbour(id=h.id, score=h.score, path=h.path, label=h.label,
                                  thumbnail=f"/thumbnail/{h.id}") for h in row] for row in hits]
         return SearchOutput(neighbours=neighbours, model=self.sha256, index_count=self.index.count)
@@ -329,28 +334,31 @@ class MAEService:
     def _thumbnail_cache(self) -> Any:
         return lru_cache(maxsize=1024)(self._render_thumbnail)
 
-    def thumbnail(self, item_id: int) -> bytes:
+    async def thumbnail(self, item_id: int) -> bytes:
         """A PNG of an indexed item, at most THUMBNAIL_SIZE pixels a side; only ids in the catalogue are served."""
         if self.index is None:
             raise LookupError("this server has no index")
-        return self._thumbnail_cache(item_id)
+        hit = await asyncio.get_running_loop().run_in_executor(self._index_thread, self.index.item, item_id)
+        if hit is None:
+            raise LookupError(f"no item {item_id} in the index")
+        return await anyio.to_thread.run_sync(self._thumbnail_cache, item_id, hit.path)
 
-    def _render_thumbnail(self, item_id: int) -> bytes:
+    def _render_thumbnail(self, item_id: int, path: str) -> bytes:
         import io
 
         from PIL import Image
 
         from mae.data import ImageError, read_image
 
-        hit = self.index.item(item_id)
-        if hit is None:
-            raise LookupError(f"no item {item_id} in the index")
         try:
-            array = read_image(hit.path)
+            array = read_image(path)
         except ImageError as e:
             raise LookupError(f"item {item_id}: {e}") from e
-        if array.ndim == 3 and array.shape[2] not in (3, 4):
+        if array.ndim == 3 and array.shape[2] not in (3, 4):  # N-channel arrays (.npy): show the first channels
             array = array[..., :3] if array.shape[2] > 4 else array[..., 0]
+        if array.dtype != np.uint8:  # 16-bit or float arrays: stretch to 8 bits for display
+            lo, hi = float(array.min()), float(array.max())
+            array = ((array.astype(np.float64) - lo) / max(hi - lo, 1e-12) * 255).round().astype(np.uint8)
         im = Image.fromarray(array)
         im.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.LANCZOS)
         scale = 96 // max(im.width, im.height, 1)

@@ -428,3 +428,12 @@ def test_demo_serve_stage_prints_a_curl_line_that_works(setup, tmp_path):
         assert status == 200 and b"<html" in page
     finally:
         stop(ctx["serve"]["process"])
+
+
+@pytest.mark.gpu
+def test_the_encoder_runs_on_the_gpu_when_there_is_one(setup):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    info = json.loads(request(setup["main"].url + "/info")[1])
+    assert any(word in info["backend"]["backend"].lower() for word in ("cuda", "tensorrt", "trt")), info["backend"]
