@@ -105,7 +105,60 @@ def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for prefix in ("module.", "_orig_mod."):
         if all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
+    if "vit.embeddings.cls_token" in state:
+        state = from_hf_vitmae(state)
     return state
+
+
+# Hugging Face ViTMAE names (both the transformers 4.x and the 5.x layouts) -> official/timm names.
+_HF_BLOCK = {
+    "attention.attention.query": "q", "attention.attention.key": "k", "attention.attention.value": "v",
+    "attention.q_proj": "q", "attention.k_proj": "k", "attention.v_proj": "v",
+    "attention.output.dense": "attn.proj", "attention.o_proj": "attn.proj",
+    "layernorm_before": "norm1", "layernorm_after": "norm2",
+    "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+}
+_HF_FIXED = {
+    "vit.embeddings.cls_token": "cls_token", "vit.embeddings.position_embeddings": "pos_embed",
+    "vit.embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "vit.embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "vit.layernorm.weight": "norm.weight", "vit.layernorm.bias": "norm.bias",
+    "decoder.mask_token": "mask_token", "decoder.decoder_pos_embed": "decoder_pos_embed",
+}
+
+
+def from_hf_vitmae(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a Hugging Face ``ViTMAEForPreTraining``/``ViTMAEModel`` state dict to the official layout.
+
+    HF keeps separate query/key/value projections; timm fuses them into one ``qkv`` in (q, k, v) order.
+    """
+    import re
+
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    pattern = re.compile(r"^(?:vit\.encoder\.layer|vit\.layers|decoder\.decoder_layers)\.(\d+)\.(.+)\.(weight|bias)$")
+    for key, value in state.items():
+        if key in _HF_FIXED:
+            out[_HF_FIXED[key]] = value
+            continue
+        m = pattern.match(key)
+        if m:
+            index, inner, kind = m.groups()
+            prefix = "decoder_blocks" if key.startswith("decoder.") else "blocks"
+            target = _HF_BLOCK.get(inner)
+            if target is None:
+                raise CheckpointError(f"unrecognised Hugging Face ViTMAE key {key!r}")
+            if target in ("q", "k", "v"):
+                qkv.setdefault((f"{prefix}.{index}.attn.qkv", kind), {})[target] = value
+            else:
+                out[f"{prefix}.{index}.{target}.{kind}"] = value
+        elif key.startswith("decoder."):
+            out[key[len("decoder."):]] = value  # decoder_embed, decoder_norm, decoder_pred
+        else:
+            raise CheckpointError(f"unrecognised Hugging Face ViTMAE key {key!r}")
+    for (name, kind), parts in qkv.items():
+        out[f"{name}.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -39,7 +39,8 @@ def _json_flag(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mae", description="Masked Autoencoders: pretrain, finetune, export, index, serve.")
+    parser = argparse.ArgumentParser(
+        prog="mae", description="Masked Autoencoders: pretrain, finetune, export, index, serve.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("pretrain", help="pretrain a masked autoencoder")
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "json", False):
             print(json.dumps({"error": str(msg), "type": type(e).__name__}))
         return EXIT_USER_ERROR
-    if isinstance(result, int):
+    if isinstance(result, int):  # a handler with nothing to print (e.g. a non-zero torchrun rank)
         return result
     if result is not None:
         _print_result(result, getattr(args, "json", False))

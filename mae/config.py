@@ -316,14 +316,21 @@ def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
 def _assign(obj: Any, path: list[str], raw: str, full_key: str) -> Any:
     name = path[0]
     if not dataclasses.is_dataclass(obj) or name not in {f.name for f in dataclasses.fields(obj)}:
-        valid = sorted(_leaf_keys(type(obj) if dataclasses.is_dataclass(obj) else Config))
-        raise ValueError(f"unknown config key {full_key!r}; valid keys: {', '.join(valid)}")
+        import difflib
+
+        every = _leaf_keys(Config)
+        section = full_key.rsplit(".", 1)[0] + "."
+        valid = [k for k in every if k.startswith(section)] or every
+        close = difflib.get_close_matches(full_key, every, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ValueError(f"unknown config key {full_key!r}{hint}; valid keys: {', '.join(valid)}")
     hints = typing.get_type_hints(type(obj))
     current = getattr(obj, name)
     if len(path) > 1:
         return dataclasses.replace(obj, **{name: _assign(current, path[1:], raw, full_key)})
     if dataclasses.is_dataclass(current):
-        raise ValueError(f"{full_key!r} is a section; set one of its keys, e.g. {full_key}.{dataclasses.fields(current)[0].name}=...")
+        first = dataclasses.fields(current)[0].name
+        raise ValueError(f"{full_key!r} is a section; set one of its keys, e.g. {full_key}.{first}=...")
     return dataclasses.replace(obj, **{name: _coerce(_parse(raw), hints[name], full_key)})
 
 

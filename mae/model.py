@@ -225,7 +225,8 @@ class MaskedAutoencoder(VisionTransformer):
         their shape matches; a finetuned file's ``fc_norm``/``head`` are not part of an MAE and are ignored.
         """
         own = self.state_dict()
-        state = {k: v for k, v in state.items() if k not in ("fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias")}
+        classifier = ("fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias")
+        state = {k: v for k, v in state.items() if k not in classifier}
         has_decoder = any(k.startswith(DECODER_PREFIXES) for k in state)
         expected = set(own) if has_decoder else {k for k in own if not k.startswith(DECODER_PREFIXES)}
         missing = sorted(expected - set(state))

@@ -117,6 +117,8 @@ def make_loader(dataset: Dataset, batch_size: int, dist: Dist, seed: int, worker
         pin_memory=dist.device.type == "cuda",
         drop_last=True,
         persistent_workers=workers > 0,
+        # Its own generator: starting an epoch must not draw from the global RNG that masks are seeded from.
+        generator=torch.Generator().manual_seed(seed),
     )
     return loader, sampler
 

@@ -78,7 +78,8 @@ def pretrain(cfg: Config, out: str | Path, data: str, resume: bool = False) -> d
     try:
         run = RunDir(out, dist)
         if run.checkpoint.exists() and not resume:
-            raise FileExistsError(f"{run.checkpoint} exists: pass --resume to continue that run, or choose another --out")
+            raise FileExistsError(
+                f"{run.checkpoint} exists: pass --resume to continue that run, or choose another --out")
         source = load_source(data)
         trainer = Pretrainer(cfg, run, dist, source)
         resumed_from = None
@@ -104,6 +105,7 @@ def pretrain(cfg: Config, out: str | Path, data: str, resume: bool = False) -> d
             "skipped_images": trainer.skipped_images,
             "seconds": round(seconds, 1),
             "world_size": dist.world,
+            "rank": dist.rank,
             "device": str(dist.device),
         }
         if dist.is_main:
@@ -139,6 +141,8 @@ def main(args) -> dict[str, Any]:
             raise ValueError(f"--resume continues the saved run's config; these options differ from it: {diff}")
         cfg = saved
     summary = pretrain(cfg, args.out, args.data, resume=args.resume)
+    if summary["rank"] != 0:
+        return 0  # under torchrun only rank 0 reports
     summary["text"] = (
         f"pretrained {summary['steps']} steps in {summary['seconds']} s on {summary['device']} "
         f"(x{summary['world_size']}): loss {summary['loss']:.4f}, val_loss {summary['val_loss']:.4f}\n"

@@ -1,0 +1,197 @@
+"""Pretraining end to end: the CLI, checkpoints, resume after a kill, torchrun DDP, bad data and bad losses."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import ROOT, run_cli, tiny_config, tiny_sets
+
+
+def test_pretrain_cli_writes_the_run_folder(tiny_pretrain_run: Path):
+    run = tiny_pretrain_run
+    for name in ("checkpoint.pt", "config.json", "metrics.jsonl", "loss_curve.png", "summary.json"):
+        assert (run / name).exists(), name
+    assert list((run / "reconstructions").glob("step_*.png"))
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)  # no pickle needed to open it
+    assert set(ckpt) >= {"model", "optimizer", "scaler", "step", "epoch", "config", "format"}
+    assert ckpt["step"] == 6 and ckpt["format"] == 1
+    assert isinstance(ckpt["config"], dict) and ckpt["config"]["model"]["embed_dim"] == 64
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in rows)
+    assert "val_loss" in rows[-1]
+    resolved = json.loads((run / "config.json").read_text())
+    assert resolved["effective_batch"] == 16 and resolved["lr"] == pytest.approx(1.5e-4 * 16 / 256)
+
+
+def test_model_from_our_checkpoint(tiny_pretrain_run: Path):
+    from mae.model import MaskedAutoencoder
+
+    m = MaskedAutoencoder.from_checkpoint(tiny_pretrain_run / "checkpoint.pt")
+    state = torch.load(tiny_pretrain_run / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in state.items())
+
+
+def test_json_output_and_presets():
+    out = json.loads(run_cli("pretrain", "--list-presets", "--json").stdout)
+    names = [p["name"] for p in out["presets"]]
+    paper = {"mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14"}
+    assert paper | {"mae_vit_tiny_patch4_32"} <= set(names)
+
+
+def test_existing_run_is_not_overwritten(tiny_pretrain_run: Path):
+    proc = run_cli("pretrain", "--data", "mnist5k", "--out", str(tiny_pretrain_run), "--steps", "6", *tiny_sets(),
+                   check=False)
+    assert proc.returncode == 1 and "pass --resume" in proc.stderr
+    proc = run_cli("pretrain", "--data", "mnist5k", "--out", str(tiny_pretrain_run), "--steps", "9", "--resume",
+                   *tiny_sets(), check=False)
+    assert proc.returncode == 1 and "run.steps: saved 6, asked 9" in proc.stderr
+
+
+def test_bad_config_key_is_a_clear_error(tmp_path):
+    proc = run_cli("pretrain", "--data", "digits", "--out", str(tmp_path / "r"), "--set", "model.detph=2", check=False)
+    assert proc.returncode == 1 and "did you mean model.depth" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+
+
+def test_resume_after_kill_is_bit_exact(tmp_path):
+    """N steps straight == killed part-way + --resume to N: same weights, same schedule."""
+    steps = 24
+    args = ["--data", "digits", "--steps", str(steps), *tiny_sets("run.ckpt_every=4", "run.log_every=4")]
+    straight = tmp_path / "straight"
+    run_cli("pretrain", "--out", str(straight), *args)
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "mae.cli", "pretrain", "--out", str(killed), *args], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = killed / "checkpoint.pt"
+    deadline = time.time() + 300
+    step = None
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists():
+            step = torch.load(ckpt, weights_only=True)["step"]
+            if step >= 8:
+                break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = torch.load(ckpt, weights_only=True)["step"]
+    assert step < steps, "the run finished before it could be killed; make it longer"
+
+    run_cli("pretrain", "--out", str(killed), "--resume", *args)
+    a, b = _final_weights(straight), _final_weights(killed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resuming from step {step}"
+    rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(4, steps + 1, 4)), "metrics must not repeat steps after a resume"
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+           "-m", "mae.cli", "pretrain", "--data", "digits", "--out", str(out), "--steps", "4", "--json", *tiny_sets()]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["effective_batch"] == 32 and summary["steps"] == 4
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path):
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (data / cls).mkdir(parents=True)
+        for i in range(20):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(data / cls / f"{i}.png")
+    (data / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (data / "b" / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "run"
+    proc = run_cli("pretrain", "--data", str(data), "--out", str(out), "--steps", "6", "--json",
+                   *tiny_sets("optim.batch_size=8", "data.val_fraction=0.1"))
+    summary = json.loads(proc.stdout)
+    assert summary["steps"] == 6 and 1 <= summary["skipped_images"] <= 2 * 6  # each bad file once per epoch seen
+    assert "skipping unreadable image" in proc.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["skipped_images"] == summary["skipped_images"]
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    from mae.data import load_source
+    from training.loop import NonFiniteLossError, RunDir, init_distributed
+    from training.pretrain import Pretrainer
+
+    class Exploding(Pretrainer):
+        def loss(self, model, images, labels):
+            loss, metrics = super().loss(model, images, labels)
+            return (loss * float("nan") if self.step == 5 else loss), metrics
+
+    cfg = tiny_config("run.steps=8", "run.ckpt_every=2")
+    dist = init_distributed("cpu")
+    run = RunDir(tmp_path / "run", dist)
+    trainer = Exploding(cfg, run, dist, load_source("digits"))
+    with pytest.raises(NonFiniteLossError, match=r"step 5.*last good checkpoint \(step 4\)"):
+        trainer.fit()
+    assert torch.load(run.checkpoint, weights_only=True)["step"] == 4
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    """accum_iter=2 x batch 8 gives the same update as batch 16 (same images, same masks)."""
+    from mae.model import MaskedAutoencoder
+
+    cfg = tiny_config().model
+    torch.manual_seed(0)
+    a = MaskedAutoencoder(cfg)
+    b = MaskedAutoencoder(cfg)
+    b.load_state_dict(a.state_dict())
+    imgs, noise = torch.randn(16, 3, 32, 32), torch.rand(16, 64)
+    a(imgs, noise=noise)[0].backward()
+    for half in (slice(0, 8), slice(8, 16)):
+        (b(imgs[half], noise=noise[half])[0] / 2).backward()
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        if pa.grad is not None:
+            torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_weight_decay_groups_and_schedule():
+    from mae.model import MaskedAutoencoder
+    from training.loop import cosine_lr, param_groups
+
+    m = MaskedAutoencoder(tiny_config().model)
+    no_decay, decay = param_groups(m, 0.05)
+    names = {id(p): n for n, p in m.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    assert {"cls_token", "mask_token"} <= nd  # pos embeds are fixed (no grad), so in no group
+    assert all(n.endswith(".bias") or "norm" in n or n in ("cls_token", "mask_token") for n in nd)
+    assert all(p.ndim >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.05
+    assert "pos_embed" not in {n for n, p in m.named_parameters() if p.requires_grad}
+    lrs = [cosine_lr(s, 100, 10, 1.0, 0.0) for s in range(101)]
+    assert lrs[0] == 0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
+    assert lrs[55] == pytest.approx(0.5) and lrs[100] == pytest.approx(0.0, abs=1e-12)
+    assert all(x >= y for x, y in zip(lrs[10:], lrs[11:]))
