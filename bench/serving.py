@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="auto", help="mae serve --backend")
     p.add_argument("--soak-seconds", type=float, default=120.0, help="memory soak with batching on (0 skips it)")
     p.add_argument("--soak-clients", type=int, default=32)
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serving.json"), help="results as JSON")
+    p.add_argument("--out", default=str(ROOT / "runs" / "bench" / "serving.json"), help="results as JSON")
     args = p.parse_args(argv)
     args.clients = [int(c) for c in args.clients.split(",")]
     if not 0 < args.seconds <= 600 or not 0 <= args.soak_seconds <= 1800 or max(args.clients) > 256 \

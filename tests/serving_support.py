@@ -1,16 +1,13 @@
 """Helpers for the serving tests: tiny artifacts and a real server started the way a user starts it.
 
-Not a conftest: test_serving.py and test_page.py import it, so the fixtures stay next to the tests that use them.
+Not in conftest.py: only test_serving.py and test_page.py use these.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import socket
-import subprocess
-import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -19,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import run_cli
 
 
 def tiny_artifact(out: Path, labels: list[str] | None = None, depth: int = 1, seed: int = 0) -> Path:
@@ -45,13 +42,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def env() -> dict[str, str]:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(ROOT) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
-    e.setdefault("BENTOML_DO_NOT_TRACK", "true")
-    return e
 
 
 class Server:
@@ -122,12 +112,6 @@ def multipart(files: list[tuple[str, str, bytes, str]], fields: dict[str, str] |
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``mae ARGS`` as a user runs it (a fresh interpreter), output captured."""
-    return subprocess.run([sys.executable, "-m", "mae.cli", *args], cwd=ROOT, env=env(), capture_output=True,
-                          text=True, timeout=timeout)
-
-
 def retrieval_ready() -> bool:
     """Whether the retrieval layer (``retrieval.index.Index`` and ``mae index build``) is in this checkout."""
     try:
@@ -139,7 +123,8 @@ def retrieval_ready() -> bool:
 
 def build_index(artifact: Path, images: Path, out: Path) -> Path:
     """``mae index build`` over a folder, the way the README tells users to."""
-    done = run_cli("index", "build", "--artifact", str(artifact), "--images", str(images), "--out", str(out))
+    done = run_cli("index", "build", "--artifact", str(artifact), "--images", str(images), "--out", str(out),
+                   check=False)
     if done.returncode != 0:
         raise RuntimeError(f"mae index build failed:\n{done.stdout}\n{done.stderr}")
     return out
@@ -147,7 +132,7 @@ def build_index(artifact: Path, images: Path, out: Path) -> Path:
 
 def export_digits(out: Path, limit: int) -> list[Path]:
     """``limit`` of scikit-learn's 8x8 digits as PNG files in class folders (a small labelled collection)."""
-    done = run_cli("data", "export", "--data", "digits", "--out", str(out), "--limit", str(limit))
+    done = run_cli("data", "export", "--data", "digits", "--out", str(out), "--limit", str(limit), check=False)
     if done.returncode != 0:
         raise RuntimeError(f"mae data export failed:\n{done.stderr}")
     return sorted(out.rglob("*.png"))

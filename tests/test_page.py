@@ -11,7 +11,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from serving_support import Server, build_index, export_digits, retrieval_ready, tiny_artifact
+
+from tests.serving_support import Server, build_index, export_digits, retrieval_ready, tiny_artifact
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
