@@ -30,12 +30,15 @@ def stage_serve(ctx: dict[str, Any], args: argparse.Namespace) -> None:
     """Start the HTTP server on the demo's artifact and index (``--no-serve`` skips it); ``main`` waits on it."""
     if args.no_serve:
         return
+    from mae.artifact import read_config
     from serving.command import curl_line, start
 
     out = Path(args.out)
-    artifact = Path(ctx.get("export", {}).get("artifact") or out / "artifact")
-    index = ctx.get("index", {}).get("index") or (out / "index" if (out / "index" / "manifest.json").exists() else None)
-    example = _example_image(out, args.data, index)
+    artifact = Path(ctx.get("artifact") or out / "artifact")
+    read_config(artifact)  # a missing artifact is reported here, in one line, not from inside the server
+    index = ctx.get("retrieval", {}).get("index") or (out / "index" if (out / "index" / "manifest.json").exists()
+                                                       else None)
+    example = ctx.get("retrieval", {}).get("query") or _example_image(out, args.data)
     print(f"[demo] starting the server on {artifact}" + (f" with index {index}" if index else ""), flush=True)
     proc, url = start(artifact, index, port=3000, log=out / "serve.log")
     endpoint = "search" if index else "embed"
@@ -43,14 +46,8 @@ def stage_serve(ctx: dict[str, Any], args: argparse.Namespace) -> None:
                     "process": proc}
 
 
-def _example_image(out: Path, data: str, index: Path | None) -> Path:
-    """An image to put in the printed curl line: one the index holds, else one of the demo's data written out."""
-    if index is not None:
-        from retrieval.index import Index
-
-        hit = Index.load(index).item(0)
-        if hit is not None and Path(hit.path).exists():
-            return Path(hit.path)
+def _example_image(out: Path, data: str) -> Path:
+    """An image for the printed curl line: the first of the demo's data set, written out as PNG."""
     from mae.data import export_source, load_source
 
     return export_source(load_source(data), out / "example", [0])[0]

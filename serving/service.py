@@ -15,6 +15,7 @@ Start it with ``mae serve --artifact A [--index I]``, or ``MAE_ARTIFACT=A bentom
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -207,6 +208,46 @@ PAGE = Starlette(routes=[
 # ----------------------------------------------------------------------------------------------- front
 
 
+class FlatErrors:
+    """ASGI middleware: answer 4xx errors as ``{"error": message}``.
+
+    BentoML 1.4 answers a ``BentoMLException`` with a one-element list ``[{"error": message}]`` but a validation
+    error with an object; clients (and the page) get one shape from us. Only 4xx JSON bodies are touched.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start: dict[str, Any] | None = None
+        chunks: list[bytes] = []
+
+        async def send_flat(message: dict[str, Any]) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start" and 400 <= message["status"] < 500:
+                start = message  # held back until the body is known
+                return
+            if start is None or message["type"] != "http.response.body":
+                return await send(message)
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            body = b"".join(chunks)
+            try:
+                payload = json.loads(body)
+            except ValueError:
+                payload = None
+            if isinstance(payload, list) and len(payload) == 1 and isinstance(payload[0], dict):
+                body = json.dumps(payload[0]).encode()
+            headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+            await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+
+        await self.app(scope, receive, send_flat)
+
+
 def _keep_one_session(proxy: Any) -> None:
     """Stop BentoML's dependency client from replacing its HTTP session under load.
 
@@ -367,3 +408,6 @@ class MAEService:
         buf = io.BytesIO()
         im.save(buf, format="PNG")
         return buf.getvalue()
+
+
+MAEService.add_asgi_middleware(FlatErrors)

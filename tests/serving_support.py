@@ -139,8 +139,6 @@ def export_digits(out: Path, limit: int) -> list[Path]:
 
 
 def error_message(body: object) -> str:
-    """The message of an error answer: BentoML sends {"error": m} or [{"error": m}] depending on the layer."""
-    item = body[0] if isinstance(body, list) and body else body
-    if isinstance(item, dict) and "error" in item:
-        return str(item["error"]) + (f" {item['detail']}" if item.get("detail") else "")
-    return str(body)
+    """The message of an error answer, which must be the object {"error": message[, "detail": ...]}."""
+    assert isinstance(body, dict) and "error" in body, f"not an error object: {body!r}"
+    return str(body["error"]) + (f" {body['detail']}" if body.get("detail") else "")

@@ -403,9 +403,9 @@ def test_demo_serve_stage_prints_a_curl_line_that_works(setup, tmp_path):
     from mae import demo
     from serving.command import stop
 
-    ctx = {"export": {"artifact": str(setup["head"])}}
+    ctx = {"artifact": str(setup["head"])}
     if setup["index"] is not None:
-        ctx["index"] = {"index": str(setup["index"])}
+        ctx["retrieval"] = {"index": str(setup["index"])}
     args = argparse.Namespace(out=str(tmp_path), data="digits", no_serve=True, json=False)
     demo.stage_serve(ctx, args)
     assert "serve" not in ctx  # --no-serve skips the stage

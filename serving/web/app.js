@@ -12,13 +12,12 @@ function setError(message) {
   show($("error"), Boolean(message));
 }
 
-// BentoML answers errors as {"error": "..."} or [{"error": "..."}] depending on where they were raised.
+// Errors come as {"error": "...", "detail"?: [...]}.
 async function errorOf(response) {
   const text = await response.text();
   try {
     const body = JSON.parse(text);
-    const item = Array.isArray(body) ? body[0] : body;
-    if (item && item.error) return item.error + (item.detail ? ": " + JSON.stringify(item.detail) : "");
+    if (body && body.error) return body.error + (body.detail ? ": " + JSON.stringify(body.detail) : "");
   } catch (_) { /* not JSON: fall through */ }
   return `${response.status} ${response.statusText} ${text.slice(0, 200)}`;
 }
