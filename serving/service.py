@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property, lru_cache
@@ -80,7 +81,13 @@ class Encoder:
 
         from export.runtime import Embedder
 
-        torch.set_num_threads(SETTINGS.model_threads)  # onnxruntime's own pools are configured by the Embedder
+        # The model's threads leave the front-end its share of the cores: torch's pool here, onnxruntime's through
+        # the Embedder's MAE_ORT_THREADS (which also keeps ORT's threads from spin-waiting on shared cores).
+        torch.set_num_threads(SETTINGS.model_threads)
+        if SETTINGS.threads:
+            os.environ["MAE_ORT_THREADS"] = str(SETTINGS.threads)
+        else:
+            os.environ.setdefault("MAE_ORT_THREADS", str(SETTINGS.model_threads))
         self.embedder = Embedder.load(_require_artifact(), backend=SETTINGS.backend)
         c, h, w = self.embedder.preprocessing.input_size
         self.embedder.run(np.zeros((1, c, h, w), np.float32))  # warm up: first-call allocations, lazy inits
