@@ -311,6 +311,34 @@ def test_bad_input_is_a_4xx_with_a_message_and_the_server_keeps_serving(setup, c
     assert status == 200 and len(ok["embeddings"]) == 1
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_body_over_the_limit_is_refused_without_reading_it_all(setup, chunked):
+    """413 as soon as the body passes what MAX_IMAGES images could take; the rest is never read."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    too_much = MAX_IMAGES * MAX_IMAGE_BYTES * 2
+    url = urlsplit(setup["main"].url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    conn.putrequest("POST", "/embed")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader(*(("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(too_much))))
+    conn.endheaders()
+    if chunked:  # stream until the server stops listening (it answers once the cap is passed)
+        chunk = b"A" * 65536
+        try:
+            for _ in range(too_much // len(chunk)):
+                conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        except OSError:
+            pass
+    response = conn.getresponse()
+    message = error_message(json.loads(response.read()))
+    conn.close()
+    assert response.status == 413 and "request body is over the limit" in message
+    status, ok = post_files(setup["main"], "/embed", ("fine.png", encode(rgb(seed=9))))
+    assert status == 200 and len(ok["embeddings"]) == 1
+
+
 def test_64_concurrent_clients_are_all_answered_correctly(setup, reference):
     images = [encode(rgb(20 + i, 30, seed=100 + i)) for i in range(8)]
     expected = reference.embed([decode_image(d) for d in images])
