@@ -87,7 +87,8 @@ def test_page_shows_labels_and_neighbours_for_a_picked_image(browser, server):
         cards = page.locator("#neighbours .neighbour")
         assert cards.count() == K
         first = cards.nth(0)
-        assert first.locator(".path").inner_text() == str(query_image.resolve())
+        assert first.locator(".path").get_attribute("title") == str(query_image.resolve())
+        assert first.locator(".path").inner_text() == f"{query_image.parent.name}/{query_image.name}"
         assert float(first.locator(".score").inner_text()) == pytest.approx(1.0, abs=1e-3)
         assert first.locator(".label").inner_text() == query_image.parent.name
         page.wait_for_function("[...document.querySelectorAll('#neighbours img')].every(i => i.complete)")

@@ -79,13 +79,13 @@ function renderNeighbours(neighbours) {
     img.loading = "lazy";
     const path = document.createElement("span");
     path.className = "path mono";
-    path.textContent = n.path;
+    path.textContent = n.path.split(/[\\/]/).slice(-2).join("/");  // folder (often the class) and file name
     path.title = n.path;
     const meta = document.createElement("span");
     meta.className = "meta";
     const score = document.createElement("span");
     score.className = "score";
-    score.textContent = n.score.toFixed(3);
+    score.textContent = n.score.toFixed(4);
     meta.append(score);
     if (n.label !== null && n.label !== undefined) {
       const label = document.createElement("span");
