@@ -44,6 +44,7 @@ SETTINGS = Settings.from_env()
 LIMITS = Limits.from_env()
 WEB = Path(__file__).parent / "web"
 THUMBNAIL_SIZE = 128
+INDEX_RELOAD_S = 2.0
 
 # Where a request's time goes; scraped from /metrics by bench/serving.py. BentoML gathers the metrics of all
 # service processes (front and encoder) into the front's /metrics.
@@ -300,6 +301,7 @@ class MAEService:
             from retrieval.index import Index
 
             self.index = self._index_thread.submit(Index.load, SETTINGS.index, artifact_sha256=self.sha256).result()
+        self._index_checked = time.monotonic()
         self._decode_limiter = anyio.CapacityLimiter(max(2, SETTINGS.model_threads))
         self._backend: dict[str, Any] | None = None
         _keep_one_session(self.encoder)
@@ -354,10 +356,19 @@ class MAEService:
         if self.index is None:
             raise error("this server has no index: start it with --index INDEX (mae index build makes one)")
         vectors = np.ascontiguousarray((await self._vectors(images))[:, : self.dim])  # (N, D)
-        hits = await asyncio.get_running_loop().run_in_executor(self._index_thread, self.index.search, vectors, k)
+        hits = await asyncio.get_running_loop().run_in_executor(self._index_thread, self._search, vectors, k)
         neighbours = [[Neighbour(id=h.id, score=h.score, path=h.path, label=h.label,
                                  thumbnail=f"/thumbnail/{h.id}") for h in row] for row in hits]
         return SearchOutput(neighbours=neighbours, model=self.sha256, index_count=self.index.count)
+
+    def _search(self, vectors: np.ndarray, k: int) -> list[list[Any]]:
+        """On the index thread: pick up what ``mae index add/remove`` committed meanwhile (checked at most every
+        INDEX_RELOAD_S seconds; a reload only reads the manifest unless the generation changed), then search."""
+        if time.monotonic() - self._index_checked > INDEX_RELOAD_S:
+            self._index_checked = time.monotonic()
+            if self.index.reload():
+                log.info("index %s reloaded: %d items", self.index.path, self.index.count)
+        return self.index.search(vectors, k)
 
     # ------------------------------------------------------------------ page helpers
 

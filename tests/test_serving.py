@@ -269,6 +269,24 @@ def test_search_returns_the_indexed_neighbours(setup):
     assert request(setup["main"].url + "/thumbnail/abc")[0] == 400
 
 
+def test_search_sees_images_added_while_serving(setup, tmp_path):
+    if setup["index"] is None:
+        pytest.skip("the retrieval layer (retrieval.index, mae index build) is not merged into this branch yet")
+    import time
+
+    new = tmp_path / "new"
+    new.mkdir()
+    for i in range(3):
+        (new / f"new{i}.png").write_bytes(encode(rgb(32, 32, seed=500 + i)))
+    status, before = post_files(setup["main"], "/search", ("q.png", (new / "new1.png").read_bytes()), k="1")
+    assert status == 200 and before["neighbours"][0][0]["path"] != str((new / "new1.png").resolve())
+    run_cli("index", "add", "--index", str(setup["index"]), str(new))
+    time.sleep(2.5)  # the server checks for a new index generation at most every 2 s
+    status, after = post_files(setup["main"], "/search", ("q.png", (new / "new1.png").read_bytes()), k="1")
+    assert status == 200 and after["index_count"] == before["index_count"] + 3
+    assert after["neighbours"][0][0]["path"] == str((new / "new1.png").resolve())
+
+
 def bad_requests() -> list[tuple[str, bytes, str, int, str]]:
     """(case, body, content type, expected status, words the message must contain)."""
     good = encode(rgb())
