@@ -410,7 +410,7 @@ def reference_images(specs: Sequence[str], count: int, preprocessing: Preprocess
         picks = np.unique(np.linspace(0, len(source) - 1, n).round().astype(int))
         for j, i in enumerate(picks):
             (parity if j % 2 == 0 else calib).append(preprocessing(source.read(int(i))))
-        used[source.name] = int(len(picks))
+        used[source.name] = int((len(picks) + 1) // 2)  # parity images from this source
     info = {"sources": used, "images": len(parity), "calibration_images": len(calib)}
     return torch.stack(parity).numpy(), torch.stack(calib).numpy(), info
 
