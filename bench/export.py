@@ -1,9 +1,10 @@
 """Benchmark the exported encoder against torch eager (the named baseline): CPU by default, GPU with --gpu.
 
 CPU (``python bench/export.py``): images/s at batch 1 and 32 for torch eager fp32, onnxruntime fp32
-(``encoder.onnx``), onnxruntime fp32 with onnxscript's attention fusion (for reference) and onnxruntime int8
-(``encoder.int8.onnx``), for the tiny preset (32 px) and ViT-B/16 at 224 (random-init weights: speed does not
-depend on them; parity is measured on real bundled images all the same). Printed as ratios to torch eager,
+(``encoder.onnx``), onnxruntime fp32 with onnxscript's attention fusion (the graph ``encoder.fp16.onnx`` is
+made from, timed here in fp32 to show what fusion does on a CPU) and onnxruntime int8 (``encoder.int8.onnx``),
+for the tiny preset (32 px) and ViT-B/16 at 224 (random-init weights: speed does not depend on them; parity
+is measured on real bundled images all the same). Printed as ratios to torch eager,
 with the CPU's ISA. Goals (issue 4): ORT fp32 >= 1.5x eager at batch 1 and >= 1.2x at batch 32; int8 >= 1.5x
 ORT fp32 with cosine >= 0.99.
 
@@ -14,7 +15,8 @@ eager collapses when another process holds a core (OpenMP barriers wait for the 
 would flatter onnxruntime.
 
 GPU (``python bench/export.py --gpu``, one prepared script, no network, a few minutes on one H200): ViT-B/16
-at 224, torch eager bf16 vs onnxruntime CUDA fp16 (``encoder.fp16.onnx``, I/O bound to CUDA tensors) vs
+at 224, torch eager bf16 vs onnxruntime CUDA fp16 (``encoder.fp16.onnx``: fused attention; I/O bound to CUDA
+tensors) vs
 TensorRT fp16 (``encoder.plan``), at batch 1 / 32 / 256, with each one's cosine to torch fp32 on real images.
 Goal: TensorRT >= 2x torch eager and >= 8,000 img/s at batch 256.
 """

@@ -38,17 +38,12 @@ def export_formats(out: Path, args: argparse.Namespace, result: dict[str, Any], 
         reason = unavailable_reason()
         if reason:
             raise RuntimeError(f"--tensorrt: TensorRT cannot run here: {reason}")
-    fp16 = args.fp16
-    if tensorrt and args.trt_precision == "fp16":
-        from export.tensorrt import major_version
-
-        fp16 = fp16 or major_version() >= 11  # TensorRT 11 builds fp16 from the fp16 ONNX file
-    if not (args.onnx or fp16 or args.int8 or args.tokens or tensorrt):
+    if not (args.onnx or args.fp16 or args.int8 or args.tokens or tensorrt):
         return
     from export.onnx import export_onnx, summary_lines
 
     data = [d for d in args.parity_data.split(",") if d]
-    record = export_onnx(out, fp16=fp16, int8=args.int8, tokens=args.tokens, data=data,
+    record = export_onnx(out, fp16=args.fp16, int8=args.int8, tokens=args.tokens, data=data,
                          parity_images=args.parity_images)
     result["export"] = record
     lines.append(f"ONNX ({record['onnx']['exporter']} exporter, opset {record['onnx']['opset']}); parity vs "

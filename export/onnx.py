@@ -6,11 +6,13 @@ Files written into the artifact folder (contract in DESIGN.md):
 encoder.onnx       fp32, standard ONNX ops only (any runtime; TensorRT builds from it). Input "pixels" float32
                    (N, C, H, W), dynamic N; outputs "embedding" (N, D) L2-normalised, "logits" (N, K) with a
                    head, "tokens" (N, L, D) with --tokens.
-encoder.fp16.onnx  the same graph in fp16 for GPUs; LayerNorm and the L2 norm stay fp32 (fp16 LayerNorm
-                   overflows in ViTs); float32 in and out. TensorRT 11 takes its precision from this file.
-encoder.int8.onnx  for CPUs: attention fused into com.microsoft MultiHeadAttention by onnxscript's
-                   ``optimize_for_ort``, then static QDQ int8 (per-channel weights) calibrated on real images.
-                   onnxruntime only.
+encoder.fp16.onnx  for onnxruntime on GPUs: attention fused into com.microsoft MultiHeadAttention by onnxscript's
+                   ``optimize_for_ort`` (onnxruntime's own optimiser fuses none of a timm ViT's blocks), then
+                   fp16 with LayerNorm and the L2 norm kept fp32 (fp16 LayerNorm overflows in ViTs); float32 in
+                   and out. onnxruntime only (contrib ops).
+encoder.int8.onnx  for CPUs: static QDQ int8 (per-channel weights) calibrated on real images, from the unfused
+                   graph: on this AVX-512 VNNI CPU that was 1.2-1.3x faster than quantising the fused graph
+                   (whose fused MatMul+bias/GELU/SkipLayerNorm nodes keep onnxruntime from fusing QDQ chains).
 ```
 
 Every file is checked (``onnx.checker`` full check, no random op, batch sizes 1/3/17 for the fp32 graph) and run
@@ -152,14 +154,15 @@ def save_ir(model: Any, path: Path) -> None:
     import onnx_ir as ir
 
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    _remove(path)
+    remove_onnx(path)
     if size > EXTERNAL_DATA_BYTES:
         ir.save(model, path, external_data=path.name + ".data")
     else:
         ir.save(model, path)
 
 
-def _remove(path: Path) -> None:
+def remove_onnx(path: Path) -> None:
+    """Delete an ONNX file and its external weights, if any."""
     for p in (path, path.with_name(path.name + ".data")):
         p.unlink(missing_ok=True)
 
@@ -262,21 +265,31 @@ def cpu_session(path: str | Path, threads: int | None = None) -> Any:
 # ----------------------------------------------------------------------------------------------- fp16
 
 
-def convert_fp16(src: Path, dst: Path, sha256: str) -> dict[str, Any]:
-    """fp32 graph -> fp16 weights and activations; LayerNorm and the final L2 norm stay fp32; I/O stays fp32."""
+def convert_fp16(src: Path, dst: Path, sha256: str, fuse: bool = True) -> dict[str, Any]:
+    """fp32 graph -> fp16 weights and activations; norms stay fp32; I/O stays fp32.
+
+    ``fuse``: first fuse attention for onnxruntime (``encoder.fp16.onnx``); without it the result has standard
+    ops only (what TensorRT 11 builds an fp16 engine from).
+    """
     import onnx
     import onnx_ir as ir
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    keep_fp32 = ["LayerNormalization", "ReduceL2"]
-    model = onnx.load(str(src))
+    keep_fp32 = ["LayerNormalization", "SkipLayerNormalization", "ReduceL2"]
+    info: dict[str, Any] = {"kept_fp32": keep_fp32}
+    if fuse:
+        fused, info["attention_fusion"] = fuse_attention(src)
+        model = ir.to_proto(fused)
+    else:
+        model = onnx.load(str(src))
     model = convert_float_to_float16(model, keep_io_types=True, op_block_list=keep_fp32)
     del model.graph.value_info[:]  # stale fp32 shapes of converted tensors; the checker re-infers them
     fixed = ir.from_proto(model)
     fixed.graph.sort()  # the converter appends the input casts at the end of the node list
     save_ir(fixed, dst)
     stamp(dst, sha256, "fp16")
-    return {"kept_fp32": keep_fp32, "bytes": _file_bytes(dst)}
+    info["bytes"] = _file_bytes(dst)
+    return info
 
 
 # ----------------------------------------------------------------------------------------------- int8
@@ -318,13 +331,13 @@ def fuse_attention(src: Path) -> tuple[Any, dict[str, int]]:
     return model, {**{k: int(v) for k, v in counts.items() if v}, "MultiHeadAttention_nodes": mha}
 
 
-def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, sha256: str, depth: int) -> dict[str, Any]:
-    """Fuse attention, then static QDQ int8: per-channel s8 weights, u8 activations, MinMax on real images.
+def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, sha256: str) -> dict[str, Any]:
+    """Static QDQ int8 of the fp32 graph: per-channel s8 weights, u8 activations, MinMax on real images.
 
     Quantised: the weight MatMuls (qkv, projection, MLP, head) and the patch-embedding Conv, which carry
-    nearly all the FLOPs. Not quantised: activation x activation MatMuls (q.k and attn.v, where an unfused
-    graph still has them) and softmax, which cost accuracy for little speed; fused attention stays fp32.
-    Without VNNI the weights use 7 bits (``reduce_range``) to avoid u8 x s8 overflow in AVX2's vpmaddubsw.
+    nearly all the FLOPs. Not quantised: activation x activation MatMuls (q.k and attn.v) and softmax, which
+    cost accuracy for little speed. Without VNNI the weights use 7 bits (``reduce_range``) to avoid u8 x s8
+    overflow in AVX2's vpmaddubsw.
     """
     import onnx
     from onnxruntime.quantization import (
@@ -335,50 +348,41 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, sha256: str, de
         quantize_static,
     )
 
-    fused_path = dst.with_name(dst.stem + ".fused.tmp.onnx")
-    model, fusions = fuse_attention(src)
-    if fusions["MultiHeadAttention_nodes"] != depth:
-        log.warning("attention fusion found %d of %d blocks", fusions["MultiHeadAttention_nodes"], depth)
-    save_ir(model, fused_path)
+    proto = onnx.load(str(src), load_external_data=False)
+    weights = {i.name for i in proto.graph.initializer}
+    weights |= {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
+    act_matmuls = [n.name for n in proto.graph.node
+                   if n.op_type == "MatMul" and not any(i in weights for i in n.input)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(calibration[i : i + 16] for i in range(0, len(calibration), 16))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {"pixels": np.ascontiguousarray(batch)}
+
+    isa = cpu_isa()
+    remove_onnx(dst)
+    started = time.perf_counter()
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantiser logs advice on the root logger at WARNING for every call
     try:
-        proto = onnx.load(str(fused_path), load_external_data=False)
-        weights = {i.name for i in proto.graph.initializer}
-        weights |= {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
-        act_matmuls = [n.name for n in proto.graph.node
-                       if n.op_type == "MatMul" and not any(i in weights for i in n.input)]
-
-        class Reader(CalibrationDataReader):
-            def __init__(self) -> None:
-                self.batches = iter(calibration[i : i + 16] for i in range(0, len(calibration), 16))
-
-            def get_next(self) -> dict[str, np.ndarray] | None:
-                batch = next(self.batches, None)
-                return None if batch is None else {"pixels": np.ascontiguousarray(batch)}
-
-        isa = cpu_isa()
-        _remove(dst)
-        started = time.perf_counter()
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.ERROR)  # the quantiser logs advice on the root logger at WARNING for every call
-        try:
-            quantize_static(
-                str(fused_path), str(dst), Reader(), quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=["MatMul", "Conv"], nodes_to_exclude=act_matmuls, per_channel=True,
-                reduce_range=not isa["vnni"], activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax,
-                use_external_data_format=_file_bytes(fused_path) > EXTERNAL_DATA_BYTES,
-                extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
-            )
-        finally:
-            root.setLevel(level)
+        quantize_static(
+            str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["MatMul", "Conv"], nodes_to_exclude=act_matmuls, per_channel=True,
+            reduce_range=not isa["vnni"], activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            use_external_data_format=_file_bytes(src) > EXTERNAL_DATA_BYTES,
+            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+        )
     finally:
-        _remove(fused_path)
+        root.setLevel(level)
     stamp(dst, sha256, "int8")
     quantized = onnx.load(str(dst), load_external_data=False)
     ops = op_counts(quantized)
     return {
-        "attention_fusion": fusions,
         "quantization": {"format": "QDQ", "weights": "int8 per-channel symmetric", "activations": "uint8",
                          "calibration": "MinMax", "calibration_images": int(len(calibration)),
                          "op_types": ["MatMul", "Conv"], "excluded_activation_matmuls": len(act_matmuls),
@@ -494,7 +498,7 @@ def export_onnx(path: str | Path, *, fp16: bool = False, int8: bool = False, tok
     art = artifact_lib.load(path)
     for precision in ("fp16", "int8"):  # a fresh fp32 export makes older derived files stale
         if not {"fp16": fp16, "int8": int8}[precision]:
-            _remove(path / FILES[precision])
+            remove_onnx(path / FILES[precision])
     config = dict(art.config)
     kept = {k: v for k, v in config.get("export", {}).items() if k == "tensorrt"}  # engines are rebuilt on demand
     record: dict[str, Any] = {**kept, "artifact_sha256": art.sha256, "tolerances": TOLERANCES,
@@ -516,18 +520,21 @@ def export_onnx(path: str | Path, *, fp16: bool = False, int8: bool = False, tok
         record[RECORD_KEYS[precision]] = info
         artifact_lib.write_config(path, config)
         if problems:
-            _remove(file)
+            remove_onnx(file)
             raise ParityError(f"{file.name} misses its tolerance on {len(pixels)} real images: "
                               f"{'; '.join(problems)} (figures in {path / artifact_lib.CONFIG}; file deleted)")
 
     judge("fp32", export_fp32(art, path / FILES["fp32"], tokens=tokens, opset=opset, exporter=exporter))
     if fp16:
         info = convert_fp16(path / FILES["fp32"], path / FILES["fp16"], art.sha256)
+        mha, depth = info["attention_fusion"]["MultiHeadAttention_nodes"], int(art.config["model"]["depth"])
+        if mha != depth:
+            log.warning("attention fusion: %d MultiHeadAttention nodes for %d blocks (%s exporter)", mha, depth,
+                        record["onnx"]["exporter"])
         info.update(check_graph(path / FILES["fp16"], names))
         judge("fp16", info)
     if int8:
-        depth = int(art.config["model"]["depth"])
-        info = quantize_int8(path / FILES["fp32"], path / FILES["int8"], calibration, art.sha256, depth)
+        info = quantize_int8(path / FILES["fp32"], path / FILES["int8"], calibration, art.sha256)
         info.update(check_graph(path / FILES["int8"], names))
         info["smaller_than_fp32"] = round(info["bytes"] / _file_bytes(path / FILES["fp32"]), 3)
         judge("int8", info)
@@ -546,7 +553,7 @@ def _versions() -> dict[str, str]:
 def summary_lines(record: dict[str, Any]) -> list[str]:
     """People-readable parity lines of an ``export`` record."""
     lines = []
-    for precision, key in RECORD_KEYS.items():
+    for key in RECORD_KEYS.values():
         info = record.get(key)
         if not info:
             continue
@@ -560,7 +567,7 @@ def summary_lines(record: dict[str, Any]) -> list[str]:
         if "tokens" in figs:
             parts.append(f"tokens cos min {figs['tokens']['cosine_min']:.6f}")
         extra = ""
-        if precision == "int8":
+        if "attention_fusion" in info:
             extra = f", {info['attention_fusion']['MultiHeadAttention_nodes']} MultiHeadAttention"
         lines.append(f"  {info['file']:<18} {info['bytes'] / 1e6:7.1f} MB  {', '.join(parts)}{extra}")
     return lines

@@ -103,9 +103,9 @@ def check_stamp(file: Path, config: dict[str, Any]) -> None:
 class OnnxBackend:
     """onnxruntime: CUDA provider when there is a GPU (and onnxruntime-gpu), else the CPU provider.
 
-    ``precision`` picks the file: fp32 ``encoder.onnx``, fp16 ``encoder.fp16.onnx`` (GPU), int8
-    ``encoder.int8.onnx`` (CPU; QDQ with fused attention, onnxruntime only). Default: fp16 on CUDA when
-    exported, else fp32 (int8 changes vectors slightly, so it is asked for, never implied).
+    ``precision`` picks the file: fp32 ``encoder.onnx``, fp16 ``encoder.fp16.onnx`` (GPU; fused attention),
+    int8 ``encoder.int8.onnx`` (CPU; QDQ). Default: fp16 on CUDA when exported, else fp32 (int8 changes
+    vectors slightly, so it is asked for, never implied).
     """
 
     def __init__(self, path: Path, config: dict[str, Any], device: str | None = None, precision: str | None = None,

@@ -6,8 +6,9 @@ Both API generations:
   ``BuilderFlag.FP16`` / ``BuilderFlag.BF16``; LayerNorm layers are pinned to fp32 with layer precisions and
   ``OBEY_PRECISION_CONSTRAINTS`` (fp16 LayerNorm overflows in ViTs).
 * TensorRT 11 removed those flags: every network is strongly typed and takes its precision from the ONNX
-  types, so fp16 builds from ``encoder.fp16.onnx`` (written by ``mae export --fp16``, LayerNorm kept fp32),
-  fp32 from ``encoder.onnx``. bf16 would need a bf16 ONNX file, which this project does not write.
+  types. fp32 builds from ``encoder.onnx``; fp16 from an fp16 graph converted from it for the build with the
+  same converter as ``encoder.fp16.onnx`` (LayerNorm kept fp32) but without onnxruntime's contrib-op fusions,
+  which TensorRT cannot parse. bf16 would need a bf16 ONNX graph, which this project does not write.
 
 Beside the engine, ``encoder.plan.json`` records the TensorRT version, GPU name and compute capability it was
 built for (an engine only runs there), the batch profile and the artifact sha256; ``Embedder`` auto-selects
@@ -82,16 +83,32 @@ def build_engine(path: str | Path, *, precision: str = "fp16", min_batch: int = 
     typed = major >= 11
     if typed and precision == "bf16":
         raise ValueError("TensorRT 11 takes precision from the ONNX types and this project writes no bf16 ONNX "
-                         "file; build fp16 (from encoder.fp16.onnx) or use TensorRT 10 for bf16")
-    onnx_file = path / ("encoder.fp16.onnx" if typed and precision == "fp16" else "encoder.onnx")
+                         "graph; build fp16, or use TensorRT 10 for bf16")
+    onnx_file = path / "encoder.onnx"
     if not onnx_file.exists():
-        flag = "--onnx --fp16" if onnx_file.name == "encoder.fp16.onnx" else "--onnx"
-        raise FileNotFoundError(f"{onnx_file} is missing; TensorRT {major} builds {precision} from it "
-                                f"(mae export ... {flag})")
+        raise FileNotFoundError(f"{onnx_file} is missing; TensorRT builds from it (mae export ... --onnx)")
     from export.runtime import check_stamp
 
     check_stamp(onnx_file, config_json)
+    source = onnx_file.name
+    if typed and precision == "fp16":
+        from export.onnx import convert_fp16, remove_onnx
 
+        typed_file = path / "encoder.fp16.tensorrt.tmp.onnx"
+        convert_fp16(onnx_file, typed_file, config_json["sha256"], fuse=False)
+        source = f"{onnx_file.name}, converted to fp16 (norms fp32) for the strongly typed network"
+        try:
+            return _build(trt, path, typed_file, source, config_json, precision, typed, min_batch, opt_batch,
+                          max_batch, workspace_gib, timing_cache)
+        finally:
+            remove_onnx(typed_file)
+    return _build(trt, path, onnx_file, source, config_json, precision, typed, min_batch, opt_batch, max_batch,
+                  workspace_gib, timing_cache)
+
+
+def _build(trt: Any, path: Path, onnx_file: Path, source: str, config_json: dict[str, Any], precision: str,
+           typed: bool, min_batch: int, opt_batch: int, max_batch: int, workspace_gib: float,
+           timing_cache: str | Path | None) -> dict[str, Any]:
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     # TensorRT 10: 0 = weakly typed (precision from builder flags); TensorRT 11: always strongly typed.
@@ -135,7 +152,7 @@ def build_engine(path: str | Path, *, precision: str = "fp16", min_batch: int = 
         **gpu_identity(),
         "precision": precision,
         "strongly_typed": typed,
-        "onnx_file": onnx_file.name,
+        "onnx_source": source,
         "fp32_layers_pinned": pinned,
         "profile": {"min": min_batch, "opt": opt_batch, "max": max_batch},
         "artifact_sha256": config_json["sha256"],

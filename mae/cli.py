@@ -56,12 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("formats (each file is checked against PyTorch on real images; see config.json)")
     g.add_argument("--onnx", action="store_true", help="encoder.onnx: fp32, dynamic batch, opset 18")
     g.add_argument("--fp16", action="store_true",
-                   help="encoder.fp16.onnx for GPUs, LayerNorm in fp32 (implies --onnx)")
+                   help="encoder.fp16.onnx for onnxruntime on GPUs: fused attention, fp32 LayerNorm (implies --onnx)")
     g.add_argument("--int8", action="store_true",
-                   help="encoder.int8.onnx for CPUs: fused attention + static QDQ int8 (implies --onnx)")
+                   help="encoder.int8.onnx for CPUs: static QDQ int8 calibrated on real images (implies --onnx)")
     g.add_argument("--tokens", action="store_true", help="add a 'tokens' (N, L, D) output for dense use")
     g.add_argument("--tensorrt", action="store_true",
-                   help="encoder.plan for this GPU (implies --onnx, and --fp16 on TensorRT 11); needs CUDA + tensorrt")
+                   help="encoder.plan for this GPU (implies --onnx); needs CUDA and tensorrt")
     g.add_argument("--trt-precision", choices=("fp16", "bf16", "fp32"), default="fp16",
                    help="TensorRT precision (bf16 only with TensorRT 10)")
     g.add_argument("--batch-min", type=int, default=1, help="TensorRT profile: smallest batch")

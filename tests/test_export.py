@@ -45,10 +45,11 @@ def test_files_and_graph_contract(plain):
         onnx.checker.check_model(str(plain / name), full_check=True)
         assert record[onnx_export.RECORD_KEYS[precision]]["passed"] is True
     assert record["onnx"]["exporter"] == "dynamo"
-    assert record["onnx_int8"]["attention_fusion"]["MultiHeadAttention_nodes"] == 2  # one per block (depth 2)
+    assert record["onnx_fp16"]["attention_fusion"]["MultiHeadAttention_nodes"] == 2  # one per block (depth 2)
     fp16 = onnx.load(str(plain / FILES["fp16"]))
     nodes = fp16.graph.node
-    ln_inputs = [n.input[0] for n in nodes if n.op_type == "LayerNormalization"]
+    assert sum(n.op_type == "MultiHeadAttention" for n in nodes) == 2
+    ln_inputs = [n.input[0] for n in nodes if n.op_type in ("LayerNormalization", "SkipLayerNormalization")]
     casts_to_fp32 = {n.output[0] for n in nodes if n.op_type == "Cast" and n.attribute[0].i == TensorProto.FLOAT}
     assert ln_inputs and set(ln_inputs) <= casts_to_fp32  # LayerNorm runs in fp32
 
