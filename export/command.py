@@ -13,6 +13,12 @@ from mae import artifact
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
+    if args.tensorrt:  # say so before writing anything, not after minutes of ONNX work
+        from export.tensorrt import unavailable_reason
+
+        reason = unavailable_reason()
+        if reason:
+            raise RuntimeError(f"--tensorrt: TensorRT cannot run here: {reason}")
     out = artifact.from_checkpoint(args.checkpoint, args.out, pooling=args.pooling)
     art = artifact.load(out)
     result: dict[str, Any] = {
@@ -32,12 +38,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 def export_formats(out: Path, args: argparse.Namespace, result: dict[str, Any], lines: list[str]) -> None:
     """Run the requested exports on an artifact folder; adds figures to ``result`` and lines to ``lines``."""
     tensorrt = getattr(args, "tensorrt", False)
-    if tensorrt:  # fail before minutes of ONNX work when the engine cannot be built here anyway
-        from export.tensorrt import unavailable_reason
-
-        reason = unavailable_reason()
-        if reason:
-            raise RuntimeError(f"--tensorrt: TensorRT cannot run here: {reason}")
     if not (args.onnx or args.fp16 or args.int8 or args.tokens or tensorrt):
         return
     from export.onnx import export_onnx, summary_lines

@@ -160,6 +160,7 @@ def test_tensorrt_unavailable_is_plain(plain, tmp_path, capsys):
     code = main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "a"), "--tensorrt"])
     assert code == 1
     assert "TensorRT cannot run here" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()  # refused before writing anything
     with pytest.raises(BackendUnavailable, match="no encoder.plan"):
         Embedder.load(plain, backend="tensorrt")
 
