@@ -536,7 +536,7 @@ def export_onnx(path: str | Path, *, fp16: bool = False, int8: bool = False, tok
     if int8:
         info = quantize_int8(path / FILES["fp32"], path / FILES["int8"], calibration, art.sha256)
         info.update(check_graph(path / FILES["int8"], names))
-        info["smaller_than_fp32"] = round(info["bytes"] / _file_bytes(path / FILES["fp32"]), 3)
+        info["bytes_vs_fp32"] = round(info["bytes"] / _file_bytes(path / FILES["fp32"]), 3)
         judge("int8", info)
     return record
 

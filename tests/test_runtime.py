@@ -36,17 +36,17 @@ def test_backends_agree(plain, images):
     assert ref.shape == (len(images), 192)
     for kwargs, tol in (({"backend": "onnx"}, 0.99999), ({"backend": "onnx", "precision": "fp16"}, 0.999),
                         ({"backend": "onnx", "precision": "int8"}, 0.99), ({"backend": "auto"}, 0.99999)):
-        embedder = Embedder.load(plain, batch_size=7, **kwargs)  # 7: several batches, one ragged
+        embedder = Embedder.load(plain, batch_size=7, device="cpu", **kwargs)  # 7: several batches, one ragged
         got = embedder.embed(images)
         assert got.shape == ref.shape and got.dtype == np.float32
         assert (got * ref).sum(1).min() >= tol, embedder.backend_name
-    assert Embedder.load(plain).backend_name == "onnx-cpu-fp32"  # auto on a CPU machine
+    assert Embedder.load(plain, device="cpu").backend_name == "onnx-cpu-fp32"  # auto without a GPU
     assert Embedder.load(plain, backend="onnx", precision="int8").backend_name == "onnx-cpu-int8"
 
 
 def test_classify_agrees(head, images):
-    torch_top = Embedder.load(head, backend="torch").classify(images, k=3)
-    onnx_top = Embedder.load(head, backend="onnx").classify(images, k=3)
+    torch_top = Embedder.load(head, backend="torch", device="cpu").classify(images, k=3)
+    onnx_top = Embedder.load(head, backend="onnx", device="cpu").classify(images, k=3)
     assert [r[0]["label"] for r in torch_top] == [r[0]["label"] for r in onnx_top]
     for row in onnx_top:
         assert len(row) == 3 and row[0]["label"] in LABELS
@@ -78,7 +78,7 @@ def test_bad_artifacts(plain, tmp_path):
         f.unlink()
     with pytest.raises(BackendUnavailable, match="no encoder.onnx"):
         Embedder.load(bare, backend="onnx")
-    assert Embedder.load(bare).backend_name == "torch-cpu"  # auto falls back to torch
+    assert Embedder.load(bare, device="cpu").backend_name == "torch-cpu"  # auto falls back to torch
 
 
 def test_stale_onnx_file_is_refused(plain, head, tmp_path):
@@ -87,7 +87,7 @@ def test_stale_onnx_file_is_refused(plain, head, tmp_path):
     with pytest.raises(artifact.ArtifactError, match="exported from other weights"):
         Embedder.load(mixed, backend="onnx")
     with pytest.warns(UserWarning, match="onnxruntime backend skipped"):
-        assert Embedder.load(mixed).backend_name == "torch-cpu"
+        assert Embedder.load(mixed, device="cpu").backend_name == "torch-cpu"
 
 
 def test_session_options_do_not_spin():
