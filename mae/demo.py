@@ -26,7 +26,27 @@ def stage_pretrain(ctx: dict[str, Any], args: argparse.Namespace) -> None:
     ctx["pretrain"] = summary
 
 
-STAGES = [stage_pretrain]
+def stage_export(ctx: dict[str, Any], args: argparse.Namespace) -> None:
+    """ONNX fp32 + int8 of the demo artifact, each checked against PyTorch on real images (figures printed)."""
+    from export.onnx import export_onnx, summary_lines
+    from mae import artifact
+
+    path = Path(ctx.get("artifact") or Path(args.out) / "artifact")
+    if not (path / artifact.CONFIG).exists():
+        artifact.from_checkpoint(ctx["pretrain"]["checkpoint"], path)
+    config = artifact.read_config(path)
+    record = config.get("export", {})
+    done = (record.get("artifact_sha256") == config["sha256"] and (path / "encoder.onnx").exists()
+            and (path / "encoder.int8.onnx").exists())
+    if not done:
+        print(f"[demo] exporting {path} to ONNX fp32 + int8 and checking both against PyTorch", flush=True)
+        record = export_onnx(path, int8=True)
+    ctx["artifact"] = str(path)
+    ctx["export"] = {"artifact": str(path), "lines": summary_lines(record),
+                     "parity_images": record["parity_data"]["images"]}
+
+
+STAGES = [stage_pretrain, stage_export]
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -43,5 +63,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         f"  loss curve      {p['loss_curve']}",
         f"  reconstruction  {p['reconstruction']}",
     ]
+    if "export" in ctx:
+        e = ctx["export"]
+        lines.append(f"  export          {e['artifact']}: parity vs PyTorch on {e['parity_images']} real images")
+        lines += ["  " + line for line in e["lines"]]
     ctx["text"] = "\n".join(lines)
     return ctx
