@@ -1,14 +1,24 @@
-"""``mae export``: checkpoint -> artifact folder (config.json + model.safetensors), then the requested formats."""
+"""``mae export`` (checkpoint -> artifact folder -> ONNX / TensorRT files, each parity-checked) and ``mae embed``."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from mae import artifact
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
+    if args.tensorrt:  # say so before writing anything, not after minutes of ONNX work
+        from export.tensorrt import unavailable_reason
+
+        reason = unavailable_reason()
+        if reason:
+            raise RuntimeError(f"--tensorrt: TensorRT cannot run here: {reason}")
     out = artifact.from_checkpoint(args.checkpoint, args.out, pooling=args.pooling)
     art = artifact.load(out)
     result: dict[str, Any] = {
@@ -17,7 +27,64 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "embed_dim": art.embed_dim,
         "pooling": art.pooling,
         "labels": art.labels,
-        "files": sorted(p.name for p in out.iterdir()),
     }
-    result["text"] = f"wrote artifact {out} (sha256 {art.sha256[:12]}, {art.embed_dim}-d, {art.pooling} pooling)"
+    lines = [f"wrote artifact {out} (sha256 {art.sha256[:12]}, {art.embed_dim}-d, {art.pooling} pooling)"]
+    export_formats(out, args, result, lines)
+    result["files"] = sorted(p.name for p in out.iterdir())
+    result["text"] = "\n".join(lines)
     return result
+
+
+def export_formats(out: Path, args: argparse.Namespace, result: dict[str, Any], lines: list[str]) -> None:
+    """Run the requested exports on an artifact folder; adds figures to ``result`` and lines to ``lines``."""
+    tensorrt = getattr(args, "tensorrt", False)
+    if not (args.onnx or args.fp16 or args.int8 or args.tokens or tensorrt):
+        return
+    from export.onnx import export_onnx, summary_lines
+
+    data = [d for d in args.parity_data.split(",") if d]
+    record = export_onnx(out, fp16=args.fp16, int8=args.int8, tokens=args.tokens, data=data,
+                         parity_images=args.parity_images)
+    result["export"] = record
+    lines.append(f"ONNX ({record['onnx']['exporter']} exporter, opset {record['onnx']['opset']}); parity vs "
+                 f"PyTorch on {record['parity_data']['images']} real images "
+                 f"({', '.join(record['parity_data']['sources'])}):")
+    lines += summary_lines(record)
+    if tensorrt:
+        from export.tensorrt import build_engine, tensorrt_parity
+
+        build_engine(out, precision=args.trt_precision, min_batch=args.batch_min, opt_batch=args.batch_opt,
+                     max_batch=args.batch_max, timing_cache=args.timing_cache)
+        trt_record = tensorrt_parity(out, data, args.parity_images)
+        result["export"]["tensorrt"] = trt_record
+        emb = trt_record["parity"]["embedding"]
+        lines.append(f"  encoder.plan       TensorRT {trt_record['tensorrt']} {trt_record['precision']} on "
+                     f"{trt_record['gpu']} (sm {trt_record['compute_capability']}): cos min "
+                     f"{emb['cosine_min']:.6f}, top-10 nbr overlap {emb['top10_neighbour_overlap']:.3f}")
+
+
+def embed(args: argparse.Namespace) -> dict[str, Any]:
+    """``mae embed``: stream images through the artifact; write vectors.npy and the row -> path list beside it."""
+    from export.runtime import Embedder, image_files
+
+    files = image_files(args.inputs)
+    out = Path(args.out)
+    if out.suffix != ".npy":
+        raise ValueError(f"--out must be a .npy file, got {out}")
+    embedder = Embedder.load(args.artifact, backend=args.backend, batch_size=args.batch_size,
+                             precision=args.precision)
+    vectors, kept, errors = embedder.embed_files(files, workers=args.workers)
+    if not len(kept):
+        raise ValueError(f"none of the {len(files)} images could be decoded; first error: {errors[0]}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, vectors.astype(np.float32))
+    paths_file = out.with_suffix(".json")
+    paths_file.write_text(json.dumps({"artifact_sha256": embedder.sha256, "backend": embedder.backend_name,
+                                      "dim": embedder.dim, "paths": [str(p.resolve()) for p in kept],
+                                      "skipped": errors}, indent=1) + "\n")
+    text = (f"embedded {len(kept)} images with {embedder.backend_name} -> {out} {tuple(vectors.shape)}; "
+            f"row paths in {paths_file}")
+    if errors:
+        text += f"\nskipped {len(errors)} unreadable: " + "; ".join(errors[:5])
+    return {"out": str(out), "paths": str(paths_file), "count": len(kept), "dim": embedder.dim,
+            "backend": embedder.backend_name, "skipped": errors, "text": text}

@@ -51,13 +51,16 @@ class Encoder(nn.Module):
         self.vit = vit
         self.has_head = isinstance(vit.head, nn.Linear)
 
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, pixels: torch.Tensor, return_tokens: bool = False) -> tuple[torch.Tensor, ...]:
+        """(embedding (N, D), logits (N, K) with a head, patch tokens (N, L, D) when ``return_tokens``)."""
         tokens = self.vit.forward_features(pixels)  # (N, 1 + L, D)
         pooled = self.vit.forward_head(tokens, pre_logits=True)  # (N, D)
-        embedding = F.normalize(pooled.float(), dim=-1)
+        outputs = (F.normalize(pooled.float(), dim=-1),)
         if self.has_head:
-            return embedding, self.vit.head(pooled).float()
-        return (embedding,)
+            outputs += (self.vit.head(pooled).float(),)
+        if return_tokens:  # dense use (one pass, not a second forward): spatial row-major order
+            outputs += (tokens[:, self.vit.num_prefix_tokens :].float(),)
+        return outputs
 
     def tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """Patch tokens in spatial (row-major) order after the final norm: (N, L, D)."""

@@ -54,8 +54,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="artifact folder")
     p.add_argument("--pooling", choices=("token", "avg"),
                    help="embedding pooling (default: token when pretrained, avg + fc_norm when finetuned)")
+    g = p.add_argument_group("formats (each file is checked against PyTorch on real images; see config.json)")
+    g.add_argument("--onnx", action="store_true", help="encoder.onnx: fp32, dynamic batch, opset 18")
+    g.add_argument("--fp16", action="store_true",
+                   help="encoder.fp16.onnx for onnxruntime on GPUs: fused attention, fp32 LayerNorm (implies --onnx)")
+    g.add_argument("--int8", action="store_true",
+                   help="encoder.int8.onnx for CPUs: static QDQ int8 calibrated on real images (implies --onnx)")
+    g.add_argument("--tokens", action="store_true", help="add a 'tokens' (N, L, D) output for dense use")
+    g.add_argument("--tensorrt", action="store_true",
+                   help="encoder.plan for this GPU (implies --onnx); needs CUDA and tensorrt")
+    g.add_argument("--trt-precision", choices=("fp16", "bf16", "fp32"), default="fp16",
+                   help="TensorRT precision (bf16 only with TensorRT 10)")
+    g.add_argument("--batch-min", type=int, default=1, help="TensorRT profile: smallest batch")
+    g.add_argument("--batch-opt", type=int, default=32, help="TensorRT profile: batch the kernels are tuned for")
+    g.add_argument("--batch-max", type=int, default=256, help="TensorRT profile: largest batch (more is sliced)")
+    g.add_argument("--timing-cache", help="TensorRT timing cache file (default: ARTIFACT/tensorrt.timing.cache)")
+    g.add_argument("--parity-data", default="mnist5k,photos",
+                   help="comma-separated bundled sets or folders of real images for parity and int8 calibration")
+    g.add_argument("--parity-images", type=int, default=128, help="about this many parity images (as many calibrate)")
     _json_flag(p)
     p.set_defaults(handler="export.command:main")
+
+    p = sub.add_parser("embed", help="embed images with an artifact (any backend) into a .npy file")
+    p.add_argument("--artifact", required=True, help="artifact folder (mae export)")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders (recursive)")
+    p.add_argument("--out", required=True, help="vectors.npy: (N, D) float32, L2-normalised, rows in input order")
+    p.add_argument("--backend", choices=("auto", "torch", "onnx", "tensorrt"), default="auto")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"),
+                   help="onnx file to run (default fp32 on CPU, fp16 on CUDA when exported)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images (0: in-process)")
+    _json_flag(p)
+    p.set_defaults(handler="export.command:embed")
 
     p = sub.add_parser("serve", help="serve /embed, /classify, /search and a page to try them (BentoML)")
     from serving.command import add_arguments as add_serve_arguments  # argparse and stdlib only: stays instant

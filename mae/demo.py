@@ -26,6 +26,27 @@ def stage_pretrain(ctx: dict[str, Any], args: argparse.Namespace) -> None:
     ctx["pretrain"] = summary
 
 
+def stage_export(ctx: dict[str, Any], args: argparse.Namespace) -> None:
+    """ONNX fp32 + int8 of the demo artifact, each checked against PyTorch on real images (figures printed)."""
+    from export.onnx import export_onnx, summary_lines
+    from mae import artifact
+
+    path = Path(ctx.get("artifact") or Path(args.out) / "artifact")
+    if not (path / artifact.CONFIG).exists():
+        artifact.from_checkpoint(ctx["pretrain"]["checkpoint"], path)
+    config = artifact.read_config(path)
+    record = config.get("export", {})
+    done = (record.get("artifact_sha256") == config["sha256"] and (path / "encoder.onnx").exists()
+            and (path / "encoder.int8.onnx").exists())
+    if not done:
+        print(f"[demo] exporting {path} to ONNX fp32 + int8 and checking both against PyTorch", flush=True)
+        record = export_onnx(path, int8=True)
+    ctx["artifact"] = str(path)
+    ctx["export"] = {"artifact": str(path), "lines": summary_lines(record),
+                     "parity_images": record["parity_data"]["images"]}
+
+
+
 def stage_serve(ctx: dict[str, Any], args: argparse.Namespace) -> None:
     """Start the HTTP server on the demo's artifact and index (``--no-serve`` skips it); ``main`` waits on it."""
     if args.no_serve:
@@ -53,7 +74,7 @@ def _example_image(out: Path, data: str) -> Path:
     return export_source(load_source(data), out / "example", [0])[0]
 
 
-STAGES = [stage_pretrain, stage_serve]
+STAGES = [stage_pretrain, stage_export, stage_serve]
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -70,6 +91,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         f"  loss curve      {p['loss_curve']}",
         f"  reconstruction  {p['reconstruction']}",
     ]
+    if "export" in ctx:
+        e = ctx["export"]
+        lines.append(f"  export          {e['artifact']}: parity vs PyTorch on {e['parity_images']} real images")
+        lines += ["  " + line for line in e["lines"]]
     if "serve" in ctx:
         lines += [f"  page            {ctx['serve']['url']}",
                   f"  try             {ctx['serve']['curl']}",

@@ -64,6 +64,8 @@ def init_distributed(device: str | None = None) -> Dist:
     if want_cuda:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast (e.g. the loss) use TF32
+        torch.backends.cudnn.allow_tf32 = True
     else:
         dev = torch.device("cpu")
     if world > 1 and not torch_dist.is_initialized():
@@ -248,7 +250,8 @@ class Trainer:
         self.warmup_steps = min(round(o.warmup_epochs * self.steps_per_epoch), self.total_steps)
         self.base_lr = o.effective_lr(self.effective_batch)
         groups = optimizer_groups if optimizer_groups is not None else param_groups(self.model, o.weight_decay)
-        self.optimizer = torch.optim.AdamW(groups, lr=self.base_lr, betas=o.betas)
+        # The fused CUDA kernel updates every parameter in one launch; the CPU keeps the default (foreach).
+        self.optimizer = torch.optim.AdamW(groups, lr=self.base_lr, betas=o.betas, fused=dist.device.type == "cuda")
         self.amp_dtype = autocast_dtype(r.amp, dist.device)
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.amp_dtype == torch.float16)
         self.step = 0
