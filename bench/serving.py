@@ -25,6 +25,7 @@ import io
 import json
 import os
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -232,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=0, help="model threads (mae serve --threads; 0: half the cores)")
     p.add_argument("--backend", default="auto", help="mae serve --backend")
+    p.add_argument("--onnx", action="store_true", help="export the artifact to ONNX first (a copy when --artifact)")
     p.add_argument("--soak-seconds", type=float, default=120.0, help="memory soak with batching on (0 skips it)")
     p.add_argument("--soak-clients", type=int, default=32)
     p.add_argument("--out", default=str(ROOT / "runs" / "bench" / "serving.json"), help="results as JSON")
@@ -245,6 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mae-bench-serving-") as tmp:
         logs = Path(tmp)
         artifact = Path(args.artifact) if args.artifact else tiny_artifact(logs / "artifact")
+        if args.onnx and args.artifact:  # never write into the user's artifact
+            artifact = Path(shutil.copytree(artifact, logs / "artifact"))
+        if args.onnx and not (artifact / "encoder.onnx").exists():
+            from export.onnx import export_onnx
+
+            print(f"exporting {artifact} to ONNX (what `mae export --onnx` writes; auto then runs onnxruntime)")
+            export_onnx(artifact, parity_images=32)
         print(f"serving {artifact} on 127.0.0.1; {os.cpu_count()} cores shared by client and server", flush=True)
         servers: dict[str, Server] = {}
         try:
@@ -252,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
                 servers[mode] = Server(artifact, mode == "on", args, logs / f"server-{mode}.log")
             for server in servers.values():  # first calls, and BentoML's batch-size training
                 asyncio.run(load(server.url, body, ctype, 4, 3.0))
+            with urllib.request.urlopen(servers["on"].url + "/info", timeout=30) as r:
+                backend = json.load(r)["backend"]
+            print(f"backend: {backend['backend']}, {backend['threads']} model thread(s)", flush=True)
             results = measure(servers, args, body, ctype)
             servers.pop("off").stop()  # the soak measures the product configuration alone
             if args.soak_seconds > 0:
@@ -267,11 +279,12 @@ def main(argv: list[str] | None = None) -> int:
                 server.stop()
     off, on = results["off"], results["on"]
     report = table(off, on)
-    print("\nAdaptive batching on vs off (baseline: off), one 64x64 PNG per POST /embed\n")
+    print(f"\nAdaptive batching on vs off (baseline: off), one 64x64 PNG per POST /embed, backend "
+          f"{backend['backend']} with {backend['threads']} model thread(s), max batch {args.max_batch_size}\n")
     print(report)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"off": off, "on": on, "args": {k: v for k, v in vars(args).items()}}, indent=2))
+    out.write_text(json.dumps({"off": off, "on": on, "backend": backend, "args": vars(args)}, indent=2))
     print(f"\nresults: {out}")
     return 0
 
