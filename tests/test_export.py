@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from export_helpers import LABELS, PARITY_IMAGES, copy_artifact, exported, make_artifact
+from tests.export_helpers import LABELS, PARITY_IMAGES, copy_artifact, exported, make_artifact
 from onnx import TensorProto, helper
 
 from export import onnx as onnx_export
@@ -139,7 +139,7 @@ def test_fixed_batch_is_rejected(tmp_path):
 
 
 def test_cli_export_onnx_int8(tmp_path, capsys):
-    from export_helpers import tiny_config
+    from tests.export_helpers import tiny_config
 
     from mae.checkpoint import save_checkpoint
     from mae.cli import main

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from export_helpers import LABELS, copy_artifact, exported
+from tests.export_helpers import LABELS, copy_artifact, exported
 
 from export.runtime import BackendUnavailable, Embedder, session_options
 from mae import artifact
@@ -148,7 +148,7 @@ def test_tensorrt_unavailable_is_plain(plain, tmp_path, capsys):
     reason = _trt_reason()
     if reason is None:
         pytest.skip("TensorRT is available here; the no-GPU message cannot be seen")
-    from export_helpers import tiny_config
+    from tests.export_helpers import tiny_config
 
     from mae.checkpoint import save_checkpoint
     from mae.cli import main
