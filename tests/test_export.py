@@ -8,12 +8,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from export_helpers import LABELS, PARITY_IMAGES, copy_artifact, exported, make_artifact
 from onnx import TensorProto, helper
 
 from export import onnx as onnx_export
 from export.onnx import FILES, RANDOM_OPS, ExportError, ParityError, check_graph, op_counts
 from mae import artifact
+from tests.export_helpers import LABELS, PARITY_IMAGES, copy_artifact, exported, make_artifact
 
 
 @pytest.fixture(scope="module")
@@ -139,11 +139,10 @@ def test_fixed_batch_is_rejected(tmp_path):
 
 
 def test_cli_export_onnx_int8(tmp_path, capsys):
-    from export_helpers import tiny_config
-
     from mae.checkpoint import save_checkpoint
     from mae.cli import main
     from mae.model import MaskedAutoencoder
+    from tests.export_helpers import tiny_config
 
     cfg = tiny_config().override(["model.depth=1"])
     ckpt = save_checkpoint(tmp_path / "run" / "checkpoint.pt",

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from export_helpers import LABELS, copy_artifact, exported
 
 from export.runtime import BackendUnavailable, Embedder, session_options
 from mae import artifact
 from mae.data import load_source
+from tests.export_helpers import LABELS, copy_artifact, exported
 
 
 @pytest.fixture(scope="module")
@@ -148,11 +148,10 @@ def test_tensorrt_unavailable_is_plain(plain, tmp_path, capsys):
     reason = _trt_reason()
     if reason is None:
         pytest.skip("TensorRT is available here; the no-GPU message cannot be seen")
-    from export_helpers import tiny_config
-
     from mae.checkpoint import save_checkpoint
     from mae.cli import main
     from mae.model import MaskedAutoencoder
+    from tests.export_helpers import tiny_config
 
     cfg = tiny_config().override(["model.depth=1"])
     ckpt = save_checkpoint(tmp_path / "c.pt", {"model": MaskedAutoencoder(cfg.model).state_dict(), "step": 0,
