@@ -45,6 +45,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -566,7 +567,8 @@ class Index:
         parts = faiss.InvertedListsPtrVector()
         parts.push_back(ivf.invlists)
         parts.push_back(shard_ivf.invlists)
-        ntotal = invlists.merge_from_multiple(parts.data(), parts.size(), False)
+        with stdout_to_stderr():
+            ntotal = invlists.merge_from_multiple(parts.data(), parts.size(), False)
         ivf.replace_invlists(invlists, True)
         invlists.this.disown()
         self.index.ntotal = ivf.ntotal = ntotal
@@ -716,7 +718,8 @@ def build_on_disk(out: str | Path, trained: faiss.Index, shards: Sequence[str | 
         from faiss.contrib.ondisk import merge_ondisk
 
         faiss.write_index(trained, str(tmp / TRAINED_FILE))
-        merge_ondisk(index, [str(s) for s in shards], str(tmp / "lists.1.ivfdata"))
+        with stdout_to_stderr():  # faiss prints "resizing ..." on stdout, which belongs to --json
+            merge_ondisk(index, [str(s) for s in shards], str(tmp / "lists.1.ivfdata"))
         merge_seconds = time.perf_counter() - started
         tuning = tune_on(index, tune_blocks, tune_sample[0], tune_sample[1], target_recall)
         figures = dict(extra.pop("build", {}) if extra else {}, merge_seconds=round(merge_seconds, 2))
@@ -771,6 +774,9 @@ def _staging(out: str | Path, overwrite: bool) -> Iterator[Path]:
             raise FileExistsError(f"{out} exists and is not empty; choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the index is an ordinary folder
     try:
         yield tmp
         if out.exists():
@@ -873,6 +879,19 @@ def _recover(path: Path, manifest: dict[str, Any], catalog: Catalog, removable: 
             _remove_if_exists(f)
     catalog.recover(gen)
     catalog.purge_removed(gen if removable else manifest.get("compacted", 0))
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send what C++ code prints on file descriptor 1 to stderr while inside (stdout carries --json)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 @contextlib.contextmanager
