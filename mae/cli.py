@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    if args.command in ("index", "search"):  # before torch loads OpenMP: see retrieval/__init__.py
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     handler = _resolve(args.handler)
     try:
         result = handler(args)
