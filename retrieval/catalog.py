@@ -93,17 +93,16 @@ class Catalog:
     def insert(self, items: Sequence[Item], generation: int, ids: Sequence[int] | None = None) -> list[int]:
         """Add rows for ``generation`` (pending until the manifest commits it); returns their ids."""
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        out = []
-        with self.transaction() as c:
-            for j, it in enumerate(items):
-                if ids is None:
-                    cur = c.execute("INSERT INTO items (path, label, sha256, added, generation) VALUES (?,?,?,?,?)",
-                                    (it.path, it.label, it.sha256, now, generation))
-                    out.append(int(cur.lastrowid))
-                else:
-                    c.execute("INSERT INTO items (id, path, label, sha256, added, generation) VALUES (?,?,?,?,?,?)",
-                              (int(ids[j]), it.path, it.label, it.sha256, now, generation))
-                    out.append(int(ids[j]))
+        with self.transaction() as c:  # BEGIN IMMEDIATE: no other writer can take ids meanwhile
+            if ids is None:
+                row = c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'items'").fetchone()
+                last = max(row[0] if row else 0, c.execute("SELECT COALESCE(MAX(id), 0) FROM items").fetchone()[0])
+                ids = range(last + 1, last + 1 + len(items))
+            out = [int(i) for i in ids]
+            if len(out) != len(items):
+                raise ValueError(f"{len(out)} ids for {len(items)} items")
+            c.executemany("INSERT INTO items (id, path, label, sha256, added, generation) VALUES (?,?,?,?,?,?)",
+                          ((i, it.path, it.label, it.sha256, now, generation) for i, it in zip(out, items)))
         return out
 
     def mark_removed(self, ids: Iterable[int], generation: int) -> None:
