@@ -120,13 +120,13 @@ def run_collection(label: str, x: np.ndarray, q: np.ndarray, work: Path, args: a
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    head = (f"{'index':<24} {'factory':<26} {'params':<16} {'build s':>12} {'MiB':>12} {'QPS@1':>14} "
+    head = (f"{'index':<24} {'factory':<34} {'params':<16} {'build s':>12} {'MiB':>12} {'QPS@1':>14} "
             f"{'QPS@1000':>15} {'R@1':>6} {'R@10':>6}")
     print(head)
     print("-" * len(head))
     for r in rows:
         params = ",".join(f"{k}={v}" for k, v in r["params"].items()) or "-"
-        print(f"{r['index']:<24} {r['factory']:<26} {params:<16} "
+        print(f"{r['index']:<24} {r['factory']:<34} {params:<16} "
               f"{r['build_s']:>6.1f} ({r['build_s_x']:>4.1f}x) {r['mib']:>6.0f} ({r['mib_x']:>4.2f}x) "
               f"{r['qps1']:>7.0f} ({r['qps1_x']:>4.1f}x) {r['qps1000']:>7.0f} ({r['qps1000_x']:>5.1f}x) "
               f"{r['recall1']:>6.3f} {r['recall10']:>6.3f}")

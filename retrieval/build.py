@@ -190,7 +190,7 @@ def build_index(artifact: str | Path, images: Sequence[str | Path], out: str | P
         idx, figures = _build_sharded(embedder, files, labels, out, factory=factory, batch_size=batch_size,
                                       workers=workers, shards=shards, backend=backend, device=device,
                                       max_memory=max_memory, target_recall=target_recall, overwrite=overwrite,
-                                      seed=seed, extra=extra, progress=progress)
+                                      seed=seed, extra=extra, progress=progress, gpu=gpu)
     else:
         emb = embed_files(embedder, files, labels, batch_size=batch_size, workers=workers, progress=progress)
         figures = {"images_seen": len(files), "images_embedded": len(emb.items), "skipped": emb.skipped,
@@ -276,7 +276,7 @@ def _summary(idx: index_lib.Index, figures: dict[str, Any]) -> dict[str, Any]:
 def _build_sharded(embedder: Embedder, files: list[Path], labels: list[str | None], out: str | Path, *,
                    factory: str, batch_size: int, workers: int, shards: int, backend: str, device: str | None,
                    max_memory: int | None, target_recall: float, overwrite: bool, seed: int,
-                   extra: dict[str, Any], progress: bool) -> tuple[index_lib.Index, dict[str, Any]]:
+                   extra: dict[str, Any], progress: bool, gpu: bool | None) -> tuple[index_lib.Index, dict[str, Any]]:
     """Train once on a sample, fill ``shards`` IVF shards in worker processes, merge them on disk."""
     n, dim = len(files), embedder.dim
     choice = (index_lib.choose_factory(n, dim, max_memory=max_memory, on_disk=True) if factory == "auto"
@@ -289,7 +289,7 @@ def _build_sharded(embedder: Embedder, files: list[Path], labels: list[str | Non
     picks = np.sort(rng.choice(n, m, replace=False))
     sample = embed_files(embedder, [files[i] for i in picks], [labels[i] for i in picks], batch_size=batch_size,
                          workers=workers, progress=progress, desc="training sample")
-    train_seconds = index_lib.train(trained, sample.vectors)
+    train_seconds = index_lib.train(trained, sample.vectors, gpu)
     work = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.shards-", dir=Path(out).resolve().parent))
     try:
         trained_path = work / "trained.faiss"
