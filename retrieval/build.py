@@ -87,6 +87,18 @@ def list_images(specs: Sequence[str | Path]) -> tuple[list[Path], list[str | Non
     return files, labels
 
 
+def collection_label(path: Path, roots: Sequence[str]) -> str | None:
+    """The class folder of a file under one of the index's collection folders (``mae index add DIR/7`` keeps "7")."""
+    for root in roots:
+        try:
+            parts = path.relative_to(root).parts
+        except ValueError:
+            continue
+        if len(parts) > 1:
+            return parts[0]
+    return None
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -207,9 +219,10 @@ def add_images(index_path: str | Path, images: Sequence[str | Path], *, artifact
                batch_size: int = 64, workers: int = 2, backend: str = "auto", device: str | None = None,
                progress: bool = True) -> dict[str, Any]:
     """``mae index add``: hash first and embed only files whose bytes are not indexed yet."""
-    idx = index_lib.Index.load(index_path)
+    idx = index_lib.Index.load(index_path, gpu=False)  # a write: no GPU copy to make
     embedder = load_embedder(idx, artifact, backend=backend, device=device, batch_size=batch_size)
     files, labels = list_images(images)
+    labels = [collection_label(f, idx.manifest.get("images", [])) or lab for f, lab in zip(files, labels)]
     from tqdm.auto import tqdm
 
     hashes = [file_sha256(f) if f.exists() else "" for f in tqdm(files, desc="hashing", unit="img",

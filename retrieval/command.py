@@ -31,7 +31,7 @@ def index_add(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def index_remove(args: argparse.Namespace) -> dict[str, Any]:
-    idx = Index.load(args.index)
+    idx = Index.load(args.index, gpu=False)
     result = idx.remove(args.items)
     info = idx.info()
     info.update(removed=result.ids, missing=result.missing, rebuilt=result.rebuilt)

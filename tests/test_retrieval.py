@@ -453,3 +453,12 @@ def test_gpu_training_and_search_match_cpu(tmp_path):
     assert knn_intersection_measure(gpu_ids, cpu_ids) > 0.99
     idx.remove([1, 2, 3])
     assert not {1, 2, 3} & set(idx.search_ids(x[:3], 10)[1].ravel().tolist())
+
+
+def test_added_files_keep_the_class_folder_of_the_collection(tmp_path):
+    from retrieval.build import collection_label
+
+    root = tmp_path / "collection"
+    assert collection_label(root / "7" / "a.png", [str(root)]) == "7"
+    assert collection_label(root / "a.png", [str(root)]) is None
+    assert collection_label(tmp_path / "elsewhere" / "7" / "a.png", [str(root)]) is None
