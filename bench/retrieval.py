@@ -100,9 +100,9 @@ def run_collection(label: str, x: np.ndarray, q: np.ndarray, work: Path, args: a
     rows = [exact]
     auto = index_lib.choose_factory(n, dim, max_memory=args.max_memory)
     factories = [("auto", auto.factory, args.max_memory)]
-    # the compressed variant auto falls back to when raw vectors exceed the budget: a budget of 1/4 of them
-    squeezed = n * 4 * dim // 4
-    pq = index_lib.choose_factory(n, dim, max_memory=squeezed)
+    # the compressed variant auto falls back to when the raw vectors exceed the budget
+    squeezed = int(n * 4 * dim * args.pq_budget)
+    pq = index_lib.choose_factory(n, dim, max_memory=squeezed) if squeezed else auto
     if pq.factory != auto.factory and n >= 20_000:
         factories.append((f"auto, {squeezed / 2**20:.0f} MiB budget", pq.factory, squeezed))
     factories += [(f, f, None) for f in extra_factories if f != auto.factory]
@@ -165,6 +165,8 @@ def main() -> None:
     p.add_argument("--data", default="lowrank,clustered", help="synthetic collections: lowrank, clustered")
     p.add_argument("--factories", default="", help="more factory strings to compare, comma separated")
     p.add_argument("--max-memory", type=float, help="GiB budget for auto (default: half the RAM)")
+    p.add_argument("--pq-budget", type=float, default=0.25,
+                   help="also build what auto picks when the budget is this fraction of the raw vectors (0: skip)")
     p.add_argument("--artifact", help="artifact for the real-embedding collection")
     p.add_argument("--images", default="mnist5k", help="bundled set or folder embedded with --artifact")
     p.add_argument("--batch-size", type=int, default=256)

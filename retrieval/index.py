@@ -20,10 +20,13 @@ readers ignore the rest and the next writer rolls it back (``Index._recover``).
 * n < 50,000: ``Flat``. Exact search costs n x d multiply-adds per query (50k x 256 = 13 MFLOP, about a
   millisecond) and an approximate index would need its own training sample (>= 39 vectors per IVF list) and
   tuning for no measurable gain; exact is also what recall is measured against.
-* n < 1,000,000 and the HNSW graph fits the memory budget (~ 4d + 8M bytes per vector, plus ids): ``HNSW32,Flat``.
-  No training, the best recall/speed trade-off in memory; it cannot remove ids, so removals become
-  tombstones filtered at search and the graph is rebuilt when they pass 20% of the collection.
-* larger, or on disk: ``IVF{nlist}_HNSW32,Flat`` with nlist ~ 4 sqrt(n) rounded to a power of two
+* n < 5,000,000, the HNSW graph fits the memory budget (~ 4d + 8M bytes per vector, plus ids) and no GPU:
+  ``HNSW32,Flat``. No training, and the best recall/speed trade-off in memory: at 1M x 256 low-rank vectors
+  (bench/retrieval.py) IVF4096 needed nprobe 512 for recall@10 0.95, i.e. scanned 1/8 of the collection,
+  and was no faster than exact search at batch 1000. Its costs: build time (graph insertion, ~n log n), no
+  GPU version in faiss, and no removal, so removals become tombstones filtered at search and the graph is
+  rebuilt when they pass 20% of the collection.
+* larger, on disk, or with GPUs: ``IVF{nlist}_HNSW32,Flat`` with nlist ~ 4 sqrt(n) rounded to a power of two
   (1M -> 4096, 10M -> 16384), trained on 50 x nlist vectors (faiss warns under 39 per list; autofaiss uses
   30-256), the coarse quantizer an HNSW graph over the centroids so that assigning a query costs log(nlist).
 * when the raw vectors (4d bytes each) do not fit the memory budget: ``OPQ{m}_{d},IVF{nlist}_HNSW32,PQ{m}np``,
@@ -75,7 +78,7 @@ LOCK_FILE = ".lock"
 METRIC = "inner_product"
 
 FLAT_MAX = 50_000
-HNSW_MAX = 1_000_000
+HNSW_MAX = 5_000_000
 HNSW_M = 32
 TRAIN_PER_LIST = 50
 MIN_PER_LIST = 39
@@ -83,7 +86,9 @@ TARGET_RECALL = 0.95
 TUNE_QUERIES = 1000
 PLATEAU = 0.005  # when the target is out of reach: recall within this of the best counts as the best
 REBUILD_FRACTION = 0.2
-NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+# ~1.5x steps: with powers of two the first value past the target can cost nearly twice what is needed
+NPROBES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096,
+           6144, 8192)
 EF_SEARCHES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
 
@@ -144,8 +149,12 @@ def nlist_for(n: int) -> int:
     return int(min(nlist, 1 << 18))
 
 
-def choose_factory(n: int, dim: int, *, max_memory: int | None = None, on_disk: bool = False) -> FactoryChoice:
-    """The factory string for ``n`` vectors of ``dim`` (see the module docstring for the thresholds and why)."""
+def choose_factory(n: int, dim: int, *, max_memory: int | None = None, on_disk: bool = False,
+                   gpu: bool = False) -> FactoryChoice:
+    """The factory string for ``n`` vectors of ``dim`` (see the module docstring for the thresholds and why).
+
+    ``gpu``: search will run on GPUs, where faiss has IVF but no HNSW.
+    """
     budget = max_memory if max_memory is not None else default_memory_budget()
     raw = n * (4 * dim + 8)
     nlist = nlist_for(n)
@@ -153,12 +162,13 @@ def choose_factory(n: int, dim: int, *, max_memory: int | None = None, on_disk: 
     if not on_disk and n < FLAT_MAX and raw <= budget:
         return FactoryChoice("Flat", f"{n} vectors < {FLAT_MAX:,}: exact search is fast enough and exact")
     hnsw = n * (4 * dim + 8 * HNSW_M * 1.1 + 16)
-    if not on_disk and n < HNSW_MAX and hnsw <= budget:
+    if not on_disk and not gpu and n < HNSW_MAX and hnsw <= budget:
         return FactoryChoice(f"HNSW{HNSW_M},Flat",
                              f"{n:,} vectors < {HNSW_MAX:,} and the graph ({hnsw / 2**20:.0f} MiB) fits "
                              f"{budget / 2**20:.0f} MiB: HNSW needs no training")
     if raw * 1.1 <= budget:
-        where = "on disk" if on_disk else f"{n:,} vectors >= {HNSW_MAX:,}" if n >= HNSW_MAX else "HNSW too big"
+        where = ("on disk" if on_disk else "GPU search" if gpu else f"{n:,} vectors >= {HNSW_MAX:,}"
+                 if n >= HNSW_MAX else "HNSW graph too big")
         return FactoryChoice(f"IVF{nlist}_HNSW{HNSW_M},Flat",
                              f"{where}: IVF with {nlist} lists (~4 sqrt(n)), raw vectors fit "
                              f"{budget / 2**20:.0f} MiB", nlist, train)
@@ -698,7 +708,8 @@ def build(out: str | Path, vectors: np.ndarray, items: Sequence[Item], *, artifa
     x, items = x[keep], [items[j] for j in keep]
     faiss.normalize_L2(x)
     n, dim = x.shape
-    choice = choose_factory(n, dim, max_memory=max_memory) if factory == "auto" else \
+    choice = choose_factory(n, dim, max_memory=max_memory, gpu=gpu_count() > 0 and gpu is not False) \
+        if factory == "auto" else \
         FactoryChoice(factory, "given with --factory")
     index = make_index(choice.factory, dim)
     rng = np.random.default_rng(seed)

@@ -67,7 +67,10 @@ def faiss_ids(index) -> set[int]:
 def test_choose_factory_thresholds():
     assert choose_factory(1_000, 256).factory == "Flat"
     assert choose_factory(100_000, 256, max_memory=8 << 30).factory == "HNSW32,Flat"
-    big = choose_factory(4_000_000, 256, max_memory=8 << 30)  # nlist ~ 4 sqrt(n) = 8000 -> 8192
+    assert choose_factory(1_000_000, 256, max_memory=8 << 30).factory == "HNSW32,Flat"
+    assert choose_factory(1_000_000, 256, max_memory=8 << 30, gpu=True).factory == "IVF4096_HNSW32,Flat"
+    assert choose_factory(1_000_000, 256, max_memory=1200 << 20).factory == "IVF4096_HNSW32,Flat", "graph too big"
+    big = choose_factory(8_000_000, 256, max_memory=16 << 30)  # nlist ~ 4 sqrt(n) = 11314 -> 8192
     assert big.factory == "IVF8192_HNSW32,Flat" and big.train_size == 50 * 8192
     assert choose_factory(2_000_000, 256, max_memory=256 << 20).factory == "OPQ64_256,IVF4096_HNSW32,PQ64np"
     assert choose_factory(4_000_000, 256, max_memory=256 << 20).factory == "OPQ32_256,IVF8192_HNSW32,PQ32np"
