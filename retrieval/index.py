@@ -35,10 +35,11 @@ readers ignore the rest and the next writer rolls it back (``Index._recover``).
   polysemous training (dropped by ``np``) cost 5x the training time and changed nothing, since search never
   uses its Hamming filter.
 
-``nprobe`` / ``efSearch`` are then tuned against exact search on a held-out sample of the collection (each
-query's own vector left out of both answers) to the smallest value with recall@10 >= 0.95, and stored in the
-manifest. Where no value reaches it (PQ codes bound recall whatever nprobe), the cheapest value within half
-a point of the best recall is used and the manifest says ``target_met: false``. ``--factory STRING`` takes
+``nprobe`` / ``efSearch`` are then tuned against exact search on a held-out sample of the collection (up to
+1,000 vectors, added to the index only after tuning; a merged on-disk IVF uses leave-one-out instead, see
+``tune``) to the smallest value with recall@10 >= 0.95, and stored in the manifest. Where no value reaches
+it (PQ codes bound recall whatever nprobe), the cheapest value within half a point of the best recall is
+used and the manifest says ``target_met: false``. ``--factory STRING`` takes
 any faiss factory string instead (always with the inner-product metric).
 """
 
