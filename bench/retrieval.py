@@ -111,6 +111,7 @@ def run_collection(label: str, x: np.ndarray, q: np.ndarray, work: Path, args: a
         row, _ = measure(f"{label}-{len(rows)}", factory, x, q, gt, work, budget, args.batch1)
         row["index"] = name
         rows.append(row)
+        print(f"   {name}: {json.dumps({k: v for k, v in row.items() if k != 'index'}, default=float)}", flush=True)
     for r in rows:
         r["collection"] = label
         for key in ("build_s", "mib", "qps1", "qps1000"):
@@ -163,7 +164,7 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--batch1", type=int, default=200, help="queries timed one by one")
     p.add_argument("--data", default="lowrank,clustered", help="synthetic collections: lowrank, clustered")
-    p.add_argument("--factories", default="", help="more factory strings to compare, comma separated")
+    p.add_argument("--factories", default="", help="more factory strings to compare, separated by ';'")
     p.add_argument("--max-memory", type=float, help="GiB budget for auto (default: half the RAM)")
     p.add_argument("--pq-budget", type=float, default=0.25,
                    help="also build what auto picks when the budget is this fraction of the raw vectors (0: skip)")
@@ -174,7 +175,7 @@ def main() -> None:
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args()
     args.max_memory = int(args.max_memory * 2**30) if args.max_memory else None
-    extra = [f for f in args.factories.split(",") if f]
+    extra = [f.strip() for f in args.factories.split(";") if f.strip()]
     generators = {"lowrank": lowrank, "clustered": clustered}
     rows: list[dict[str, Any]] = []
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads; timings share the CPU with "
