@@ -86,6 +86,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images (0: in-process)")
     _json_flag(p)
     p.set_defaults(handler="export.command:embed")
+    # -- retrieval: mae index build|add|remove|info, mae search (retrieval/command.py)
+    p = sub.add_parser("index", help="build and change a FAISS similarity index over an image collection")
+    isub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
+    i = isub.add_parser("build", help="embed a collection with an artifact and index it")
+    i.add_argument("--artifact", required=True, help="artifact folder (mae export)")
+    i.add_argument("--images", required=True, nargs="+", help="folders (class subfolders become labels) or files")
+    i.add_argument("--out", required=True, help="index folder to write")
+    i.add_argument("--factory", default="auto",
+                   help="auto (exact, HNSW, IVF or IVF-PQ by collection size) or any faiss factory string")
+    i.add_argument("--shards", type=int, default=1,
+                   help="> 1: train the IVF once, fill this many shards in worker processes, merge on disk (mmap)")
+    i.add_argument("--max-memory", type=float, metavar="GIB", help="memory the index may use (default: half the RAM)")
+    i.add_argument("--recall", type=float, default=0.95, help="recall@10 the search parameters are tuned to reach")
+    i.add_argument("--gpu", choices=("auto", "yes", "no"), default="auto", help="train and search on GPUs (faiss-gpu)")
+    i.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
+    for q in (i, ia := isub.add_parser("add", help="add images (files already indexed, by sha256, are skipped)")):
+        q.add_argument("--batch-size", type=int, default=64, help="images per embedding batch")
+        q.add_argument("--workers", type=int, default=2, help="DataLoader processes reading and decoding images")
+        q.add_argument("--backend", default="auto", help="embedding backend: auto | torch | onnx | tensorrt")
+        q.add_argument("--device", help="torch device for the embedder (default: cuda when available)")
+        _json_flag(q)
+    i.set_defaults(handler="retrieval.command:index_build")
+    ia.add_argument("--index", required=True, help="index folder")
+    ia.add_argument("images", nargs="+", metavar="DIR_OR_FILE", help="folders or image files to add")
+    ia.add_argument("--artifact", help="artifact (default: the one recorded in the index manifest)")
+    ia.set_defaults(handler="retrieval.command:index_add")
+    i = isub.add_parser("remove", help="remove items by path or id")
+    i.add_argument("--index", required=True, help="index folder")
+    i.add_argument("items", nargs="+", metavar="PATH_OR_ID", help="image paths or catalogue ids")
+    _json_flag(i)
+    i.set_defaults(handler="retrieval.command:index_remove")
+    i = isub.add_parser("info", help="what an index holds and how it searches")
+    i.add_argument("--index", required=True, help="index folder")
+    _json_flag(i)
+    i.set_defaults(handler="retrieval.command:index_info")
+
+    p = sub.add_parser("search", help="nearest images of an image in an index")
+    p.add_argument("--index", required=True, help="index folder (mae index build)")
+    p.add_argument("image", help="query image file")
+    p.add_argument("-k", type=int, default=10, help="neighbours to return")
+    p.add_argument("--show", metavar="PNG", help="write a contact sheet: the query and its neighbours with scores")
+    p.add_argument("--artifact", help="artifact (default: the one recorded in the index manifest)")
+    p.add_argument("--backend", default="auto", help="embedding backend: auto | torch | onnx | tensorrt")
+    p.add_argument("--device", help="torch device for the embedder")
+    _json_flag(p)
+    p.set_defaults(handler="retrieval.command:search")
 
     p = sub.add_parser("serve", help="serve /embed, /classify, /search and a page to try them (BentoML)")
     from serving.command import add_arguments as add_serve_arguments  # argparse and stdlib only: stays instant
@@ -120,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    if args.command in ("index", "search"):  # before torch loads OpenMP: see retrieval/__init__.py
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     handler = _resolve(args.handler)
     try:
         result = handler(args)

@@ -46,6 +46,52 @@ def stage_export(ctx: dict[str, Any], args: argparse.Namespace) -> None:
                      "parity_images": record["parity_data"]["images"]}
 
 
+def stage_retrieval(ctx: dict[str, Any], args: argparse.Namespace) -> None:
+    """Index the held-out images of the demo set with the demo artifact and search it by image."""
+    import numpy as np
+
+    from mae import artifact as artifact_lib
+    from mae.config import DataConfig
+    from mae.data import export_source, load_source, stratified_split
+    from retrieval.build import build_index, list_images, load_embedder
+    from retrieval.command import contact_sheet
+    from retrieval.index import Index
+
+    out = Path(args.out)
+    art = ctx.get("artifact") or ctx.get("export", {}).get("artifact")
+    if not art:  # no export stage ran before this one: export the pretrained encoder here
+        art = str(artifact_lib.from_checkpoint(ctx["pretrain"]["checkpoint"], out / "artifact"))
+        ctx["artifact"] = art
+    images = out / "images"
+    if not any(images.glob("*/*.png")):
+        source = load_source(args.data)
+        _, val = stratified_split(source.labels, DataConfig().val_fraction, DataConfig().split_seed)
+        print(f"[demo] writing the {len(val)} held-out {args.data} images to {images}", flush=True)
+        export_source(source, images, val)
+    index_dir = out / "index"
+    sha = artifact_lib.read_config(art)["sha256"]
+    if (index_dir / "manifest.json").exists() and Index.load(index_dir).artifact_sha256 == sha:
+        print(f"[demo] reusing the index {index_dir}", flush=True)
+    else:
+        print(f"[demo] indexing {images} with {art} -> {index_dir}", flush=True)
+        build_index(art, [images], index_dir, overwrite=True)
+    idx = Index.load(index_dir, artifact_sha256=sha)
+    embedder = load_embedder(idx, art)
+    files, labels = list_images([images])
+    picks = np.linspace(0, len(files) - 1, min(200, len(files))).round().astype(int)
+    hits = idx.search(embedder.embed([files[i] for i in picks]), 6)
+    # kNN agreement: share of the 5 nearest other images that carry the query's label (chance is ~1/classes)
+    agree = [np.mean([h.label == labels[i] for h in row if h.path != str(files[i])][:5]) for i, row in zip(picks, hits)]
+    query, neighbours = files[picks[0]], [h for h in hits[0] if h.path != str(files[picks[0]])][:5]
+    sheet = contact_sheet(query, hits[0], out / "search.png")
+    print(f"[demo] nearest neighbours of {query} (label {labels[picks[0]]}):", flush=True)
+    for r, h in enumerate(neighbours):
+        print(f"         {r + 1}. {h.score:.4f}  label {h.label}  {h.path}", flush=True)
+    ctx["retrieval"] = {"index": str(index_dir), "count": idx.count, "factory": idx.factory,
+                        "label_agreement@5": round(float(np.mean(agree)), 4), "query": str(query),
+                        "neighbours": [{"score": h.score, "label": h.label, "path": h.path} for h in neighbours],
+                        "contact_sheet": str(sheet)}
+
 
 def stage_serve(ctx: dict[str, Any], args: argparse.Namespace) -> None:
     """Start the HTTP server on the demo's artifact and index (``--no-serve`` skips it); ``main`` waits on it."""
@@ -74,7 +120,7 @@ def _example_image(out: Path, data: str) -> Path:
     return export_source(load_source(data), out / "example", [0])[0]
 
 
-STAGES = [stage_pretrain, stage_export, stage_serve]
+STAGES = [stage_pretrain, stage_export, stage_retrieval, stage_serve]
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -95,6 +141,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         e = ctx["export"]
         lines.append(f"  export          {e['artifact']}: parity vs PyTorch on {e['parity_images']} real images")
         lines += ["  " + line for line in e["lines"]]
+    if "retrieval" in ctx:
+        r = ctx["retrieval"]
+        lines += [
+            f"  index           {r['index']} ({r['count']} images, {r['factory']}); "
+            f"top-5 label agreement {r['label_agreement@5']:.1%}",
+            f"  search sheet    {r['contact_sheet']}",
+        ]
     if "serve" in ctx:
         lines += [f"  page            {ctx['serve']['url']}",
                   f"  try             {ctx['serve']['curl']}",
