@@ -112,15 +112,6 @@ def multipart(files: list[tuple[str, str, bytes, str]], fields: dict[str, str] |
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
-def retrieval_ready() -> bool:
-    """Whether the retrieval layer (``retrieval.index.Index`` and ``mae index build``) is in this checkout."""
-    try:
-        from retrieval.index import Index  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def build_index(artifact: Path, images: Path, out: Path) -> Path:
     """``mae index build`` over a folder, the way the README tells users to."""
     done = run_cli("index", "build", "--artifact", str(artifact), "--images", str(images), "--out", str(out),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serving_support import Server, build_index, export_digits, retrieval_ready, tiny_artifact
+from tests.serving_support import Server, build_index, export_digits, tiny_artifact
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -41,7 +41,7 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("page")
     artifact = tiny_artifact(tmp / "artifact", labels=[str(i) for i in range(10)])
     images = export_digits(tmp / "digits", 30)
-    index = build_index(artifact, tmp / "digits", tmp / "index") if retrieval_ready() else None
+    index = build_index(artifact, tmp / "digits", tmp / "index")
     srv = Server(artifact, index, tmp / "server.log")
     try:
         srv.wait_ready()
@@ -83,17 +83,16 @@ def test_page_shows_labels_and_neighbours_for_a_picked_image(browser, server):
     labels = page.locator("#labels li")
     assert labels.count() == 5 and page.is_visible("#labels-panel")
     assert all(labels.nth(i).locator(".name").inner_text() in [str(d) for d in range(10)] for i in range(5))
-    if server["index"] is not None:
-        cards = page.locator("#neighbours .neighbour")
-        assert cards.count() == K
-        first = cards.nth(0)
-        assert first.locator(".path").get_attribute("title") == str(query_image.resolve())
-        assert first.locator(".path").inner_text() == f"{query_image.parent.name}/{query_image.name}"
-        assert float(first.locator(".score").inner_text()) == pytest.approx(1.0, abs=1e-3)
-        assert first.locator(".label").inner_text() == query_image.parent.name
-        page.wait_for_function("[...document.querySelectorAll('#neighbours img')].every(i => i.complete)")
-        widths = page.eval_on_selector_all("#neighbours img", "imgs => imgs.map(i => i.naturalWidth)")
-        assert len(widths) == K and min(widths) > 0, "a thumbnail did not load"
+    cards = page.locator("#neighbours .neighbour")
+    assert cards.count() == K
+    first = cards.nth(0)
+    assert first.locator(".path").get_attribute("title") == str(query_image.resolve())
+    assert first.locator(".path").inner_text() == f"{query_image.parent.name}/{query_image.name}"
+    assert float(first.locator(".score").inner_text()) == pytest.approx(1.0, abs=1e-3)
+    assert first.locator(".label").inner_text() == query_image.parent.name
+    page.wait_for_function("[...document.querySelectorAll('#neighbours img')].every(i => i.complete)")
+    widths = page.eval_on_selector_all("#neighbours img", "imgs => imgs.map(i => i.naturalWidth)")
+    assert len(widths) == K and min(widths) > 0, "a thumbnail did not load"
     shot = keep(page, server["tmp"], "page-results.png")
     assert shot.stat().st_size > 10_000
     assert not errors, errors

@@ -29,7 +29,6 @@ from tests.serving_support import (
     multipart,
     post_json,
     request,
-    retrieval_ready,
     run_cli,
     tiny_artifact,
 )
@@ -155,7 +154,7 @@ def setup(tmp_path_factory):
     head = tiny_artifact(tmp / "head", labels=LABELS)
     plain = tiny_artifact(tmp / "plain", seed=1)
     collection = export_digits(tmp / "digits", 40)
-    index = build_index(head, tmp / "digits", tmp / "index") if retrieval_ready() else None
+    index = build_index(head, tmp / "digits", tmp / "index")
     limits = ["--max-images", str(MAX_IMAGES), "--max-image-bytes", str(MAX_IMAGE_BYTES),
               "--max-image-pixels", str(MAX_IMAGE_PIXELS)]
     main = Server(head, index, tmp / "main.log", limits)
@@ -251,8 +250,6 @@ def test_classify_without_a_head_and_search_without_an_index_are_clear_4xx(setup
 
 
 def test_search_returns_the_indexed_neighbours(setup):
-    if setup["index"] is None:
-        pytest.skip("the retrieval layer (retrieval.index, mae index build) is not merged into this branch yet")
     query = setup["collection"][7]
     status, body = post_files(setup["main"], "/search", (query.name, query.read_bytes()), k="5")
     assert status == 200, body
@@ -270,8 +267,6 @@ def test_search_returns_the_indexed_neighbours(setup):
 
 
 def test_search_sees_images_added_while_serving(setup, tmp_path):
-    if setup["index"] is None:
-        pytest.skip("the retrieval layer (retrieval.index, mae index build) is not merged into this branch yet")
     import time
 
     new = tmp_path / "new"
@@ -433,11 +428,10 @@ def test_mae_serve_reports_user_errors_in_one_line(setup, tmp_path):
     assert done.returncode == 1 and "pick another --port" in done.stderr
     done = run_cli("serve", "--artifact", str(setup["head"]), "--max-batch-size", "1", check=False)
     assert done.returncode == 1 and "max batch size" in done.stderr
-    if setup["index"] is not None:
-        from mae.artifact import read_config
+    from mae.artifact import read_config
 
-        done = run_cli("serve", "--artifact", str(setup["plain"]), "--index", str(setup["index"]), check=False)
-        assert done.returncode == 1 and read_config(setup["plain"])["sha256"][:12] in done.stderr
+    done = run_cli("serve", "--artifact", str(setup["plain"]), "--index", str(setup["index"]), check=False)
+    assert done.returncode == 1 and read_config(setup["plain"])["sha256"][:12] in done.stderr
 
 
 def test_demo_serve_stage_prints_a_curl_line_that_works(setup, tmp_path):
@@ -449,9 +443,7 @@ def test_demo_serve_stage_prints_a_curl_line_that_works(setup, tmp_path):
     from mae import demo
     from serving.command import stop
 
-    ctx = {"artifact": str(setup["head"])}
-    if setup["index"] is not None:
-        ctx["retrieval"] = {"index": str(setup["index"])}
+    ctx = {"artifact": str(setup["head"]), "retrieval": {"index": str(setup["index"])}}
     args = argparse.Namespace(out=str(tmp_path), data="digits", no_serve=True, json=False)
     demo.stage_serve(ctx, args)
     assert "serve" not in ctx  # --no-serve skips the stage
@@ -467,8 +459,7 @@ def test_demo_serve_stage_prints_a_curl_line_that_works(setup, tmp_path):
             image = Path(shlex.split(curl)[shlex.split(curl).index("-F") + 1].split("@", 1)[1])
             body, ctype = files((image.name, image.read_bytes()))
             answer = json.loads(request(shlex.split(curl)[-1], body, ctype)[1])
-        key = "neighbours" if setup["index"] is not None else "embeddings"
-        assert len(answer[key]) == 1, answer
+        assert "/search" in curl and len(answer["neighbours"]) == 1, answer
         status, page = request(ctx["serve"]["url"])
         assert status == 200 and b"<html" in page
     finally:
