@@ -94,11 +94,14 @@ def stage_retrieval(ctx: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def stage_serve(ctx: dict[str, Any], args: argparse.Namespace) -> None:
-    """Start the HTTP server on the demo's artifact and index (``--no-serve`` skips it); ``main`` waits on it."""
+    """Plan the HTTP server on the demo's artifact and index (``--no-serve`` skips it).
+
+    The server itself is started by ``main`` once the summary is written, so that nothing can fail between
+    starting it and handing it to ``_serve_until_interrupted``, which stops it however the demo ends.
+    """
     if args.no_serve:
         return
     from mae.artifact import read_config
-    from serving.command import curl_line, start
 
     out = Path(args.out)
     artifact = Path(ctx.get("artifact") or out / "artifact")
@@ -106,11 +109,8 @@ def stage_serve(ctx: dict[str, Any], args: argparse.Namespace) -> None:
     index = ctx.get("retrieval", {}).get("index") or (out / "index" if (out / "index" / "manifest.json").exists()
                                                        else None)
     example = ctx.get("retrieval", {}).get("query") or _example_image(out, args.data)
-    print(f"[demo] starting the server on {artifact}" + (f" with index {index}" if index else ""), flush=True)
-    proc, url = start(artifact, index, port=3000, log=out / "serve.log")
-    endpoint = "search" if index else "embed"
-    ctx["serve"] = {"url": url, "curl": curl_line(url, example, endpoint), "log": str(out / "serve.log"),
-                    "process": proc}
+    ctx["serve"] = {"artifact": str(artifact), "index": str(index) if index else None, "example": str(example),
+                    "log": str(out / "serve.log")}
 
 
 def _example_image(out: Path, data: str) -> Path:
@@ -148,10 +148,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             f"top-5 label agreement {r['label_agreement@5']:.1%}",
             f"  search sheet    {r['contact_sheet']}",
         ]
-    if "serve" in ctx:
-        lines += [f"  page            {ctx['serve']['url']}",
-                  f"  try             {ctx['serve']['curl']}",
-                  f"  server log      {ctx['serve']['log']}   (Ctrl-C stops the server)"]
     ctx["text"] = "\n".join(lines)
     if "serve" in ctx:
         return _serve_until_interrupted(ctx, args)
@@ -159,16 +155,30 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _serve_until_interrupted(ctx: dict[str, Any], args: argparse.Namespace) -> int:
-    """Print the summary, then keep the server up until Ctrl-C (or until it exits)."""
+    """Start the server, print the summary with its URL and a curl line, then serve until Ctrl-C, SIGTERM or
+    SIGHUP (or until the server exits). The server has its own process group; it is stopped here in every case."""
     import json
+    import signal
 
-    from serving.command import stop
+    from serving.command import curl_line, start, stop
 
-    proc = ctx["serve"].pop("process")
-    print(json.dumps({k: v for k, v in ctx.items() if k != "text"}, default=str) if args.json else ctx["text"],
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    s = ctx["serve"]
+    print(f"[demo] starting the server on {s['artifact']}" + (f" with index {s['index']}" if s["index"] else ""),
           flush=True)
+    proc, url = start(s["artifact"], s["index"], port=3000, log=Path(s["log"]))
     try:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, interrupt)
+        s.update(url=url, curl=curl_line(url, s["example"], "search" if s["index"] else "embed"))
+        ctx["text"] += "\n" + "\n".join([f"  page            {url}", f"  try             {s['curl']}",
+                                         f"  server log      {s['log']}   (Ctrl-C stops the server)"])
+        print(json.dumps({k: v for k, v in ctx.items() if k != "text"}, default=str) if args.json else ctx["text"],
+              flush=True)
         return proc.wait()
     except KeyboardInterrupt:
-        stop(proc)
         return 0
+    finally:
+        stop(proc)

@@ -9,10 +9,12 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
 import socket
 import struct
 import threading
+import urllib.request
 import zlib
 from pathlib import Path
 
@@ -434,36 +436,58 @@ def test_mae_serve_reports_user_errors_in_one_line(setup, tmp_path):
     assert done.returncode == 1 and read_config(setup["plain"])["sha256"][:12] in done.stderr
 
 
-def test_demo_serve_stage_prints_a_curl_line_that_works(setup, tmp_path):
+DEMO_SERVE = """
+import argparse, sys
+from mae import demo
+ctx = {"artifact": sys.argv[1], "retrieval": {"index": sys.argv[2]}, "text": "demo summary"}
+args = argparse.Namespace(out=sys.argv[3], data="digits", no_serve=False, json=False)
+demo.stage_serve(ctx, args)
+sys.exit(demo._serve_until_interrupted(ctx, args))
+"""
+
+
+def test_demo_serve_stage_prints_a_curl_line_that_works_and_stops_its_server(setup, tmp_path):
     import argparse
     import shlex
     import shutil
+    import signal
     import subprocess
+    import sys
 
     from mae import demo
-    from serving.command import stop
 
-    ctx = {"artifact": str(setup["head"]), "retrieval": {"index": str(setup["index"])}}
-    args = argparse.Namespace(out=str(tmp_path), data="digits", no_serve=True, json=False)
-    demo.stage_serve(ctx, args)
+    ctx = {"artifact": str(setup["head"])}
+    demo.stage_serve(ctx, argparse.Namespace(out=str(tmp_path), data="digits", no_serve=True, json=False))
     assert "serve" not in ctx  # --no-serve skips the stage
-    args.no_serve = False
-    demo.stage_serve(ctx, args)
+    # The demo's last step as users meet it: a process that prints the page URL and a curl line, then serves.
+    proc = subprocess.Popen([sys.executable, "-c", DEMO_SERVE, str(setup["head"]), str(setup["index"]),
+                             str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     try:
-        curl = ctx["serve"]["curl"]
-        assert curl.startswith("curl ") and ctx["serve"]["url"] in curl
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.strip().startswith("try "):
+                break
+        curl = lines[-1].strip().removeprefix("try").strip()
+        url = next(x.split()[-1] for x in lines if x.strip().startswith("page "))
+        assert curl.startswith("curl ") and f"{url}search" in curl, lines
         if shutil.which("curl"):
             answer = json.loads(subprocess.run(shlex.split(curl), capture_output=True, text=True, timeout=60,
                                                check=True).stdout)
         else:  # the same request without curl: the image path is the one after "images=@"
             image = Path(shlex.split(curl)[shlex.split(curl).index("-F") + 1].split("@", 1)[1])
-            body, ctype = files((image.name, image.read_bytes()))
-            answer = json.loads(request(shlex.split(curl)[-1], body, ctype)[1])
-        assert "/search" in curl and len(answer["neighbours"]) == 1, answer
-        status, page = request(ctx["serve"]["url"])
-        assert status == 200 and b"<html" in page
+            answer = json.loads(request(shlex.split(curl)[-1], *files((image.name, image.read_bytes())))[1])
+        assert len(answer["neighbours"]) == 1 and answer["neighbours"][0][0]["score"] > 0.999, answer
+        assert request(url)[0] == 200
+        proc.send_signal(signal.SIGTERM)  # as a supervisor or `timeout` would end the demo
+        assert proc.wait(60) == 0
+        with pytest.raises(OSError):  # the server went with it
+            urllib.request.urlopen(url + "readyz", timeout=5)
     finally:
-        stop(ctx["serve"]["process"])
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.gpu
