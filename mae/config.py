@@ -153,7 +153,7 @@ class RunConfig:
     vis_every: int = 500
     """Optimiser steps between reconstruction grids (one is always drawn at the end)."""
     amp: str = "auto"
-    """Mixed precision: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or off."""
+    """Mixed precision: auto (bf16 on CUDA and on CPUs with native bf16 matmuls, else fp32), bf16, fp16 or off."""
     compile: bool = False
     """torch.compile the model (slower start, faster steps)."""
 
