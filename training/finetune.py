@@ -286,6 +286,8 @@ def finetune(cfg: Config, init: str | Path, out: str | Path, data: str, state: d
         started = time.perf_counter()
         last = trainer.fit()
         seconds = time.perf_counter() - started
+        if not last and dist.is_main:  # a finished run resumed again: nothing trained, report where it stands
+            last = {"val_top1": trainer.val_top1()[0]}
         summary = {
             "task": "linear_probe" if linear_probe else "finetune",
             "run": str(run.path),
@@ -346,9 +348,14 @@ def main(args) -> dict[str, Any]:
     summary["text"] = (
         f"{what}: {summary['steps']} steps in {summary['seconds']} s on {summary['device']} "
         f"(x{summary['world_size']}): "
-        f"val top-1 {summary['val_top1']:.4f}, best {summary['best_val_top1']:.4f} at step {summary['best_step']}\n"
+        f"val top-1 {_fmt(summary['val_top1'])}, best {_fmt(summary['best_val_top1'])} at step {summary['best_step']}\n"
         f"  checkpoint      {summary['checkpoint']}\n  best weights    {summary['best_checkpoint']}\n"
-        f"  metrics         {Path(summary['run']) / 'metrics.jsonl'}\n  loss curve      {summary['loss_curve']}\n"
+        f"  metrics         {Path(summary['run']) / 'metrics.jsonl'}\n  loss curve      {summary.get('loss_curve')}\n"
         f"  export with     mae export --checkpoint {summary['best_checkpoint']} --out ARTIFACT"
     )
     return summary
+
+
+def _fmt(value: float | None) -> str:
+    """A top-1 for people; None on the DDP ranks that do not evaluate."""
+    return "n/a" if value is None or value < 0 else f"{value:.4f}"
