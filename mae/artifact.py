@@ -35,7 +35,11 @@ FORMAT = 1
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 POOLINGS = ("token", "avg")
-DEFAULT_PRETRAINED_POOLING = "token"
+# A pretrained (not finetuned) encoder's embedding: the mean of the final-normed patch tokens. Measured on mnist5k
+# with the tiny preset (bench/quality.py; 128-wide, 4 blocks, 25 epochs): kNN 0.849 avg vs 0.759 class token,
+# cached probe 0.951 vs 0.908. The MAE objective never trains the class token (nothing reads it but the
+# decoder, which has the patch tokens too), while every patch token must carry what its neighbours need.
+DEFAULT_PRETRAINED_POOLING = "avg"
 
 
 class ArtifactError(ValueError):
@@ -299,7 +303,10 @@ def read_checkpoint(checkpoint: str | Path, pooling: str | None = None) -> Check
     fc_norm = "fc_norm.weight" in state
     has_head = "head.weight" in state
     if has_head:
-        trained = "avg" if fc_norm else "token"
+        trained = "avg" if fc_norm else "token"  # the official layouts: avg + fc_norm, or token + norm
+        task = meta.get("task")
+        if saved and "finetune" in saved and task in ("finetune", "linear_probe"):
+            trained = saved["finetune"]["global_pool" if task == "finetune" else "probe_pool"]
         if pooling is not None and pooling != trained:
             raise ArtifactError(f"{checkpoint}: its classification head was trained on {trained} pooling; "
                                 f"--pooling {pooling} would feed it features it has never seen")

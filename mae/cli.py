@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="RUN/checkpoint.pt, or official / timm MAE weights")
     p.add_argument("--out", required=True, help="artifact folder")
     p.add_argument("--pooling", choices=("token", "avg"),
-                   help="embedding pooling (default: token when pretrained, avg + fc_norm when finetuned)")
+                   help="embedding pooling (default: avg of the normed patch tokens when pretrained; a finetuned "
+                        "model keeps the pooling its head was trained on)")
     _json_flag(p)
     p.set_defaults(handler="export.command:main")
 

@@ -197,6 +197,9 @@ class FinetuneConfig:
     """Finetune cosine floor."""
     epochs: int = 100
     """Finetune epochs (ViT-B 100, ViT-L/H 50)."""
+    probe_pool: str = "token"
+    """Linear-probe feature: token (the paper's: class token after the final norm) or avg (mean of the normed
+    patch tokens, which small encoders trained briefly separate better; see bench/quality.py)."""
     probe_batch_size: int = 256
     """Linear-probe images per device per micro-step (the paper: 16384 in all)."""
     probe_blr: float = 0.1
@@ -209,8 +212,9 @@ class FinetuneConfig:
     """Linear-probe epochs."""
 
     def validate(self) -> None:
-        if self.global_pool not in ("avg", "token"):
-            raise ValueError(f"finetune.global_pool must be avg or token, got {self.global_pool!r}")
+        for key in ("global_pool", "probe_pool"):
+            if getattr(self, key) not in ("avg", "token"):
+                raise ValueError(f"finetune.{key} must be avg or token, got {getattr(self, key)!r}")
         if self.probe_optimizer not in ("lars", "sgd"):
             raise ValueError(f"finetune.probe_optimizer must be lars or sgd, got {self.probe_optimizer!r}")
         if not 0.0 < self.layer_decay <= 1.0:

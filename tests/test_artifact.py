@@ -68,13 +68,15 @@ def test_finetuned_round_trip_identical_with_labels(tmp_path):
         artifact.from_checkpoint(path, tmp_path / "other", pooling="token")
 
 
-def test_linear_probe_head_is_folded_exactly(tmp_path):
-    cfg = tiny_config()
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_linear_probe_head_is_folded_exactly(tmp_path, pool):
+    cfg = tiny_config(probe_pool=pool)
     vit = _finetuned_state(cfg, 4, linear_probe=True)
+    assert vit.global_pool == pool and "norm.weight" in vit.state_dict()  # the frozen encoder's own final norm
     path = save_checkpoint(tmp_path / "probe.pt", {"model": vit.state_dict(), "step": 1, "config": cfg.to_dict(),
-                                                    "labels": list("abcd")})
+                                                    "labels": list("abcd"), "task": "linear_probe"})
     art = artifact.load(artifact.from_checkpoint(path, tmp_path / "art"))
-    assert art.pooling == "token" and not art.config["fc_norm"]
+    assert art.pooling == pool and not art.config["fc_norm"]
     with torch.no_grad():
         torch.testing.assert_close(art.encoder(X)[1], vit(X), rtol=1e-5, atol=1e-5)
 
@@ -102,12 +104,13 @@ def test_official_pretrained_layout_loads(tmp_path):
     torch.manual_seed(0)
     state = MaskedAutoencoder(cfg.model).encoder_state_dict()
     torch.save({"model": state}, tmp_path / "mae_pretrain_vit_tiny.pth")
-    art = artifact.load(artifact.from_checkpoint(tmp_path / "mae_pretrain_vit_tiny.pth", tmp_path / "art"))
+    art = artifact.load(artifact.from_checkpoint(tmp_path / "mae_pretrain_vit_tiny.pth", tmp_path / "art",
+                                                 pooling="token"))
     assert art.labels is None and art.embed_dim == 192
     model = MaskedAutoencoder(cfg.model)
     model.load_mae_state_dict(state)
     with torch.no_grad():
-        want = nn.functional.normalize(model.eval().forward_features(X)[:, 0], dim=-1)
+        want = nn.functional.normalize(model.eval().forward_features(X)[:, 0], dim=-1)  # the class token
         assert torch.equal(art.encoder(X)[0], want)
 
 

@@ -8,7 +8,7 @@ an official ``mae_pretrain_vit_*.pth``), so a finetuned checkpoint has the offic
   head initialised with trunc_normal(std=2e-5), layer-wise lr decay, drop path, RandAugment, random erasing,
   mixup/cutmix with soft-target cross-entropy (label smoothing otherwise), warmup + cosine, AdamW.
 - **linear probe** (``main_linprobe.py``): frozen encoder (no parameter of it requires a gradient, so none is
-  computed), class-token feature, ``head = Sequential(BatchNorm1d(affine=False, eps=1e-6), Linear)`` with the
+  computed), class-token feature (``finetune.probe_pool=avg``: mean of the normed patch tokens), ``head = Sequential(BatchNorm1d(affine=False, eps=1e-6), Linear)`` with the
   Linear initialised N(0, 0.01), weight decay 0, LARS (``finetune.probe_optimizer=lars``, the paper's choice for
   its 16,384-image batches) or SGD with momentum 0.9 (``sgd``: at a few hundred images per batch LARS's trust
   ratio mostly slows the head down), crop + flip only.
@@ -92,8 +92,10 @@ def build_classifier(cfg: Config, num_classes: int, linear_probe: bool) -> nn.Mo
     from timm.layers import trunc_normal_
 
     ft = cfg.finetune
-    pool = "token" if linear_probe else ft.global_pool
-    kwargs = artifact_lib.vit_kwargs(dataclasses.asdict(cfg.model), pool, pool == "avg", num_classes)
+    pool = ft.probe_pool if linear_probe else ft.global_pool
+    # the probe reads the frozen encoder's own final norm; a finetune with avg pooling learns fc_norm instead
+    fc_norm = pool == "avg" and not linear_probe
+    kwargs = artifact_lib.vit_kwargs(dataclasses.asdict(cfg.model), pool, fc_norm, num_classes)
     kwargs["drop_path_rate"] = 0.0 if linear_probe else ft.drop_path
     vit = artifact_lib.build_vit(kwargs)
     if linear_probe:
