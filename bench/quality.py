@@ -15,7 +15,7 @@ finetune from MAE >= 0.985 and above scratch. Every training stage runs as its o
 read from the kernel (``os.wait4``: user + system, workers included); probe, finetune and scratch run in
 parallel. Everything lands in ``--out``; a rerun resumes finished stages instead of repeating them.
 
-    python bench/quality.py --out runs/quality                 # the preset's recipe, full length
+    python bench/quality.py --out runs/quality                 # the mini preset's recipe, full length
     python bench/quality.py --out runs/q_short --pretrain-epochs 10 --finetune-epochs 5 --probe-epochs 5
 """
 
@@ -76,12 +76,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/quality")
     ap.add_argument("--data", default="mnist5k")
-    ap.add_argument("--preset", default="mae_vit_tiny_patch4_32")
+    ap.add_argument("--preset", default="mae_vit_mini_patch4_32")
     ap.add_argument("--pretrain-epochs", type=int, help="default: the preset's run.epochs")
     ap.add_argument("--finetune-epochs", type=int, help="default: the preset's finetune.epochs")
     ap.add_argument("--probe-epochs", type=int, help="default: the preset's finetune.probe_epochs")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per stage process")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="pretraining config overrides")
+    ap.add_argument("--finetune-set", dest="ft_overrides", action="append", default=[],
+                    help="overrides for the probe / finetune / scratch stages, e.g. finetune.mixup=0")
     ap.add_argument("--sequential", action="store_true", help="run probe, finetune and scratch one after another")
     args = ap.parse_args()
 
@@ -147,6 +149,8 @@ def main() -> None:
         argv = ["finetune", "--init", str(init), "--data", args.data, "--out", str(out / name), "--resume"]
         argv += ["--linear-probe"] if probe else []
         argv += ["--epochs", str(epochs)] if epochs is not None else []
+        for o in args.ft_overrides:
+            argv += ["--set", o]
         stages.append((name, argv))
     if args.sequential:
         for name, argv in stages:
