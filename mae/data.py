@@ -371,6 +371,9 @@ class FinetuneTransform:
             hparams = {"translate_const": int(min(cfg.model.img_size) * 0.45),
                        "img_mean": fill if self.channels == 3 else fill[0]}
             self.randaug = rand_augment_transform(ft.randaug, hparams)
+            for op in self.randaug.ops:
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = _posterize_keeping_a_bit
         if ft.reprob > 0:
             from timm.data.random_erasing import RandomErasing
 
@@ -389,6 +392,12 @@ class FinetuneTransform:
             if self.erase is not None:
                 x = self.erase(x)
         return x
+
+
+def _posterize_keeping_a_bit(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize, with at least one bit kept: the official ``inc1`` policy asks for 0 bits at top
+    magnitude, which Pillow >= 10 rejects (older Pillow returned a black image; one bit is the nearest valid)."""
+    return img if bits_to_keep >= 8 else ImageOps.posterize(img, max(1, int(bits_to_keep)))
 
 
 class _global_rngs_from_torch:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEMO_PRESET = "mae_vit_tiny_patch4_32"
+DEMO_PRESET = "mae_vit_mini_patch4_32"  # the small-data recipe (bench/quality.py)
 
 
 def stage_pretrain(ctx: dict[str, Any], args: argparse.Namespace) -> None:

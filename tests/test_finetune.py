@@ -195,5 +195,15 @@ def test_finetune_transform_is_seeded_and_shaped():
     torch.manual_seed(3)
     b = t(img)
     assert a.shape == (1, 16, 16) and torch.equal(a, b)
+    for seed in range(100):
+        torch.manual_seed(seed)
+        assert torch.isfinite(t(img)).all()
+    from PIL import Image
+
+    for op in t.randaug.ops:  # every op at the top magnitude (the official policy then asks for 0-bit posterize)
+        op.prob, op.magnitude, op.magnitude_std = 1.0, 10.0, 0.0
+        assert op(Image.fromarray(img)).size == (20, 20), op.name
+    rgb = FinetuneTransform(cfg.override(["model.in_chans=3", "data.mean=0.5,0.5,0.5", "data.std=0.5,0.5,0.5"]))
+    assert rgb(img).shape == (3, 16, 16)
     with pytest.raises(ValueError, match="randaug"):
         FinetuneTransform(cfg.override(["model.in_chans=5"]))
