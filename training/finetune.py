@@ -252,7 +252,8 @@ class Finetuner(Trainer):
             save_checkpoint(self.best_path, {"model": self.model.state_dict(), "step": step,
                                              "epoch": step // self.steps_per_epoch, "config": self.cfg.to_dict(),
                                              **self.checkpoint_extra()})
-        return {"val_top1": top1, "val_loss": loss, "best_val_top1": self.best["top1"]}
+        return {"epoch": round(step / self.steps_per_epoch, 3), "val_top1": top1, "val_loss": loss,
+                "best_val_top1": self.best["top1"]}
 
     def checkpoint_extra(self) -> dict[str, Any]:
         return {"labels": self.labels, "task": "linear_probe" if self.linear_probe else "finetune",
