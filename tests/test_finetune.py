@@ -137,6 +137,7 @@ def test_old_checkpoint_without_finetune_section_opens(tmp_path):
 
 
 def test_finetune_run_resumes_exactly_and_exports(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # bit-exact resume is a CPU promise here
     init = mae_checkpoint(tmp_path / "pre.pt")
     common = ["--init", str(init), "--data", str(data), "--set", "run.ckpt_every=2", "--set", "run.steps=4"]
     assert cli(["finetune", "--out", str(tmp_path / "full"), *common]) == 0
@@ -150,7 +151,7 @@ def test_finetune_run_resumes_exactly_and_exports(data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ft.Finetuner, "save", crash_after_step_2)
     assert cli(["finetune", "--out", str(tmp_path / "half"), *common]) == 130
-    monkeypatch.undo()
+    monkeypatch.setattr(ft.Finetuner, "save", save)
     assert cli(["finetune", "--out", str(tmp_path / "half"), "--resume", *common]) == 0
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "half" / "checkpoint.pt", weights_only=True)
@@ -207,3 +208,20 @@ def test_finetune_transform_is_seeded_and_shaped():
     assert rgb(img).shape == (3, 16, 16)
     with pytest.raises(ValueError, match="randaug"):
         FinetuneTransform(cfg.override(["model.in_chans=5"]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("probe", [False, True])
+def test_finetune_and_evaluate_on_cuda_bf16(data, tmp_path, capsys, probe):
+    init = mae_checkpoint(tmp_path / "pre.pt")
+    out = tmp_path / "run"
+    argv = ["finetune", "--init", str(init), "--data", str(data), "--out", str(out), "--set", "run.steps=4", "--json"]
+    assert cli(argv + (["--linear-probe"] if probe else [])) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["device"].startswith("cuda") and 0.0 <= summary["best_val_top1"] <= 1.0
+    assert Config.from_dict(torch.load(out / "checkpoint.pt", weights_only=True)["config"]).run.amp == "auto"
+    assert cli(["evaluate", "--checkpoint", str(out / "best.pt"), "--data", str(data), "--device", "cuda",
+                "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 0.0 <= result["top1"] <= 1.0
