@@ -112,7 +112,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     p = ctx["pretrain"]
     lines = [
         f"demo finished in {ctx['seconds']} s; everything is under {ctx['out']}",
-        f"  pretraining     {p['steps']} steps, loss {p['loss']:.4f}, val_loss {p['val_loss']:.4f}",
+        f"  pretraining     {p['steps']} steps, loss {_num(p['loss'])}, val_loss {_num(p['val_loss'])}",
         f"  checkpoint      {p['checkpoint']}",
         f"  loss curve      {p['loss_curve']}",
         f"  reconstruction  {p['reconstruction']}",
@@ -121,3 +121,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         lines += summary_table(ctx)
     ctx["text"] = "\n".join(lines)
     return ctx
+
+
+def _num(value: float | None) -> str:
+    """A loss for the summary; None when a rerun found the stage finished and trained nothing."""
+    return "(finished earlier)" if value is None else f"{value:.4f}"
