@@ -8,8 +8,9 @@ an official ``mae_pretrain_vit_*.pth``), so a finetuned checkpoint has the offic
   head initialised with trunc_normal(std=2e-5), layer-wise lr decay, drop path, RandAugment, random erasing,
   mixup/cutmix with soft-target cross-entropy (label smoothing otherwise), warmup + cosine, AdamW.
 - **linear probe** (``main_linprobe.py``): frozen encoder (no parameter of it requires a gradient, so none is
-  computed), class-token feature (``finetune.probe_pool=avg``: mean of the normed patch tokens), ``head = Sequential(BatchNorm1d(affine=False, eps=1e-6), Linear)`` with the
-  Linear initialised N(0, 0.01), weight decay 0, LARS (``finetune.probe_optimizer=lars``, the paper's choice for
+  computed), class-token feature (``finetune.probe_pool=avg``: mean of the normed patch tokens),
+  ``head = Sequential(BatchNorm1d(affine=False, eps=1e-6), Linear)`` with the Linear initialised N(0, 0.01),
+  weight decay 0, LARS (``finetune.probe_optimizer=lars``, the paper's choice for
   its 16,384-image batches) or SGD with momentum 0.9 (``sgd``: at a few hundred images per batch LARS's trust
   ratio mostly slows the head down), crop + flip only.
 
