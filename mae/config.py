@@ -383,10 +383,13 @@ def mae_vit_mini_patch4_32() -> Config:
         run=RunConfig(epochs=150, log_every=20, ckpt_every=620, vis_every=620),
         # Finetune: no mixup/cutmix and no RandAugment (on 4,000 digits they cost more than they give: its
         # solarize/equalize/posterize ops are noise for digits), milder crops, lr 1e-3 at batch 64.
+        # Probe: SGD (batches of 256, not the paper's 16,384) on the mean of the normed patch tokens, which this
+        # small, briefly trained encoder separates better than its class token (0.952 vs 0.927 after 30 epochs).
         finetune=FinetuneConfig(
             layer_decay=0.75, drop_path=0.1, mixup=0.0, cutmix=0.0, smoothing=0.1, randaug=None, reprob=0.25,
             crop_scale=(0.6, 1.0), hflip=0.0, batch_size=64, blr=4e-3, warmup_epochs=3, epochs=30,
-            probe_optimizer="sgd", probe_batch_size=256, probe_blr=0.1, probe_warmup_epochs=2, probe_epochs=30,
+            probe_pool="avg", probe_optimizer="sgd", probe_batch_size=256, probe_blr=0.1, probe_warmup_epochs=2,
+            probe_epochs=30,
         ),
     )
 
