@@ -192,17 +192,17 @@ def report(r: dict[str, Any]) -> str:
         f"mnist5k, {f['raw']['train_images']} train / {f['raw']['val_images']} val (seeded split)",
         f"pretraining: {p['result']['steps']} steps, {p['cpu_s'] / 60:.1f} CPU-min ({p['wall_s'] / 60:.1f} min wall)",
         "",
-        f"{'':<34}{'kNN':>8}{'probe':>8}",
-        f"{'raw pixels (as the encoder sees them)':<34}{f['raw']['knn_top1']:>8.4f}{f['raw']['probe_top1']:>8.4f}",
+        f"{'':<40}{'kNN':>8}{'probe':>8}",
+        f"{'raw pixels (as the encoder sees them)':<40}{f['raw']['knn_top1']:>8.4f}{f['raw']['probe_top1']:>8.4f}",
     ]
     if "raw_native" in f:
-        lines.append(f"{'raw pixels (as stored, [0, 1])':<34}{f['raw_native']['knn_top1']:>8.4f}"
+        lines.append(f"{'raw pixels (as stored, [0, 1])':<40}{f['raw_native']['knn_top1']:>8.4f}"
                      f"{f['raw_native']['probe_top1']:>8.4f}")
     for pool in ("token", "avg"):
-        lines.append(f"{'random-init encoder (' + pool + ')':<34}{f['random_' + pool]['knn_top1']:>8.4f}"
+        lines.append(f"{'random-init encoder (' + pool + ')':<40}{f['random_' + pool]['knn_top1']:>8.4f}"
                      f"{f['random_' + pool]['probe_top1']:>8.4f}")
     for pool in ("token", "avg"):
-        lines.append(f"{'MAE encoder (' + pool + ')':<34}{f['mae_' + pool]['knn_top1']:>8.4f}"
+        lines.append(f"{'MAE encoder (' + pool + ')':<40}{f['mae_' + pool]['knn_top1']:>8.4f}"
                      f"{f['mae_' + pool]['probe_top1']:>8.4f}")
     lines.append(f"(frozen figures: {r['frozen']['cpu_s'] / 60:.1f} CPU-min; probe = BN + linear on cached features)")
     lines.append("")
@@ -210,9 +210,9 @@ def report(r: dict[str, Any]) -> str:
                         ("finetune", "finetune from MAE"), ("scratch", "finetune from scratch")):
         if name in r:
             s = r[name]
-            lines.append(f"{label:<38} best val top-1 {s['result']['best_val_top1']:.4f}  "
-                         f"({s['result']['steps']} steps, {s['cpu_s'] / 60:.1f} CPU-min, "
-                         f"{s['wall_s'] / 60:.1f} min wall)")
+            lines.append(f"{label:<32} val top-1 {s['result']['val_top1']:.4f} last, "
+                         f"{s['result']['best_val_top1']:.4f} best  ({s['result']['steps']} steps, "
+                         f"{s['cpu_s'] / 60:.1f} CPU-min, {s['wall_s'] / 60:.1f} min wall)")
     return "\n".join(lines)
 
 
