@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="a labelled source: mnist5k | digits | a folder with class subfolders")
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, best.pt, config.json, metrics.jsonl")
     p.add_argument("--linear-probe", action="store_true",
-                   help="frozen encoder, class token, BatchNorm1d(affine=False) + Linear, crop + flip only")
+                   help="frozen encoder, class token (finetune.probe_pool), BatchNorm1d(affine=False) + Linear, "
+                        "crop + flip only")
     p.add_argument("--epochs", type=int, help="epochs (default: finetune.epochs or finetune.probe_epochs)")
     p.add_argument("--batch-size", type=int, help="images per device per micro-step (optim.batch_size)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
