@@ -168,7 +168,8 @@ def main() -> None:
             continue
         argv = ["finetune", "--init", str(init), "--data", args.data, "--out", str(out / name), "--resume"]
         argv += ["--linear-probe"] if probe else []
-        argv += ["--set", "finetune.probe_pool=avg"] if name == "probe_avg" else []
+        if probe:
+            argv += ["--set", f"finetune.probe_pool={'avg' if name == 'probe_avg' else 'token'}"]
         argv += ["--epochs", str(epochs)] if epochs is not None else []
         for o in args.ft_overrides:
             argv += ["--set", o]
