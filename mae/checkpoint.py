@@ -68,6 +68,14 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     Returns (state dict under timm keys, our config dict or None for foreign files). Official files wrap the
     weights in ``{"model": ...}``; DDP-saved ones prefix ``module.``; both are unwrapped here.
     """
+    state, config, _ = load_weights_and_meta(path)
+    return state, config
+
+
+def load_weights_and_meta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, Any]]:
+    """``load_weights`` plus the file's other top-level entries that are not tensors (e.g. a finetuned
+    checkpoint's ``labels``), read in the same pass so that a large checkpoint is opened once.
+    """
     path = Path(path)
     if path.is_dir():
         candidates = [path / n for n in ("checkpoint.pt", "model.safetensors", "pytorch_model.bin")]
@@ -80,7 +88,7 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return _strip_prefix(load_file(str(path))), None
+        return _strip_prefix(load_file(str(path))), None, {}
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -91,6 +99,9 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
     config = obj.get("config") if isinstance(obj.get("config"), dict) else None
+    meta = {k: v for k, v in obj.items()
+            if k not in ("model", "state_dict", "model_state", "optimizer", "scaler", "config")
+            and not isinstance(v, (torch.Tensor, dict))}
     for key in ("model", "state_dict", "model_state"):
         if key in obj and isinstance(obj[key], dict):
             obj = obj[key]
@@ -98,7 +109,7 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not state:
         raise CheckpointError(f"{path} holds no tensors")
-    return _strip_prefix(state), config
+    return _strip_prefix(state), config, meta
 
 
 def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

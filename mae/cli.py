@@ -49,11 +49,42 @@ def build_parser() -> argparse.ArgumentParser:
     _json_flag(p)
     p.set_defaults(handler="training.pretrain:main")
 
+    # -- finetune / evaluate (issue 3) ----------------------------------------------------------------
+    p = sub.add_parser("finetune", help="finetune (or linear-probe) a pretrained encoder for classification")
+    p.add_argument("--init", required=True, help="RUN/checkpoint.pt of a pretraining run, or official MAE weights")
+    p.add_argument("--data", required=True, help="a labelled source: mnist5k | digits | a folder with class subfolders")
+    p.add_argument("--out", required=True, help="run folder: checkpoint.pt, best.pt, config.json, metrics.jsonl")
+    p.add_argument("--linear-probe", action="store_true",
+                   help="frozen encoder, class token (finetune.probe_pool), BatchNorm1d(affine=False) + Linear, "
+                        "crop + flip only")
+    p.add_argument("--epochs", type=int, help="epochs (default: finetune.epochs or finetune.probe_epochs)")
+    p.add_argument("--batch-size", type=int, help="images per device per micro-step (optim.batch_size)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set finetune.layer_decay=0.65 or optim.blr=1e-3")
+    _json_flag(p)
+    p.set_defaults(handler="training.finetune:main")
+
+    p = sub.add_parser("evaluate", help="kNN, linear-probe and (finetuned) top-1/top-5 on a labelled split")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", help="a pretraining / finetuning / probe checkpoint, or official weights")
+    what.add_argument("--artifact", help="an artifact folder written by mae export")
+    p.add_argument("--data", required=True, help="a labelled source: mnist5k | digits | a folder with class subfolders")
+    p.add_argument("--pooling", choices=("token", "avg"), help="embedding pooling of a pretrained --checkpoint")
+    p.add_argument("--out", help="folder for the embeddings cache, eval.json and confusion_matrix.png "
+                                 "(default: RUN/eval or ARTIFACT/eval)")
+    p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes for decoding images")
+    _json_flag(p)
+    p.set_defaults(handler="training.evaluate:main")
+    # -------------------------------------------------------------------------------------------------
+
     p = sub.add_parser("export", help="write a deployable artifact (safetensors, ONNX, TensorRT) from a checkpoint")
     p.add_argument("--checkpoint", required=True, help="RUN/checkpoint.pt, or official / timm MAE weights")
     p.add_argument("--out", required=True, help="artifact folder")
     p.add_argument("--pooling", choices=("token", "avg"),
-                   help="embedding pooling (default: token when pretrained, avg + fc_norm when finetuned)")
+                   help="embedding pooling (default: avg of the normed patch tokens when pretrained; a finetuned "
+                        "model keeps the pooling its head was trained on)")
     g = p.add_argument_group("formats (each file is checked against PyTorch on real images; see config.json)")
     g.add_argument("--onnx", action="store_true", help="encoder.onnx: fp32, dynamic batch, opset 18")
     g.add_argument("--fp16", action="store_true",

@@ -344,6 +344,88 @@ class PretrainTransform:
         return normalize(x, self.mean, self.std)
 
 
+class FinetuneTransform:
+    """The official finetune augmentation (timm ``create_transform``): RandomResizedCrop(finetune.crop_scale),
+    flip, RandAugment, normalise, random erasing. ``linear_probe=True`` keeps only crop + flip, as the paper's probe.
+
+    RandAugment is timm's PIL implementation (the official policy ``rand-m9-mstd0.5-inc1``), so it runs on 1- and
+    3-channel images; N-channel data must set ``finetune.randaug=null``. timm's RandAugment and RandomErasing
+    draw from Python's and NumPy's global generators, so each call seeds them from torch's generator (which
+    ``ImageDataset`` seeds per sample) and restores them after: a resumed run sees the same augmentations.
+    """
+
+    def __init__(self, cfg: Config, linear_probe: bool = False):
+        from torchvision.transforms import InterpolationMode, v2
+
+        ft = cfg.finetune
+        self.channels = cfg.model.in_chans
+        self.mean, self.std = cfg.data.channel_stats(self.channels)
+        self.geometry = v2.Compose([
+            v2.RandomResizedCrop(cfg.model.img_size, scale=ft.crop_scale,
+                                 interpolation=InterpolationMode(cfg.data.interpolation), antialias=True),
+            v2.RandomHorizontalFlip(ft.hflip),
+        ])
+        self.randaug = None
+        self.erase = None
+        if linear_probe:
+            return
+        if ft.randaug:
+            if self.channels not in (1, 3):
+                raise ValueError(f"finetune.randaug works on 1- or 3-channel images, the model takes {self.channels}; "
+                                 "set finetune.randaug=null")
+            from timm.data.auto_augment import rand_augment_transform
+
+            fill = tuple(min(255, round(255 * m)) for m in self.mean)
+            hparams = {"translate_const": int(min(cfg.model.img_size) * 0.45),
+                       "img_mean": fill if self.channels == 3 else fill[0]}
+            self.randaug = rand_augment_transform(ft.randaug, hparams)
+            for op in self.randaug.ops:
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = _posterize_keeping_a_bit
+        if ft.reprob > 0:
+            from timm.data.random_erasing import RandomErasing
+
+            self.erase = RandomErasing(probability=ft.reprob, mode="pixel", max_count=1, num_splits=0, device="cpu")
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        x = self.geometry(to_channels(image, self.channels)).clamp_(0.0, 1.0)
+        if self.randaug is None and self.erase is None:
+            return normalize(x, self.mean, self.std)
+        with _global_rngs_from_torch():
+            if self.randaug is not None:
+                arr = (x.permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)  # (H, W, C)
+                im = self.randaug(Image.fromarray(arr[..., 0] if self.channels == 1 else arr))
+                x = to_channels(np.asarray(im), self.channels)
+            x = normalize(x, self.mean, self.std)
+            if self.erase is not None:
+                x = self.erase(x)
+        return x
+
+
+def _posterize_keeping_a_bit(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize, with at least one bit kept: the official ``inc1`` policy asks for 0 bits at top
+    magnitude, which Pillow >= 10 rejects (older Pillow returned a black image; one bit is the nearest valid)."""
+    return img if bits_to_keep >= 8 else ImageOps.posterize(img, max(1, int(bits_to_keep)))
+
+
+class _global_rngs_from_torch:
+    """Seed Python's ``random`` and NumPy's global generator from torch's for a block, then restore them."""
+
+    def __enter__(self) -> None:
+        import random
+
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        self.saved = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed)
+
+    def __exit__(self, *exc: object) -> None:
+        import random
+
+        random.setstate(self.saved[0])
+        np.random.set_state(self.saved[1])
+
+
 # ----------------------------------------------------------------------------------------------- datasets
 
 

@@ -239,7 +239,8 @@ class Trainer:
     """Steps an optimiser over a loader. Subclasses give the loss and what happens every few steps.
 
     Subclass hooks: ``loss(model, images, labels) -> (loss, {metric: float})``, ``periodic(step, final)``
-    (pictures, evaluation), ``checkpoint_extra()`` (more primitives to keep in the checkpoint).
+    (pictures, evaluation; every ``periodic_every`` steps), ``checkpoint_extra()`` / ``restore_extra(ckpt)`` (more
+    primitives to keep in the checkpoint) and ``make_optimizer(groups)`` (AdamW unless overridden).
     """
 
     log_name = "train"
@@ -265,8 +266,8 @@ class Trainer:
         self.warmup_steps = min(round(o.warmup_epochs * self.steps_per_epoch), self.total_steps)
         self.base_lr = o.effective_lr(self.effective_batch)
         groups = optimizer_groups if optimizer_groups is not None else param_groups(self.model, o.weight_decay)
-        # The fused CUDA kernel updates every parameter in one launch; the CPU keeps the default (foreach).
-        self.optimizer = torch.optim.AdamW(groups, lr=self.base_lr, betas=o.betas, fused=dist.device.type == "cuda")
+        self.optimizer = self.make_optimizer(groups)
+        self.periodic_every = r.vis_every
         self.amp_dtype = autocast_dtype(r.amp, dist.device)
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.amp_dtype == torch.float16)
         self.step = 0
@@ -285,8 +286,17 @@ class Trainer:
     def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
+    def make_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        """AdamW over the parameter groups (a group's ``lr_scale`` multiplies the scheduled lr each step).
+
+        On CUDA the fused kernel updates every parameter in one launch; the CPU keeps the default (foreach).
+        """
+        return torch.optim.AdamW(groups, lr=self.base_lr, betas=self.cfg.optim.betas,
+                                 fused=self.dist.device.type == "cuda")
+
     def periodic(self, step: int, final: bool) -> dict[str, float]:
-        """Called every ``run.vis_every`` steps and at the end; returns metrics to log."""
+        """Called every ``self.periodic_every`` steps (``run.vis_every`` unless a subclass changes it) and at the end;
+        returns metrics to log."""
         return {}
 
     def checkpoint_extra(self) -> dict[str, Any]:
@@ -414,7 +424,7 @@ class Trainer:
                            "images_per_s": round(window_images / max(elapsed, 1e-9), 2),
                            "skipped_images": int(total_skipped), "time": round(time.time(), 3)}
                     window, window_images, window_start = {}, 0, time.perf_counter()
-                if self.step % cfg.run.vis_every == 0 or final:
+                if self.step % self.periodic_every == 0 or final:
                     row = {"step": self.step, **row, **self.periodic(self.step, final)}
                 if row:
                     self.run.log(row)

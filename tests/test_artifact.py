@@ -1,0 +1,165 @@
+"""The artifact: round trips give identical outputs, official layouts load, timm opens it, errors name the problem."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _finetune_fixtures import mae_checkpoint, tiny_config
+from torch import nn
+
+from mae import artifact
+from mae.checkpoint import save_checkpoint
+from mae.model import MaskedAutoencoder
+from training import finetune as ft
+
+X = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+# Foreign files carry no config: the head count is read from a table of the released widths (192 -> 3 heads).
+OFFICIAL_LIKE = tiny_config().override(["model.embed_dim=192", "model.num_heads=3", "model.depth=1"])
+
+
+@pytest.mark.parametrize("pooling", ["token", "avg"])
+def test_pretrained_round_trip_identical(tmp_path, pooling):
+    cfg = tiny_config()
+    ckpt = mae_checkpoint(tmp_path / "pre.pt", cfg)
+    out = artifact.from_checkpoint(ckpt, tmp_path / "art", pooling=pooling)
+    art = artifact.load(out)
+    assert art.pooling == pooling and art.labels is None and art.embed_dim == 32
+    model = MaskedAutoencoder(cfg.model)
+    model.load_state_dict(torch.load(ckpt, weights_only=True)["model"])
+    with torch.no_grad():
+        tokens = model.eval().forward_features(X)  # (N, 1 + L, D), final norm applied
+        pooled = tokens[:, 0] if pooling == "token" else tokens[:, 1:].mean(1)
+        (embedding,) = art.encoder(X)
+    torch.testing.assert_close(embedding, nn.functional.normalize(pooled, dim=-1), rtol=0, atol=1e-6)
+    assert torch.equal(artifact.read_checkpoint(ckpt, pooling).build()(X)[0], embedding)
+    assert artifact.read_checkpoint(ckpt).pooling == artifact.DEFAULT_PRETRAINED_POOLING
+
+
+def _finetuned_state(cfg, classes: int, linear_probe: bool = False, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    vit = ft.build_classifier(cfg, classes, linear_probe)
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():  # give the fresh head and norms real values, so that a mix-up of keys would show
+        for name, p in vit.named_parameters():
+            if name.startswith(("head", "fc_norm")):
+                p.normal_(0, 0.5)
+        if linear_probe:
+            vit.head[0].running_mean.normal_(0, 1)
+            vit.head[0].running_var.uniform_(0.5, 2.0)
+    return vit.eval()
+
+
+def test_finetuned_round_trip_identical_with_labels(tmp_path):
+    cfg = tiny_config()
+    vit = _finetuned_state(cfg, 3)
+    names = ["cat", "dog", "emu"]
+    path = save_checkpoint(tmp_path / "ft.pt", {"model": vit.state_dict(), "step": 1, "config": cfg.to_dict(),
+                                                 "labels": names, "task": "finetune"})
+    art = artifact.load(artifact.from_checkpoint(path, tmp_path / "art"))
+    assert art.labels == names and art.pooling == "avg" and art.config["fc_norm"] is True
+    with torch.no_grad():
+        embedding, logits = art.encoder(X)
+        assert torch.equal(logits, vit(X))
+        pooled = vit.forward_head(vit.forward_features(X), pre_logits=True)
+    assert torch.equal(embedding, nn.functional.normalize(pooled, dim=-1))
+    with pytest.raises(artifact.ArtifactError, match="trained on avg pooling"):
+        artifact.from_checkpoint(path, tmp_path / "other", pooling="token")
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_linear_probe_head_is_folded_exactly(tmp_path, pool):
+    cfg = tiny_config(probe_pool=pool)
+    vit = _finetuned_state(cfg, 4, linear_probe=True)
+    assert vit.global_pool == pool and "norm.weight" in vit.state_dict()  # the frozen encoder's own final norm
+    path = save_checkpoint(tmp_path / "probe.pt", {"model": vit.state_dict(), "step": 1, "config": cfg.to_dict(),
+                                                    "labels": list("abcd"), "task": "linear_probe"})
+    art = artifact.load(artifact.from_checkpoint(path, tmp_path / "art"))
+    assert art.pooling == pool and not art.config["fc_norm"]
+    with torch.no_grad():
+        torch.testing.assert_close(art.encoder(X)[1], vit(X), rtol=1e-5, atol=1e-5)
+
+
+def test_official_finetuned_layout_loads(tmp_path):
+    """An official ``mae_finetuned_vit_*.pth``: {"model": state} with fc_norm/head, no norm, no config."""
+    cfg = OFFICIAL_LIKE
+    vit = _finetuned_state(cfg, 5)
+    state = vit.state_dict()
+    assert "norm.weight" not in state and "fc_norm.weight" in state and state["head.weight"].shape == (5, 192)
+    torch.save({"model": state}, tmp_path / "mae_finetuned_vit_tiny.pth")
+    art = artifact.load(artifact.from_checkpoint(tmp_path / "mae_finetuned_vit_tiny.pth", tmp_path / "art"))
+    assert art.labels == ["0", "1", "2", "3", "4"] and art.pooling == "avg"
+    assert art.preprocessing.input_size == (1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(art.encoder(X)[1], vit(X))
+    # and it finetunes further: the head is replaced, the encoder keys load
+    target = ft.build_classifier(cfg, 2, linear_probe=False)
+    assert sorted(ft.load_encoder(target, state)) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+
+
+def test_official_pretrained_layout_loads(tmp_path):
+    """An official ``mae_pretrain_vit_*.pth`` holds the encoder only, under timm keys."""
+    cfg = OFFICIAL_LIKE
+    torch.manual_seed(0)
+    state = MaskedAutoencoder(cfg.model).encoder_state_dict()
+    torch.save({"model": state}, tmp_path / "mae_pretrain_vit_tiny.pth")
+    art = artifact.load(artifact.from_checkpoint(tmp_path / "mae_pretrain_vit_tiny.pth", tmp_path / "art",
+                                                 pooling="token"))
+    assert art.labels is None and art.embed_dim == 192
+    model = MaskedAutoencoder(cfg.model)
+    model.load_mae_state_dict(state)
+    with torch.no_grad():
+        want = nn.functional.normalize(model.eval().forward_features(X)[:, 0], dim=-1)  # the class token
+        assert torch.equal(art.encoder(X)[0], want)
+
+
+@pytest.mark.parametrize("finetuned", [False, True])
+def test_timm_create_model_loads_the_artifact_weights(tmp_path, finetuned):
+    import timm
+
+    cfg = tiny_config()
+    if finetuned:
+        vit = _finetuned_state(cfg, 3)
+        path = save_checkpoint(tmp_path / "c.pt", {"model": vit.state_dict(), "step": 1, "config": cfg.to_dict()})
+    else:
+        path = mae_checkpoint(tmp_path / "c.pt", cfg)
+    out = artifact.from_checkpoint(path, tmp_path / "art")
+    art = artifact.load(out)
+    t = art.config["timm"]
+    kwargs = dict(t["kwargs"], img_size=tuple(t["kwargs"]["img_size"]))
+    model = timm.create_model(t["model_name"], pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(out / artifact.WEIGHTS),
+                                                          **t["pretrained_cfg_overlay"]), **kwargs).eval()
+    with torch.no_grad():
+        outputs = art.encoder(X)
+        pooled = model.forward_head(model.forward_features(X), pre_logits=True)
+        assert torch.equal(nn.functional.normalize(pooled, dim=-1), outputs[0])
+        if finetuned:
+            assert torch.equal(model(X), outputs[1])
+    assert model.pretrained_cfg["mean"] == list(art.preprocessing.mean)
+
+
+def test_errors_name_the_problem(tmp_path):
+    cfg = tiny_config()
+    ckpt = mae_checkpoint(tmp_path / "pre.pt", cfg)
+    with pytest.raises(artifact.ArtifactError, match="no artifact at"):
+        artifact.load(tmp_path / "absent")
+    out = artifact.from_checkpoint(ckpt, tmp_path / "art")
+    (out / artifact.WEIGHTS).rename(tmp_path / "w")
+    with pytest.raises(artifact.ArtifactError, match="model.safetensors is missing"):
+        artifact.load(out)
+    (tmp_path / "w").rename(out / artifact.WEIGHTS)
+    config = json.loads((out / artifact.CONFIG).read_text())
+    config["timm"]["kwargs"]["embed_dim"] = 64
+    artifact.write_config(out, config)
+    with pytest.raises(artifact.ArtifactError, match="does not match"):
+        artifact.load(out)  # the sha256 does not cover the timm section, the shape check catches it
+    config["model"]["depth"] = 3
+    artifact.write_config(out, config)
+    with pytest.raises(artifact.ArtifactError, match="changed since export"):
+        artifact.load(out)
+    from mae.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="no weights file"):
+        artifact.from_checkpoint(tmp_path / "nope.pt", tmp_path / "x")

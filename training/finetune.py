@@ -1,0 +1,365 @@
+"""Finetuning and linear probing of a pretrained MAE encoder: ``mae finetune [--linear-probe]``.
+
+The classifier is a plain timm ``VisionTransformer`` loaded from the MAE checkpoint's encoder keys (ours, or
+an official ``mae_pretrain_vit_*.pth``), so a finetuned checkpoint has the official finetuned layout
+(``fc_norm``, ``head``) and ``mae export`` turns it into an artifact with label names.
+
+- **finetune** (official ``main_finetune.py``): global average pooling + ``fc_norm`` (class token as an option),
+  head initialised with trunc_normal(std=2e-5), layer-wise lr decay, drop path, RandAugment, random erasing,
+  mixup/cutmix with soft-target cross-entropy (label smoothing otherwise), warmup + cosine, AdamW.
+- **linear probe** (``main_linprobe.py``): frozen encoder (no parameter of it requires a gradient, so none is
+  computed), class-token feature (``finetune.probe_pool=avg``: mean of the normed patch tokens),
+  ``head = Sequential(BatchNorm1d(affine=False, eps=1e-6), Linear)`` with the Linear initialised N(0, 0.01),
+  weight decay 0, LARS (``finetune.probe_optimizer=lars``, the paper's choice for
+  its 16,384-image batches) or SGD with momentum 0.9 (``sgd``: at a few hundred images per batch LARS's trust
+  ratio mostly slows the head down), crop + flip only.
+
+Both keep the best-on-val weights in ``RUN/best.pt`` beside the resumable ``RUN/checkpoint.pt``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mae import artifact as artifact_lib
+from mae.checkpoint import load_checkpoint, load_weights_and_meta, save_checkpoint
+from mae.config import PRESETS, Config, DataConfig, FinetuneConfig
+from mae.data import FinetuneTransform, ImageDataset, Preprocessing, Source, load_source, stratified_split
+from mae.model import DECODER_PREFIXES, infer_model_config
+from training.loop import Dist, RunDir, Trainer, eval_loader, init_distributed, shutdown_distributed
+
+FINETUNE_HEAD_STD = 2e-5  # official main_finetune.py: trunc_normal_(model.head.weight, std=2e-5)
+PROBE_HEAD_STD = 0.01  # official main_linprobe.py: trunc_normal_(model.head.weight, std=0.01)
+EVAL_EVERY_EPOCHS = 1
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+def init_config(init: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
+    """The config a finetune of ``init`` starts from, and the init's weights.
+
+    Our checkpoints carry their config (a pretraining run from before the finetune section existed gets its
+    preset's recipe, or the defaults); official weights get their shape-inferred architecture, ImageNet
+    preprocessing and the official ViT-B recipe.
+    """
+    state, saved, _ = load_weights_and_meta(init)
+    if saved:
+        sections = {k: v for k, v in saved.items() if k in ("model", "data", "optim", "run", "finetune", "preset")}
+        cfg = Config.from_dict(sections)
+        if "finetune" not in saved and cfg.preset in PRESETS:
+            cfg = dataclasses.replace(cfg, finetune=PRESETS[cfg.preset]().finetune)
+    else:
+        cfg = Config(model=infer_model_config(state), data=DataConfig(), finetune=FinetuneConfig(), preset="official")
+    return cfg, state
+
+
+def recipe(cfg: Config, linear_probe: bool) -> Config:
+    """Turn ``cfg.finetune`` into the run's ``optim`` and ``run.epochs`` (finetune or probe recipe)."""
+    ft = cfg.finetune
+    if linear_probe:
+        optim = dataclasses.replace(cfg.optim, batch_size=ft.probe_batch_size, blr=ft.probe_blr, lr=None,
+                                    weight_decay=0.0, warmup_epochs=ft.probe_warmup_epochs, min_lr=0.0,
+                                    accum_iter=1, clip_grad=None)
+        epochs = ft.probe_epochs
+    else:
+        optim = dataclasses.replace(cfg.optim, batch_size=ft.batch_size, blr=ft.blr, lr=None,
+                                    weight_decay=ft.weight_decay, betas=(0.9, 0.999),
+                                    warmup_epochs=ft.warmup_epochs, min_lr=ft.min_lr, accum_iter=1, clip_grad=None)
+        epochs = ft.epochs
+    return dataclasses.replace(cfg, optim=optim, run=dataclasses.replace(cfg.run, epochs=epochs, steps=None))
+
+
+def finetune_config(base: Config, linear_probe: bool, overrides: list[str] = ()) -> Config:
+    """Init config -> ``--set finetune.*`` overrides -> recipe -> every other override (so ``optim.*`` and
+    ``run.*`` given on the command line win over the recipe)."""
+    ft_sets = [s for s in overrides if s.strip().startswith("finetune.")]
+    other = [s for s in overrides if not s.strip().startswith("finetune.")]
+    return recipe(base.override(ft_sets), linear_probe).override(other)
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+def build_classifier(cfg: Config, num_classes: int, linear_probe: bool) -> nn.Module:
+    """A timm VisionTransformer for ``cfg.model`` with a fresh head (the official initialisations)."""
+    from timm.layers import trunc_normal_
+
+    ft = cfg.finetune
+    pool = ft.probe_pool if linear_probe else ft.global_pool
+    # the probe reads the frozen encoder's own final norm; a finetune with avg pooling learns fc_norm instead
+    fc_norm = pool == "avg" and not linear_probe
+    kwargs = artifact_lib.vit_kwargs(dataclasses.asdict(cfg.model), pool, fc_norm, num_classes)
+    kwargs["drop_path_rate"] = 0.0 if linear_probe else ft.drop_path
+    vit = artifact_lib.build_vit(kwargs)
+    if linear_probe:
+        trunc_normal_(vit.head.weight, std=PROBE_HEAD_STD)
+        vit.head = nn.Sequential(nn.BatchNorm1d(vit.head.in_features, affine=False, eps=1e-6), vit.head)
+    else:
+        trunc_normal_(vit.head.weight, std=FINETUNE_HEAD_STD)
+    nn.init.zeros_(vit.head[-1].bias if linear_probe else vit.head.bias)
+    return vit
+
+
+def load_encoder(vit: nn.Module, state: dict[str, torch.Tensor], source_grid: tuple[int, int] | None = None
+                 ) -> list[str]:
+    """Load MAE encoder weights into a classifier ViT; returns the keys left at their fresh init.
+
+    The decoder, a previous head and (for avg pooling, which uses fc_norm instead) the final norm are dropped;
+    position embeddings are resampled (bicubic, timm's ``resample_abs_pos_embed``) when the grid differs.
+    Anything else missing means the init is another architecture: an error that names the keys.
+    """
+    from timm.layers import resample_abs_pos_embed
+
+    own = vit.state_dict()
+    drop = ("head.", "fc_norm.") + DECODER_PREFIXES
+    weights = {k: v for k, v in state.items()
+               if not k.startswith(drop) and not (k.startswith("norm.") and k not in own)}
+    pos = weights.get("pos_embed")
+    if pos is not None and pos.shape != own["pos_embed"].shape:
+        new_grid = vit.patch_embed.grid_size
+        weights["pos_embed"] = resample_abs_pos_embed(pos, new_size=list(new_grid),
+                                                      old_size=list(source_grid) if source_grid else None,
+                                                      num_prefix_tokens=vit.num_prefix_tokens)
+    unexpected = sorted(set(weights) - set(own))
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in weights.items()
+                  if k in own and v.shape != own[k].shape]
+    missing = sorted(set(own) - set(weights))
+    fresh = {k for k in own if k.startswith(("head.", "fc_norm."))}
+    if unexpected or mismatched or set(missing) - fresh:
+        raise ValueError("the init weights do not fit this encoder: "
+                         f"missing {sorted(set(missing) - fresh)[:6]}, unexpected {unexpected[:6]}, "
+                         f"shape mismatches {mismatched[:4]}")
+    vit.load_state_dict(weights, strict=False)
+    return missing
+
+
+def freeze_encoder(vit: nn.Module) -> None:
+    """Linear probe: only the head trains; nothing before it requires (or receives) a gradient."""
+    for name, p in vit.named_parameters():
+        p.requires_grad_(name.startswith("head."))
+
+
+def layer_decay_groups(vit: nn.Module, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
+    """timm's BEiT/MAE parameter groups: ``lr_scale = layer_decay ** (num_layers - layer_id)`` with the stem
+    (patch_embed, cls_token, pos_embed) at layer 0, block i at i + 1 and norm/fc_norm/head at the top (scale 1);
+    no weight decay on 1-d parameters, cls_token and pos_embed. Identical to the official ``param_groups_lrd``."""
+    from timm.optim import param_groups_layer_decay
+
+    return param_groups_layer_decay(vit, weight_decay=weight_decay, no_weight_decay_list=vit.no_weight_decay(),
+                                    layer_decay=layer_decay)
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+class Finetuner(Trainer):
+    """Classification on top of the encoder; every epoch: top-1 on the val split, best weights to best.pt."""
+
+    def __init__(self, cfg: Config, run: RunDir, dist: Dist, source: Source, state: dict[str, torch.Tensor],
+                 source_grid: tuple[int, int] | None, linear_probe: bool):
+        from timm.data import Mixup
+        from timm.loss import SoftTargetCrossEntropy
+
+        if not source.labelled:
+            raise ValueError(f"{source.name} has no class labels: finetuning needs a labelled set (mnist5k, digits) "
+                             "or a folder with one subfolder per class")
+        self.linear_probe = linear_probe
+        self.labels = list(source.classes)
+        ft = cfg.finetune
+        train_idx, val_idx = stratified_split(source.labels, cfg.data.val_fraction, cfg.data.split_seed)
+        if len(val_idx) == 0:
+            raise ValueError("the validation split is empty: raise data.val_fraction")
+        torch.manual_seed(cfg.run.seed)
+        vit = build_classifier(cfg, len(self.labels), linear_probe)
+        self.fresh_keys = load_encoder(vit, state, source_grid)
+        if linear_probe:
+            freeze_encoder(vit)
+            groups = [{"params": [vit.head[1].weight], "weight_decay": 0.0, "lr_scale": 1.0, "always_adapt": True},
+                      {"params": [vit.head[1].bias], "weight_decay": 0.0, "lr_scale": 1.0, "always_adapt": False}]
+            self.mixup = None
+            self.criterion: nn.Module = nn.CrossEntropyLoss()
+        else:
+            groups = layer_decay_groups(vit, ft.weight_decay, ft.layer_decay)
+            self.mixup = None
+            if ft.mixup > 0 or ft.cutmix > 0:
+                if cfg.optim.batch_size % 2:
+                    raise ValueError(f"mixup/cutmix needs an even batch size, got {cfg.optim.batch_size}")
+                self.mixup = Mixup(mixup_alpha=ft.mixup, cutmix_alpha=ft.cutmix, label_smoothing=ft.smoothing,
+                                   num_classes=len(self.labels))
+                self.criterion = SoftTargetCrossEntropy()
+            else:
+                self.criterion = nn.CrossEntropyLoss(label_smoothing=ft.smoothing)
+        train_set = ImageDataset(source, train_idx, FinetuneTransform(cfg, linear_probe), cfg.run.seed)
+        super().__init__(cfg, run, dist, vit, train_set, optimizer_groups=groups)
+        self.log_name = "linear probe" if linear_probe else "finetune"
+        self.periodic_every = self.steps_per_epoch * EVAL_EVERY_EPOCHS
+        self.preprocessing = Preprocessing.from_config(cfg)
+        self.val_set = ImageDataset(source, val_idx, self.preprocessing)
+        self.best: dict[str, Any] = {"top1": -1.0, "step": 0}
+
+    @property
+    def best_path(self) -> Path:
+        return self.run.path / "best.pt"
+
+    def make_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        if not self.linear_probe:
+            return super().make_optimizer(groups)
+        if self.cfg.finetune.probe_optimizer == "lars":
+            from timm.optim import Lars
+
+            return Lars(groups, lr=self.base_lr, momentum=0.9, weight_decay=0.0)
+        for g in groups:
+            g.pop("always_adapt")
+        return torch.optim.SGD(groups, lr=self.base_lr, momentum=0.9, weight_decay=0.0)
+
+    def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        if self.mixup is not None:
+            if images.shape[0] % 2:  # an unreadable image was skipped; mixup pairs the batch with its reverse
+                images, labels = images[:-1], labels[:-1]
+            images, targets = self.mixup(images, labels)  # soft targets (N, K), smoothing folded in
+            return self.criterion(model(images), targets), {}
+        logits = model(images)
+        return self.criterion(logits, labels), {"train_top1": (logits.argmax(1) == labels).float().mean().item()}
+
+    @torch.no_grad()
+    def val_top1(self) -> tuple[float, float]:
+        """(top-1, mean cross-entropy) on the val split."""
+        self.model.eval()
+        correct, loss, count = 0, 0.0, 0
+        for images, labels, _ in eval_loader(self.val_set, 256, 0):
+            images, labels = images.to(self.dist.device), labels.to(self.dist.device)
+            with self._autocast():
+                logits = self.model(images).float()
+            correct += int((logits.argmax(1) == labels).sum())
+            loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            count += len(labels)
+        self.model.train()
+        return correct / max(count, 1), loss / max(count, 1)
+
+    def periodic(self, step: int, final: bool) -> dict[str, float]:
+        if not self.dist.is_main:
+            return {}
+        top1, loss = self.val_top1()
+        if top1 > self.best["top1"]:
+            self.best = {"top1": top1, "step": step, "epoch": round(step / self.steps_per_epoch, 3)}
+            save_checkpoint(self.best_path, {"model": self.model.state_dict(), "step": step,
+                                             "epoch": step // self.steps_per_epoch, "config": self.cfg.to_dict(),
+                                             **self.checkpoint_extra()})
+        return {"epoch": round(step / self.steps_per_epoch, 3), "val_top1": top1, "val_loss": loss,
+                "best_val_top1": self.best["top1"]}
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {"labels": self.labels, "task": "linear_probe" if self.linear_probe else "finetune",
+                "best_top1": self.best["top1"], "best_step": self.best["step"]}
+
+    def restore_extra(self, ckpt: dict[str, Any]) -> None:
+        if list(ckpt.get("labels", self.labels)) != self.labels:
+            raise ValueError(f"the checkpoint was trained on classes {ckpt['labels'][:8]}, this data has "
+                             f"{self.labels[:8]}")
+        self.best = {"top1": float(ckpt.get("best_top1", -1.0)), "step": int(ckpt.get("best_step", 0))}
+        self.best["epoch"] = round(self.best["step"] / self.steps_per_epoch, 3)
+
+
+def finetune(cfg: Config, init: str | Path, out: str | Path, data: str, state: dict[str, torch.Tensor],
+             linear_probe: bool = False, resume: bool = False, source_grid: tuple[int, int] | None = None
+             ) -> dict[str, Any]:
+    """Finetune (or linear-probe) into the run folder ``out``; returns a summary (paths, best val top-1, time)."""
+    dist = init_distributed()
+    try:
+        run = RunDir(out, dist)
+        if run.checkpoint.exists() and not resume:
+            raise FileExistsError(f"{run.checkpoint} exists: pass --resume to continue that run, "
+                                  "or choose another --out")
+        source = load_source(data)
+        trainer = Finetuner(cfg, run, dist, source, state, source_grid, linear_probe)
+        resumed_from = None
+        if resume and run.checkpoint.exists():
+            trainer.resume()
+            resumed_from = trainer.step
+        run.write_config(cfg, {"task": "linear_probe" if linear_probe else "finetune", "init": str(init),
+                               "data_source": data, "labels": trainer.labels, "world_size": dist.world,
+                               "effective_batch": trainer.effective_batch, "lr": trainer.base_lr})
+        started = time.perf_counter()
+        last = trainer.fit()
+        seconds = time.perf_counter() - started
+        if not last and dist.is_main:  # a finished run resumed again: nothing trained, report where it stands
+            last = {"val_top1": trainer.val_top1()[0]}
+        summary = {
+            "task": "linear_probe" if linear_probe else "finetune",
+            "run": str(run.path),
+            "checkpoint": str(run.checkpoint),
+            "best_checkpoint": str(trainer.best_path),
+            "init": str(init),
+            "steps": trainer.step,
+            "total_steps": trainer.total_steps,
+            "steps_per_epoch": trainer.steps_per_epoch,
+            "effective_batch": trainer.effective_batch,
+            "lr": trainer.base_lr,
+            "resumed_from_step": resumed_from,
+            "val_top1": last.get("val_top1"),
+            "best_val_top1": trainer.best["top1"],
+            "best_step": trainer.best["step"],
+            "loss": last.get("loss"),
+            "skipped_images": trainer.skipped_images,
+            "seconds": round(seconds, 1),
+            "world_size": dist.world,
+            "device": str(dist.device),
+        }
+        if dist.is_main:
+            from mae.visualize import loss_curve
+
+            summary["loss_curve"] = str(loss_curve(run.metrics, run.path / "loss_curve.png", ("loss", "val_loss")))
+            (run.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+    finally:
+        shutdown_distributed()
+
+
+def main(args) -> dict[str, Any]:
+    """``mae finetune --init C --data D --out RUN [--linear-probe] [--epochs N] [--resume] [--set k=v]``."""
+    checkpoint = Path(args.out) / "checkpoint.pt"
+    sets = list(args.overrides)
+    if args.epochs is not None:
+        sets.append(f"run.epochs={args.epochs}")
+    if args.batch_size is not None:
+        sets.append(f"optim.batch_size={args.batch_size}")
+    init_cfg, state = init_config(args.init)
+    cfg = finetune_config(init_cfg, args.linear_probe, sets)
+    if args.resume and checkpoint.exists():
+        ckpt = load_checkpoint(checkpoint)
+        saved = Config.from_dict(ckpt["config"])
+        task = "linear_probe" if args.linear_probe else "finetune"
+        if ckpt.get("task", task) != task:
+            raise ValueError(f"{checkpoint} is a {ckpt['task']} run; {'drop' if not args.linear_probe else 'add'} "
+                             "--linear-probe to resume it")
+        if sets and saved != cfg:
+            from training.pretrain import _diff
+
+            raise ValueError(f"--resume continues the saved run's config; these options differ from it: "
+                             f"{_diff(saved.to_dict(), cfg.to_dict())}")
+        cfg = saved
+    summary = finetune(cfg, args.init, args.out, args.data, state, linear_probe=args.linear_probe,
+                       resume=args.resume, source_grid=init_cfg.model.grid_size)
+    what = "linear probe" if args.linear_probe else "finetune"
+    summary["text"] = (
+        f"{what}: {summary['steps']} steps in {summary['seconds']} s on {summary['device']} "
+        f"(x{summary['world_size']}): "
+        f"val top-1 {_fmt(summary['val_top1'])}, best {_fmt(summary['best_val_top1'])} at step {summary['best_step']}\n"
+        f"  checkpoint      {summary['checkpoint']}\n  best weights    {summary['best_checkpoint']}\n"
+        f"  metrics         {Path(summary['run']) / 'metrics.jsonl'}\n  loss curve      {summary.get('loss_curve')}\n"
+        f"  export with     mae export --checkpoint {summary['best_checkpoint']} --out ARTIFACT"
+    )
+    return summary
+
+
+def _fmt(value: float | None) -> str:
+    """A top-1 for people; None on the DDP ranks that do not evaluate."""
+    return "n/a" if value is None or value < 0 else f"{value:.4f}"
