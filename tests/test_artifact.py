@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-from _finetune_fixtures import mae_checkpoint, tiny_config
 from torch import nn
 
 from mae import artifact
 from mae.checkpoint import save_checkpoint
 from mae.model import MaskedAutoencoder
+from tests._finetune_fixtures import mae_checkpoint, tiny_config
 from training import finetune as ft
 
 X = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))

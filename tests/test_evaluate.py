@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from _finetune_fixtures import labelled_folder, mae_checkpoint, tiny_config
 
 from mae.cli import main as cli
+from tests._finetune_fixtures import labelled_folder, mae_checkpoint, tiny_config
 from training import evaluate as ev
 
 

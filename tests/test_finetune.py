@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from _finetune_fixtures import labelled_folder, mae_checkpoint, tiny_config
 from torch import nn
 
 from mae.cli import main as cli
 from mae.config import Config
 from mae.data import load_source
 from mae.model import MaskedAutoencoder
+from tests._finetune_fixtures import labelled_folder, mae_checkpoint, tiny_config
 from training import finetune as ft
 from training.loop import RunDir, init_distributed
 
