@@ -247,14 +247,14 @@ class TensorRTBackend:
         return {k: v.cpu().numpy() for k, v in out.items() if k in ("embedding", "logits")}
 
 
-def tensorrt_parity(path: str | Path, data: Any = None, parity_images: int = 128) -> dict[str, Any]:
+def tensorrt_parity(path: str | Path, data: Any = None, parity_images: int | None = None) -> dict[str, Any]:
     """Run the engine on the bundled real images and compare with eager PyTorch fp32; record; fail loudly."""
-    from export.onnx import DEFAULT_DATA, ParityError, compare, reference_images, torch_outputs
+    from export.onnx import DEFAULT_DATA, PARITY_IMAGES, ParityError, compare, reference_images, torch_outputs
 
     path = Path(path)
     art = artifact_lib.load(path)
     side = json.loads((path / SIDECAR).read_text())
-    pixels, _, info = reference_images(list(data or DEFAULT_DATA), parity_images, art.preprocessing)
+    pixels, _, info = reference_images(list(data or DEFAULT_DATA), parity_images or PARITY_IMAGES, art.preprocessing)
     reference = torch_outputs(art, pixels, tokens=False)
     runner = TensorRTRunner(path / PLAN)
     with torch.inference_mode():

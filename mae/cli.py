@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timing-cache", help="TensorRT timing cache file (default: ARTIFACT/tensorrt.timing.cache)")
     g.add_argument("--parity-data", default="mnist5k,photos",
                    help="comma-separated bundled sets or folders of real images for parity and int8 calibration")
-    g.add_argument("--parity-images", type=int, default=128, help="about this many parity images (as many calibrate)")
+    g.add_argument("--parity-images", type=int, default=512,
+                   help="real images drawn: half judge parity, the other half calibrate int8")
     _json_flag(p)
     p.set_defaults(handler="export.command:main")
 
