@@ -258,6 +258,19 @@ class Config:
         cfg.finetune.validate()
         return cfg
 
+    def differences(self, other: Config) -> list[str]:
+        """``section.key: saved A, asked B`` for every field where ``other`` differs from this (saved) config."""
+        def walk(a: dict, b: dict, prefix: str) -> list[str]:
+            out = []
+            for k in a:
+                if isinstance(a[k], dict):
+                    out += walk(a[k], b[k], prefix + k + ".")
+                elif a[k] != b[k]:
+                    out.append(f"{prefix}{k}: saved {a[k]!r}, asked {b[k]!r}")
+            return out
+
+        return walk(self.to_dict(), other.to_dict(), "")
+
     def replace(self, **sections: Any) -> Config:
         """Replace fields of sections: ``cfg.replace(run={"steps": 10}, optim={"batch_size": 8})``."""
         updates = {}
@@ -377,7 +390,7 @@ def mae_vit_mini_patch4_32() -> Config:
     """
     return Config(
         model=ModelConfig(
-            img_size=(32, 32), patch_size=4, embed_dim=128, depth=4, num_heads=4,
+            img_size=(32, 32), patch_size=4, in_chans=1, embed_dim=128, depth=4, num_heads=4,
             decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=2,
         ),
         data=DataConfig(crop_scale=(0.35, 1.0), crop_pct=1.0, hflip=0.0),

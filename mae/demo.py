@@ -73,10 +73,15 @@ def stage_evaluate(ctx: dict[str, Any], args: argparse.Namespace) -> None:
 def stage_artifact(ctx: dict[str, Any], args: argparse.Namespace) -> None:
     """Export the finetuned classifier (embeddings + labelled logits) as the artifact later stages serve."""
     from mae import artifact
+    from mae.checkpoint import file_sha256
 
     out = Path(args.out) / "artifact"
-    print(f"[demo] exporting {ctx['finetune']['best_checkpoint']} -> {out}", flush=True)
-    art = artifact.load(artifact.from_checkpoint(ctx["finetune"]["best_checkpoint"], out))
+    checkpoint = ctx["finetune"]["best_checkpoint"]
+    made_from = artifact.read_config(out).get("source", {}).get("sha256") if (out / artifact.CONFIG).exists() else None
+    if made_from != file_sha256(checkpoint):  # a rerun keeps the artifact (and its ONNX files) of the same weights
+        print(f"[demo] exporting {checkpoint} -> {out}", flush=True)
+        artifact.from_checkpoint(checkpoint, out)
+    art = artifact.load(out)
     ctx["artifact"] = str(out)
     ctx["artifact_sha256"] = art.sha256
 
@@ -204,7 +209,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     p = ctx["pretrain"]
     lines = [
         f"demo finished in {ctx['seconds']} s; everything is under {ctx['out']}",
-        f"  pretraining     {p['steps']} steps, loss {_num(p['loss'])}, val_loss {_num(p['val_loss'])}",
+        f"  pretraining     {p['steps']} steps, loss {p['loss']:.4f}, val_loss {p['val_loss']:.4f}",
         f"  checkpoint      {p['checkpoint']}",
         f"  loss curve      {p['loss_curve']}",
         f"  reconstruction  {p['reconstruction']}",
@@ -256,8 +261,3 @@ def _serve_until_interrupted(ctx: dict[str, Any], args: argparse.Namespace) -> i
         return 0
     finally:
         stop(proc)
-
-
-def _num(value: float | None) -> str:
-    """A loss for the summary; None when a rerun found the stage finished and trained nothing."""
-    return "(finished earlier)" if value is None else f"{value:.4f}"

@@ -1,34 +1,56 @@
 """The page at GET /, driven in headless Chromium (Debian's ``chromium`` through Playwright) against a real server.
 
-Chromium comes from apt (``.ci/run`` installs it); Playwright only drives it (``playwright install`` is never run).
-``MAE_SCREENSHOT_DIR=DIR`` keeps the screenshots this test takes.
+Chromium comes from apt: when it is missing, this module installs it (as root, or through passwordless sudo)
+and skips, saying why, where it cannot. Playwright only drives it (``playwright install`` is never run: it
+downloads a browser from a CDN). ``MAE_SCREENSHOT_DIR=DIR`` keeps the screenshots this test takes.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.serving_support import Server, build_index, export_digits, tiny_artifact
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
+CHROMIUM_NAMES = ("chromium", "chromium-browser")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 K = 6
+
+
+def chromium() -> str:
+    """The chromium executable, installed from apt first when it is missing; skips with the reason otherwise."""
+    found = next(filter(None, map(shutil.which, CHROMIUM_NAMES)), None)
+    if found:
+        return found
+    if not shutil.which("apt-get"):
+        pytest.skip("chromium is not installed and there is no apt-get to install it with")
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    if sudo and (not shutil.which("sudo") or subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode):
+        pytest.skip("chromium is not installed and installing it needs root (sudo apt-get install -y chromium)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+        proc = subprocess.run(sudo + cmd, capture_output=True, text=True, env=env, timeout=900)
+        if proc.returncode:
+            pytest.skip(f"could not install chromium ({' '.join(cmd)}): {proc.stderr.strip()[-300:]}")
+    found = next(filter(None, map(shutil.which, CHROMIUM_NAMES)), None)
+    if not found:
+        pytest.skip("apt-get installed chromium but no chromium executable is on PATH")
+    return found
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install "
                                          "playwright, or the dev extra)")
-    if not Path(CHROMIUM).exists():
-        pytest.skip("chromium is not installed (apt-get install -y chromium; .ci/run does this)")
+    executable = chromium()
     profile = tmp_path_factory.mktemp("chromium-profile")
     with playwright_api.sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(str(profile), executable_path=CHROMIUM, headless=True,
+        context = p.chromium.launch_persistent_context(str(profile), executable_path=executable, headless=True,
                                                        args=ARGS, viewport={"width": 1180, "height": 820})
         try:
             yield context

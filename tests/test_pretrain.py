@@ -58,6 +58,13 @@ def test_existing_run_is_not_overwritten(tiny_pretrain_run: Path):
     proc = run_cli("pretrain", "--data", "mnist5k", "--out", str(tiny_pretrain_run), "--steps", "9", "--resume",
                    *tiny_sets(), check=False)
     assert proc.returncode == 1 and "run.steps: saved 6, asked 9" in proc.stderr
+    # Resuming a finished run trains nothing, leaves the weights alone and reports the run's last losses.
+    before = _final_weights(tiny_pretrain_run)
+    last = [json.loads(ln) for ln in (tiny_pretrain_run / "metrics.jsonl").read_text().splitlines()][-1]
+    out = json.loads(run_cli("pretrain", "--data", "mnist5k", "--out", str(tiny_pretrain_run), "--resume",
+                             "--json").stdout)
+    assert out["steps"] == 6 and out["loss"] == last["loss"] and out["val_loss"] == last["val_loss"]
+    assert all(torch.equal(before[k], v) for k, v in _final_weights(tiny_pretrain_run).items())
 
 
 def test_bad_config_key_is_a_clear_error(tmp_path):

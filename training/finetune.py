@@ -341,10 +341,8 @@ def main(args) -> dict[str, Any]:
             raise ValueError(f"{checkpoint} is a {ckpt['task']} run; {'drop' if not args.linear_probe else 'add'} "
                              "--linear-probe to resume it")
         if sets and saved != cfg:
-            from training.pretrain import _diff
-
             raise ValueError(f"--resume continues the saved run's config; these options differ from it: "
-                             f"{_diff(saved.to_dict(), cfg.to_dict())}")
+                             f"{saved.differences(cfg)}")
         cfg = saved
     summary = finetune(cfg, args.init, args.out, args.data, state, linear_probe=args.linear_probe,
                        resume=args.resume, source_grid=init_cfg.model.grid_size)

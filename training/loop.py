@@ -224,6 +224,13 @@ class RunDir:
             with self.metrics.open("a") as f:
                 f.write(json.dumps(row) + "\n")
 
+    def last_logged(self) -> dict[str, Any]:
+        """The last metrics row written (a finished run resumed again trains nothing and reports this)."""
+        if not (self.dist.is_main and self.metrics.exists()):
+            return {}
+        rows = [ln for ln in self.metrics.read_text().splitlines() if ln.strip()]
+        return json.loads(rows[-1]) if rows else {}
+
     def truncate_metrics(self, after_step: int) -> None:
         """Drop metric lines past ``after_step`` (written by a run that died after its last checkpoint)."""
         if self.dist.is_main and self.metrics.exists():
@@ -323,7 +330,14 @@ class Trainer:
 
     def resume(self, path: str | Path | None = None) -> None:
         """Restore weights, optimiser, scaler and step from a checkpoint of this run."""
-        ckpt = load_checkpoint(path or self.run.checkpoint, map_location=self.dist.device)
+        path = path or self.run.checkpoint
+        ckpt = load_checkpoint(path, map_location=self.dist.device)
+        saved = Config.from_dict(ckpt["config"])
+        if saved != self.cfg:
+            diff = saved.differences(self.cfg)
+            shown = "; ".join(diff[:5]) + (f"; and {len(diff) - 5} more" if len(diff) > 5 else "")
+            raise ValueError(f"{path} belongs to a run with another config ({shown}): "
+                             "resume it with its own config, or choose another --out")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
@@ -364,7 +378,7 @@ class Trainer:
         batches = self._batches()
         window: dict[str, float] = {}
         window_images, window_start = 0, time.perf_counter()
-        last: dict[str, Any] = {}
+        last: dict[str, Any] = self.run.last_logged()
         self.model.train()
         try:
             while self.step < self.total_steps:

@@ -137,7 +137,7 @@ def main(args) -> dict[str, Any]:
         saved = Config.from_dict(load_checkpoint(checkpoint)["config"])
         asked = args.overrides or args.epochs is not None or args.steps is not None or args.batch_size is not None
         if asked and saved != cfg:
-            diff = _diff(saved.to_dict(), cfg.to_dict())
+            diff = saved.differences(cfg)
             raise ValueError(f"--resume continues the saved run's config; these options differ from it: {diff}")
         cfg = saved
     summary = pretrain(cfg, args.out, args.data, resume=args.resume)
@@ -150,13 +150,3 @@ def main(args) -> dict[str, Any]:
         f"  loss curve      {summary.get('loss_curve')}\n  reconstruction  {summary.get('reconstruction')}"
     )
     return summary
-
-
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in a:
-        if isinstance(a[k], dict):
-            out += _diff(a[k], b[k], prefix + k + ".")
-        elif a[k] != b[k]:
-            out.append(f"{prefix}{k}: saved {a[k]!r}, asked {b[k]!r}")
-    return out
