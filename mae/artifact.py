@@ -331,6 +331,27 @@ def read_checkpoint(checkpoint: str | Path, pooling: str | None = None) -> Check
                              list(labels) if labels else None, source, saved)
 
 
+def from_random_init(out: str | Path, cfg: Any, *, labels: list[str] | None = None, seed: int = 0,
+                     head_std: float = 2e-5) -> Path:
+    """The artifact of an untrained encoder (a Config's model, the MAE's official init): what benchmarks time and
+    plumbing tests load. With ``labels``: avg pooling + a fresh fc_norm + a head drawn from N(0, head_std) (the
+    official finetune init is 2e-5, which ties every logit; pass more to make top-k orders meaningful)."""
+    from mae.model import MaskedAutoencoder
+
+    model_cfg = dataclasses.asdict(cfg.model)
+    pooling, fc_norm = ("avg", True) if labels else ("token", False)
+    torch.manual_seed(seed)
+    encoder = MaskedAutoencoder(cfg.model).encoder_state_dict()
+    vit = build_vit(vit_kwargs(model_cfg, pooling, fc_norm, len(labels or [])))
+    vit.load_state_dict({k: v for k, v in encoder.items() if k in vit.state_dict()}, strict=False)
+    if labels:
+        with torch.no_grad():
+            nn.init.normal_(vit.head.weight, std=head_std)
+            nn.init.zeros_(vit.head.bias)
+    return save(out, vit.state_dict(), model_cfg=model_cfg, preprocessing=Preprocessing.from_config(cfg),
+                pooling=pooling, fc_norm=fc_norm, labels=labels)
+
+
 def from_checkpoint(checkpoint: str | Path, out: str | Path, pooling: str | None = None) -> Path:
     """Write the artifact of a training checkpoint (ours) or of official / timm MAE weights (see read_checkpoint)."""
     info = read_checkpoint(checkpoint, pooling)

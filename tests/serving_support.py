@@ -5,7 +5,6 @@ Not in conftest.py: only test_serving.py and test_page.py use these.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import socket
 import tempfile
@@ -14,8 +13,6 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from tests.conftest import run_cli
 
 
@@ -23,19 +20,9 @@ def tiny_artifact(out: Path, labels: list[str] | None = None, depth: int = 1, se
     """A random-weight artifact of the tiny preset (32x32, patch 4); with ``labels``, avg pooling + fc_norm + head."""
     from mae import artifact
     from mae.config import get_preset
-    from mae.data import Preprocessing
 
     cfg = get_preset("mae_vit_tiny_patch4_32").override([f"model.depth={depth}"])
-    model_cfg = dataclasses.asdict(cfg.model)
-    pooling, fc_norm = ("avg", True) if labels else ("token", False)
-    torch.manual_seed(seed)
-    vit = artifact.build_vit(artifact.vit_kwargs(model_cfg, pooling, fc_norm, len(labels or [])))
-    with torch.no_grad():  # timm zero-inits the head; random logits make the top-k order meaningful
-        for p in vit.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0, 0.2)
-    return artifact.save(out, vit.state_dict(), model_cfg=model_cfg, preprocessing=Preprocessing.from_config(cfg),
-                         pooling=pooling, fc_norm=fc_norm, labels=labels)
+    return artifact.from_random_init(out, cfg, labels=labels, seed=seed, head_std=0.2)  # spread logits: real top-k
 
 
 def free_port() -> int:

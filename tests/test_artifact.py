@@ -11,17 +11,17 @@ from torch import nn
 from mae import artifact
 from mae.checkpoint import save_checkpoint
 from mae.model import MaskedAutoencoder
-from tests._finetune_fixtures import mae_checkpoint, tiny_config
+from tests.finetune_helpers import config16, mae_checkpoint
 from training import finetune as ft
 
 X = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
 # Foreign files carry no config: the head count is read from a table of the released widths (192 -> 3 heads).
-OFFICIAL_LIKE = tiny_config().override(["model.embed_dim=192", "model.num_heads=3", "model.depth=1"])
+OFFICIAL_LIKE = config16().override(["model.embed_dim=192", "model.num_heads=3", "model.depth=1"])
 
 
 @pytest.mark.parametrize("pooling", ["token", "avg"])
 def test_pretrained_round_trip_identical(tmp_path, pooling):
-    cfg = tiny_config()
+    cfg = config16()
     ckpt = mae_checkpoint(tmp_path / "pre.pt", cfg)
     out = artifact.from_checkpoint(ckpt, tmp_path / "art", pooling=pooling)
     art = artifact.load(out)
@@ -52,7 +52,7 @@ def _finetuned_state(cfg, classes: int, linear_probe: bool = False, seed: int = 
 
 
 def test_finetuned_round_trip_identical_with_labels(tmp_path):
-    cfg = tiny_config()
+    cfg = config16()
     vit = _finetuned_state(cfg, 3)
     names = ["cat", "dog", "emu"]
     path = save_checkpoint(tmp_path / "ft.pt", {"model": vit.state_dict(), "step": 1, "config": cfg.to_dict(),
@@ -70,7 +70,7 @@ def test_finetuned_round_trip_identical_with_labels(tmp_path):
 
 @pytest.mark.parametrize("pool", ["token", "avg"])
 def test_linear_probe_head_is_folded_exactly(tmp_path, pool):
-    cfg = tiny_config(probe_pool=pool)
+    cfg = config16(probe_pool=pool)
     vit = _finetuned_state(cfg, 4, linear_probe=True)
     assert vit.global_pool == pool and "norm.weight" in vit.state_dict()  # the frozen encoder's own final norm
     path = save_checkpoint(tmp_path / "probe.pt", {"model": vit.state_dict(), "step": 1, "config": cfg.to_dict(),
@@ -118,7 +118,7 @@ def test_official_pretrained_layout_loads(tmp_path):
 def test_timm_create_model_loads_the_artifact_weights(tmp_path, finetuned):
     import timm
 
-    cfg = tiny_config()
+    cfg = config16()
     if finetuned:
         vit = _finetuned_state(cfg, 3)
         path = save_checkpoint(tmp_path / "c.pt", {"model": vit.state_dict(), "step": 1, "config": cfg.to_dict()})
@@ -141,7 +141,7 @@ def test_timm_create_model_loads_the_artifact_weights(tmp_path, finetuned):
 
 
 def test_errors_name_the_problem(tmp_path):
-    cfg = tiny_config()
+    cfg = config16()
     ckpt = mae_checkpoint(tmp_path / "pre.pt", cfg)
     with pytest.raises(artifact.ArtifactError, match="no artifact at"):
         artifact.load(tmp_path / "absent")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mae.cli import main as cli
-from tests._finetune_fixtures import labelled_folder, mae_checkpoint, tiny_config
+from tests.finetune_helpers import config16, labelled_folder, mae_checkpoint
 from training import evaluate as ev
 
 
@@ -60,7 +60,7 @@ def test_topk_and_confusion_matrix(tmp_path):
 def finetuned(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     data = labelled_folder(root / "data", per_class=8)
-    cfg = tiny_config()
+    cfg = config16()
     init = mae_checkpoint(root / "pre.pt", cfg)
     assert cli(["finetune", "--init", str(init), "--data", str(data), "--out", str(root / "ft"),
                 "--set", "run.steps=2"]) == 0
@@ -114,7 +114,7 @@ def test_random_init_and_raw_pixel_baselines(finetuned):
     _, data, _ = finetuned
     from mae.data import Preprocessing, load_source
 
-    cfg = tiny_config()
+    cfg = config16()
     split = ev.Split.of(load_source(str(data)), cfg.data.val_fraction, cfg.data.split_seed)
     prep = Preprocessing.from_config(cfg)
     train, val, _ = ev.embed_split(ev.RawPixels(), prep, split)

@@ -142,9 +142,9 @@ def test_cli_export_onnx_int8(tmp_path, capsys):
     from mae.checkpoint import save_checkpoint
     from mae.cli import main
     from mae.model import MaskedAutoencoder
-    from tests.export_helpers import tiny_config
+    from tests.export_helpers import export_config
 
-    cfg = tiny_config().override(["model.depth=1"])
+    cfg = export_config().override(["model.depth=1"])
     ckpt = save_checkpoint(tmp_path / "run" / "checkpoint.pt",
                            {"model": MaskedAutoencoder(cfg.model).state_dict(), "step": 0, "config": cfg.to_dict()})
     out = tmp_path / "artifact"

@@ -13,7 +13,7 @@ from mae.cli import main as cli
 from mae.config import Config
 from mae.data import load_source
 from mae.model import MaskedAutoencoder
-from tests._finetune_fixtures import labelled_folder, mae_checkpoint, tiny_config
+from tests.finetune_helpers import config16, labelled_folder, mae_checkpoint
 from training import finetune as ft
 from training.loop import RunDir, init_distributed
 
@@ -29,7 +29,7 @@ def _mae_state(cfg: Config, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def test_layer_decay_scales_per_group():
-    cfg = tiny_config(layer_decay=0.5)
+    cfg = config16(layer_decay=0.5)
     vit = ft.build_classifier(cfg, 3, linear_probe=False)
     groups = ft.layer_decay_groups(vit, weight_decay=0.05, layer_decay=0.5)
     scale, decay = {}, {}
@@ -50,7 +50,7 @@ def test_layer_decay_scales_per_group():
 
 
 def test_finetune_model_layout_and_head_init():
-    cfg = tiny_config()
+    cfg = config16()
     vit = ft.build_classifier(cfg, 3, linear_probe=False)
     missing = ft.load_encoder(vit, _mae_state(cfg))
     keys = set(vit.state_dict())
@@ -58,12 +58,12 @@ def test_finetune_model_layout_and_head_init():
     assert not any(k.startswith("norm.") for k in keys)  # avg pooling: fc_norm replaces the final norm
     assert sorted(missing) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
     assert 0 < vit.head.weight.std() < 1e-4  # trunc_normal(std=2e-5)
-    token = ft.build_classifier(tiny_config(global_pool="token"), 3, linear_probe=False)
+    token = ft.build_classifier(config16(global_pool="token"), 3, linear_probe=False)
     assert "norm.weight" in token.state_dict() and "fc_norm.weight" not in token.state_dict()
 
 
 def test_load_encoder_rejects_another_architecture():
-    cfg = tiny_config()
+    cfg = config16()
     other = cfg.override(["model.depth=3"])
     vit = ft.build_classifier(cfg, 3, linear_probe=False)
     with pytest.raises(ValueError, match="blocks.2"):
@@ -71,7 +71,7 @@ def test_load_encoder_rejects_another_architecture():
 
 
 def test_pos_embed_interpolated_when_resolution_changes():
-    cfg = tiny_config()
+    cfg = config16()
     big = cfg.override(["model.img_size=24"])
     vit = ft.build_classifier(big, 3, linear_probe=False)
     state = _mae_state(cfg)
@@ -83,7 +83,7 @@ def test_pos_embed_interpolated_when_resolution_changes():
 
 
 def test_probe_head_has_no_affine_and_encoder_gets_no_gradient(data, tmp_path):
-    cfg = ft.recipe(tiny_config(probe_optimizer="sgd"), linear_probe=True)
+    cfg = ft.recipe(config16(probe_optimizer="sgd"), linear_probe=True)
     dist = init_distributed("cpu")
     state = _mae_state(cfg)
     trainer = ft.Finetuner(cfg, RunDir(tmp_path / "probe", dist), dist, load_source(str(data)), state,
@@ -108,7 +108,7 @@ def test_probe_head_has_no_affine_and_encoder_gets_no_gradient(data, tmp_path):
 def test_lars_probe_optimizer_adapts_only_the_weight():
     from timm.optim import Lars
 
-    cfg = ft.recipe(tiny_config(probe_optimizer="lars"), linear_probe=True)
+    cfg = ft.recipe(config16(probe_optimizer="lars"), linear_probe=True)
     vit = ft.build_classifier(cfg, 3, linear_probe=True)
     ft.freeze_encoder(vit)
     trainer = object.__new__(ft.Finetuner)  # only make_optimizer's inputs are needed
@@ -130,7 +130,7 @@ def test_recipe_and_overrides_order(tmp_path):
 
 
 def test_old_checkpoint_without_finetune_section_opens(tmp_path):
-    cfg = tiny_config()
+    cfg = config16()
     d = cfg.to_dict()
     del d["finetune"]
     assert Config.from_dict(d).finetune == Config().finetune
@@ -188,7 +188,7 @@ def test_unlabelled_data_is_refused(tmp_path, capsys):
 def test_finetune_transform_is_seeded_and_shaped():
     from mae.data import FinetuneTransform
 
-    cfg = tiny_config(reprob=1.0)
+    cfg = config16(reprob=1.0)
     t = FinetuneTransform(cfg)
     img = (np.random.default_rng(0).random((20, 20)) * 255).astype(np.uint8)
     torch.manual_seed(3)

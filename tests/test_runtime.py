@@ -151,9 +151,9 @@ def test_tensorrt_unavailable_is_plain(plain, tmp_path, capsys):
     from mae.checkpoint import save_checkpoint
     from mae.cli import main
     from mae.model import MaskedAutoencoder
-    from tests.export_helpers import tiny_config
+    from tests.export_helpers import export_config
 
-    cfg = tiny_config().override(["model.depth=1"])
+    cfg = export_config().override(["model.depth=1"])
     ckpt = save_checkpoint(tmp_path / "c.pt", {"model": MaskedAutoencoder(cfg.model).state_dict(), "step": 0,
                                                  "config": cfg.to_dict()})
     code = main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "a"), "--tensorrt"])

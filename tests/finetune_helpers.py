@@ -13,7 +13,7 @@ from mae.config import Config, DataConfig, FinetuneConfig, ModelConfig, OptimCon
 from mae.model import MaskedAutoencoder
 
 
-def tiny_config(**finetune) -> Config:
+def config16(**finetune) -> Config:
     """16 px, patch 4 (16 patches), 32 wide, 2 blocks: a step takes milliseconds."""
     return Config(
         model=ModelConfig(img_size=(16, 16), patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2,
@@ -43,7 +43,7 @@ def labelled_folder(root: Path, classes: int = 3, per_class: int = 8, size: int 
 
 def mae_checkpoint(path: Path, cfg: Config | None = None, seed: int = 0) -> Path:
     """A pretraining checkpoint (random MAE weights) in our training-checkpoint format."""
-    cfg = cfg or tiny_config()
+    cfg = cfg or config16()
     torch.manual_seed(seed)
     model = MaskedAutoencoder(cfg.model)
     return save_checkpoint(path, {"model": model.state_dict(), "step": 0, "epoch": 0, "config": cfg.to_dict()})
