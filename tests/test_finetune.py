@@ -161,6 +161,10 @@ def test_finetune_run_resumes_exactly_and_exports(data, tmp_path, monkeypatch):
     assert (tmp_path / "full" / "best.pt").exists()
     rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert any("val_top1" in r for r in rows)
+    # Resumed once more, the finished run trains nothing and reports where it stands.
+    again = ft.finetune(Config.from_dict(a["config"]), init, tmp_path / "full", str(data),
+                        ft.init_config(init)[1], resume=True)
+    assert again["steps"] == 4 and again["val_top1"] == rows[-1]["val_top1"]
     assert cli(["export", "--checkpoint", str(tmp_path / "full" / "best.pt"), "--out", str(tmp_path / "art")]) == 0
     config = json.loads((tmp_path / "art" / "config.json").read_text())
     assert config["labels"] == ["class_0", "class_1", "class_2"] and config["pooling"] == "avg" and config["fc_norm"]

@@ -290,8 +290,6 @@ def finetune(cfg: Config, init: str | Path, out: str | Path, data: str, state: d
         started = time.perf_counter()
         last = trainer.fit()
         seconds = time.perf_counter() - started
-        if not last and dist.is_main:  # a finished run resumed again: nothing trained, report where it stands
-            last = {"val_top1": trainer.val_top1()[0]}
         summary = {
             "task": "linear_probe" if linear_probe else "finetune",
             "run": str(run.path),
