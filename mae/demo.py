@@ -8,6 +8,7 @@ re-running the demo continues finished stages instead of repeating them.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,18 @@ DEMO_PROBE_EPOCHS = 5
 DEMO_FINETUNE_EPOCHS = 5
 
 
+def say(message: str) -> None:
+    """Progress goes to stderr, so that stdout holds only the summary (one JSON object with --json)."""
+    print(message, file=sys.stderr, flush=True)
+
+
 def stage_pretrain(ctx: dict[str, Any], args: argparse.Namespace) -> None:
     from mae.config import get_preset
     from training.pretrain import pretrain
 
     cfg = get_preset(DEMO_PRESET).override([f"run.epochs={args.epochs}"])
     run = Path(args.out) / "pretrain"
-    print(f"[demo] pretraining {DEMO_PRESET} on {args.data} for {args.epochs} epochs -> {run}", flush=True)
+    say(f"[demo] pretraining {DEMO_PRESET} on {args.data} for {args.epochs} epochs -> {run}")
     summary = pretrain(cfg, run, args.data, resume=True)
     ctx["pretrain"] = summary
 
@@ -37,7 +43,7 @@ def stage_probe_and_finetune(ctx: dict[str, Any], args: argparse.Namespace) -> N
     for name, probe, epochs in (("probe", True, DEMO_PROBE_EPOCHS), ("finetune", False, DEMO_FINETUNE_EPOCHS)):
         cfg = finetune_config(base, probe, [f"run.epochs={epochs}"])
         run = Path(args.out) / name
-        print(f"[demo] {'linear probe' if probe else 'finetune'} for {epochs} epochs -> {run}", flush=True)
+        say(f"[demo] {'linear probe' if probe else 'finetune'} for {epochs} epochs -> {run}")
         ctx[name] = finetune(cfg, init, run, args.data, state, linear_probe=probe, resume=True,
                              source_grid=base.model.grid_size)
 
@@ -54,7 +60,7 @@ def stage_evaluate(ctx: dict[str, Any], args: argparse.Namespace) -> None:
     cfg = Config.from_dict({k: v for k, v in pre.config.items() if k in ("model", "data", "run")})
     split = ev.Split.of(load_source(args.data), cfg.data.val_fraction, cfg.data.split_seed)
     prep = Preprocessing.from_config(cfg)
-    print(f"[demo] evaluating on {args.data} ({len(split.train_idx)} train / {len(split.val_idx)} val)", flush=True)
+    say(f"[demo] evaluating on {args.data} ({len(split.train_idx)} train / {len(split.val_idx)} val)")
     cache = Path(args.out) / "eval"
     seed = cfg.run.seed
     rows = {}
@@ -79,7 +85,7 @@ def stage_artifact(ctx: dict[str, Any], args: argparse.Namespace) -> None:
     checkpoint = ctx["finetune"]["best_checkpoint"]
     made_from = artifact.read_config(out).get("source", {}).get("sha256") if (out / artifact.CONFIG).exists() else None
     if made_from != file_sha256(checkpoint):  # a rerun keeps the artifact (and its ONNX files) of the same weights
-        print(f"[demo] exporting {checkpoint} -> {out}", flush=True)
+        say(f"[demo] exporting {checkpoint} -> {out}")
         artifact.from_checkpoint(checkpoint, out)
     art = artifact.load(out)
     ctx["artifact"] = str(out)
@@ -99,7 +105,7 @@ def stage_export(ctx: dict[str, Any], args: argparse.Namespace) -> None:
     done = (record.get("artifact_sha256") == config["sha256"] and (path / "encoder.onnx").exists()
             and (path / "encoder.int8.onnx").exists())
     if not done:
-        print(f"[demo] exporting {path} to ONNX fp32 + int8 and checking both against PyTorch", flush=True)
+        say(f"[demo] exporting {path} to ONNX fp32 + int8 and checking both against PyTorch")
         record = export_onnx(path, int8=True)
     ctx["artifact"] = str(path)
     ctx["export"] = {"artifact": str(path), "lines": summary_lines(record),
@@ -126,14 +132,14 @@ def stage_retrieval(ctx: dict[str, Any], args: argparse.Namespace) -> None:
     if not any(images.glob("*/*.png")):
         source = load_source(args.data)
         _, val = stratified_split(source.labels, DataConfig().val_fraction, DataConfig().split_seed)
-        print(f"[demo] writing the {len(val)} held-out {args.data} images to {images}", flush=True)
+        say(f"[demo] writing the {len(val)} held-out {args.data} images to {images}")
         export_source(source, images, val)
     index_dir = out / "index"
     sha = artifact_lib.read_config(art)["sha256"]
     if (index_dir / "manifest.json").exists() and Index.load(index_dir).artifact_sha256 == sha:
-        print(f"[demo] reusing the index {index_dir}", flush=True)
+        say(f"[demo] reusing the index {index_dir}")
     else:
-        print(f"[demo] indexing {images} with {art} -> {index_dir}", flush=True)
+        say(f"[demo] indexing {images} with {art} -> {index_dir}")
         build_index(art, [images], index_dir, overwrite=True)
     idx = Index.load(index_dir, artifact_sha256=sha)
     embedder = load_embedder(idx, art)
@@ -144,9 +150,9 @@ def stage_retrieval(ctx: dict[str, Any], args: argparse.Namespace) -> None:
     agree = [np.mean([h.label == labels[i] for h in row if h.path != str(files[i])][:5]) for i, row in zip(picks, hits)]
     query, neighbours = files[picks[0]], [h for h in hits[0] if h.path != str(files[picks[0]])][:5]
     sheet = contact_sheet(query, hits[0], out / "search.png")
-    print(f"[demo] nearest neighbours of {query} (label {labels[picks[0]]}):", flush=True)
+    say(f"[demo] nearest neighbours of {query} (label {labels[picks[0]]}):")
     for r, h in enumerate(neighbours):
-        print(f"         {r + 1}. {h.score:.4f}  label {h.label}  {h.path}", flush=True)
+        say(f"         {r + 1}. {h.score:.4f}  label {h.label}  {h.path}")
     ctx["retrieval"] = {"index": str(index_dir), "count": idx.count, "factory": idx.factory,
                         "label_agreement@5": round(float(np.mean(agree)), 4), "query": str(query),
                         "neighbours": [{"score": h.score, "label": h.label, "path": h.path} for h in neighbours],
@@ -245,8 +251,7 @@ def _serve_until_interrupted(ctx: dict[str, Any], args: argparse.Namespace) -> i
         raise KeyboardInterrupt
 
     s = ctx["serve"]
-    print(f"[demo] starting the server on {s['artifact']}" + (f" with index {s['index']}" if s["index"] else ""),
-          flush=True)
+    say(f"[demo] starting the server on {s['artifact']}" + (f" with index {s['index']}" if s["index"] else ""))
     proc, url = start(s["artifact"], s["index"], port=3000, log=Path(s["log"]))
     try:
         for sig in (signal.SIGTERM, signal.SIGHUP):
