@@ -216,7 +216,7 @@ def table(off: dict, on: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--artifact", help="artifact to serve (default: a random-weight tiny artifact of the demo preset)")
+    p.add_argument("--artifact", help="artifact to serve (default: a random-weight artifact of the tiny preset)")
     p.add_argument("--clients", default="1,8,32,64", help="comma-separated concurrency levels")
     p.add_argument("--seconds", type=float, default=12.0, help="load time per level and mode (split over rounds)")
     p.add_argument("--rounds", type=int, default=4, help="alternating off/on rounds per level")
