@@ -137,6 +137,10 @@ async def load(url: str, body: bytes, ctype: str, clients: int, seconds: float) 
     return {"latencies": latencies, "errors": errors, "seconds": elapsed}
 
 
+def soak_errors(results: dict[str, Any]) -> int:
+    return results["on"].get("soak", {}).get("errors", 0)
+
+
 def summarise(clients: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Throughput and latency percentiles over every run of one (mode, clients) cell."""
     latencies = sorted(x for r in runs for x in r["latencies"])
@@ -211,6 +215,7 @@ def table(off: dict, on: dict) -> str:
         rows += ["", f"Soak (batching on, {s['clients']} clients, {s['seconds']:.0f} s, {s['requests']} requests, "
                      f"{s['errors']} errors, {s['rps']:.1f} req/s): resident memory {s['rss_before_mb']:.0f} MiB "
                      f"before, {s['rss_after_mb']:.0f} MiB after ({s['rss_after_mb'] - s['rss_before_mb']:+.0f} MiB)."]
+        rows += [f"  soak error: {e}" for e in s.get("first_errors", [])]
     return "\n".join(rows)
 
 
@@ -263,7 +268,13 @@ def main(argv: list[str] | None = None) -> int:
                 results["on"]["soak"] = {"seconds": args.soak_seconds, "clients": args.soak_clients,
                                          "rss_before_mb": rss_before, "rss_after_mb": on.rss_mb(),
                                          "requests": len(soak["latencies"]), "errors": len(soak["errors"]),
+                                         "first_errors": soak["errors"][:3],
                                          "rps": len(soak["latencies"]) / soak["seconds"]}
+            if any(lvl["errors"] for mode in results.values() for lvl in mode["levels"]) or soak_errors(results):
+                kept = Path(args.out).with_suffix(".logs")  # the server logs say why; the temp folder goes
+                skip = shutil.ignore_patterns("artifact", "bentoml-home-*")
+                shutil.copytree(logs, kept, dirs_exist_ok=True, ignore=skip)
+                print(f"errors: server logs kept in {kept}", flush=True)
         finally:
             for server in servers.values():
                 server.stop()
