@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,28 @@ async def load(url: str, body: bytes, ctype: str, clients: int, seconds: float) 
     return {"latencies": latencies, "errors": errors, "seconds": elapsed}
 
 
+@contextlib.contextmanager
+def sampled(measure: Callable[[], float], every: float) -> Iterator[list[tuple[float, float]]]:
+    """Call ``measure`` every ``every`` seconds in a thread while the block runs: [(seconds, value), ...]."""
+    import threading
+
+    samples: list[tuple[float, float]] = []
+    stop = threading.Event()
+    start = time.perf_counter()
+
+    def run() -> None:
+        while not stop.wait(every):
+            samples.append((time.perf_counter() - start, measure()))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        stop.set()
+        thread.join()
+
+
 def soak_errors(results: dict[str, Any]) -> int:
     return results["on"].get("soak", {}).get("errors", 0)
 
@@ -214,7 +237,9 @@ def table(off: dict, on: dict) -> str:
         s = on["soak"]
         rows += ["", f"Soak (batching on, {s['clients']} clients, {s['seconds']:.0f} s, {s['requests']} requests, "
                      f"{s['errors']} errors, {s['rps']:.1f} req/s): resident memory {s['rss_before_mb']:.0f} MiB "
-                     f"before, {s['rss_after_mb']:.0f} MiB after ({s['rss_after_mb'] - s['rss_before_mb']:+.0f} MiB)."]
+                     f"before, {s['rss_after_mb']:.0f} MiB after ({s['rss_after_mb'] - s['rss_before_mb']:+.0f} MiB; "
+                     f"{s['rss_second_half_growth_mb']:+.0f} MiB over the second half: warm-up growth levels off, "
+                     "a leak does not)."]
         rows += [f"  soak error: {e}" for e in s.get("first_errors", [])]
     return "\n".join(rows)
 
@@ -264,9 +289,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.soak_seconds > 0:
                 on = servers["on"]
                 rss_before = on.rss_mb()
-                soak = asyncio.run(load(on.url, body, ctype, args.soak_clients, args.soak_seconds))
+                with sampled(on.rss_mb, args.soak_seconds / 10) as rss:
+                    soak = asyncio.run(load(on.url, body, ctype, args.soak_clients, args.soak_seconds))
+                half = [mb for t, mb in rss if t >= args.soak_seconds / 2] or [on.rss_mb()]
                 results["on"]["soak"] = {"seconds": args.soak_seconds, "clients": args.soak_clients,
                                          "rss_before_mb": rss_before, "rss_after_mb": on.rss_mb(),
+                                         "rss_second_half_growth_mb": half[-1] - half[0],
+                                         "rss_samples": [[round(t, 1), round(mb, 1)] for t, mb in rss],
                                          "requests": len(soak["latencies"]), "errors": len(soak["errors"]),
                                          "first_errors": soak["errors"][:3],
                                          "rps": len(soak["latencies"]) / soak["seconds"]}
