@@ -340,7 +340,8 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, sha256: str) ->
     Quantised: the weight MatMuls of the blocks (qkv, projection, MLP), which carry nearly all the FLOPs. Kept
     fp32: activation x activation MatMuls (q.k and attn.v) and softmax, which cost accuracy for little speed,
     and the first and last layers (patch-embedding Conv, head Gemm: under 1% of the FLOPs). Quantising the
-    patch embedding took a 5-epoch grey-digit classifier's top-1 agreement from 0.996 to 0.989. Without VNNI the weights use 7 bits (``reduce_range``) to avoid u8 x s8
+    patch embedding took a 5-epoch grey-digit classifier's top-1 agreement from 0.996 to 0.989.
+    Without VNNI the weights use 7 bits (``reduce_range``) to avoid u8 x s8
     overflow in AVX2's vpmaddubsw.
     """
     import onnx
