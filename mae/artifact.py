@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mae
+from mae.config import Config
 from mae.data import Preprocessing
 
 FORMAT = 1
@@ -293,7 +294,7 @@ def read_checkpoint(checkpoint: str | Path, pooling: str | None = None) -> Check
     Foreign files carry no preprocessing, so they get the ImageNet recipe at their native resolution.
     """
     from mae.checkpoint import file_sha256, load_weights_and_meta
-    from mae.config import Config, DataConfig
+    from mae.config import DataConfig
     from mae.model import infer_model_config
 
     state, saved, meta = load_weights_and_meta(checkpoint)
@@ -332,7 +333,7 @@ def read_checkpoint(checkpoint: str | Path, pooling: str | None = None) -> Check
                              list(labels) if labels else None, source, saved)
 
 
-def from_random_init(out: str | Path, cfg: Any, *, labels: list[str] | None = None, seed: int = 0,
+def from_random_init(out: str | Path, cfg: Config, *, labels: list[str] | None = None, seed: int = 0,
                      head_std: float = 2e-5) -> Path:
     """The artifact of an untrained encoder (a Config's model, the MAE's official init): what benchmarks time and
     plumbing tests load. With ``labels``: avg pooling + a fresh fc_norm + a head drawn from N(0, head_std) (the
