@@ -40,9 +40,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.onnx import cpu_isa, export_onnx, fuse_attention, reference_images, save_ir  # noqa: E402
+from export.onnx import export_onnx, fuse_attention, save_ir  # noqa: E402
+from export.ort import session_options  # noqa: E402
+from export.parity import reference_images  # noqa: E402
 from mae import artifact  # noqa: E402
 from mae.config import get_preset  # noqa: E402
+from mae.hardware import cpu_isa  # noqa: E402
 
 MODELS = {"tiny": "mae_vit_tiny_patch4_32", "vitb": "mae_vit_base_patch16"}
 LABELS = {"tiny": "tiny (ViT-Ti/4, 32 px)", "vitb": "ViT-B/16, 224 px"}
@@ -88,7 +91,6 @@ def round_robin(runners: dict[str, Callable[[], Any]], batch: int, rounds: int, 
 def cpu_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import onnxruntime as ort
 
-    from export.runtime import session_options
 
     torch.set_num_threads(args.threads)
     results: dict[str, Any] = {}
@@ -183,7 +185,6 @@ def gpu_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     try:
         import onnxruntime as ort
 
-        from export.runtime import session_options
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise RuntimeError("onnxruntime has no CUDA provider (install onnxruntime-gpu, not onnxruntime)")

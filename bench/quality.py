@@ -40,7 +40,7 @@ def run_stage(name: str, argv: list[str], threads: int, log: Path) -> subprocess
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     print(f"[quality] {name}: mae {' '.join(argv)}", flush=True)
-    proc = subprocess.Popen([sys.executable, "-m", "mae.cli", *argv, "--json"], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *argv, "--json"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
     proc.started = time.perf_counter()  # type: ignore[attr-defined]
     proc.stage = name  # type: ignore[attr-defined]

@@ -33,6 +33,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before any OpenMP runtime
 import faiss  # noqa: E402
 
 from retrieval import index as index_lib  # noqa: E402
+from retrieval import tuning  # noqa: E402
 from retrieval.catalog import Item  # noqa: E402
 
 
@@ -98,11 +99,11 @@ def run_collection(label: str, x: np.ndarray, q: np.ndarray, work: Path, args: a
     exact, gt = measure(f"{label}-exact", "Flat", x, q, None, work, None, args.batch1)
     exact["index"] = "exact (baseline)"
     rows = [exact]
-    auto = index_lib.choose_factory(n, dim, max_memory=args.max_memory)
+    auto = tuning.choose_factory(n, dim, max_memory=args.max_memory)
     factories = [("auto", auto.factory, args.max_memory)]
     # the compressed variant auto falls back to when the raw vectors exceed the budget
     squeezed = int(n * 4 * dim * args.pq_budget)
-    pq = index_lib.choose_factory(n, dim, max_memory=squeezed) if squeezed else auto
+    pq = tuning.choose_factory(n, dim, max_memory=squeezed) if squeezed else auto
     if pq.factory != auto.factory and n >= 20_000:
         factories.append((f"auto, {squeezed / 2**20:.0f} MiB budget", pq.factory, squeezed))
     factories += [(f, f, None) for f in extra_factories if f != auto.factory]
@@ -196,8 +197,8 @@ def main() -> None:
             x, q, figures = real_embeddings(args, work)
             print(f"\nreal embeddings: {figures['images']} images embedded at {figures['images_per_s']} images/s "
                   f"({figures['embed_backend']}, {figures['dim']}-d)", flush=True)
-            nlist = index_lib.nlist_for(len(x))
-            real_extra = extra + [f"HNSW{index_lib.HNSW_M},Flat", f"IVF{nlist}_HNSW{index_lib.HNSW_M},Flat"]
+            nlist = tuning.nlist_for(len(x))
+            real_extra = extra + [f"HNSW{tuning.HNSW_M},Flat", f"IVF{nlist}_HNSW{tuning.HNSW_M},Flat"]
             real_rows = run_collection(f"real-{Path(args.images).name}", x, q, work, args, real_extra)
             for r in real_rows:
                 r["embedding"] = figures

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mae import artifact
+from mae.files import write_json_atomic
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -65,24 +65,26 @@ def export_formats(out: Path, args: argparse.Namespace, result: dict[str, Any], 
 
 def embed(args: argparse.Namespace) -> dict[str, Any]:
     """``mae embed``: stream images through the artifact; write vectors.npy and the row -> path list beside it."""
-    from export.runtime import Embedder, image_files
+    from export.runtime import Embedder
+    from mae.data import list_images
 
-    files = image_files(args.inputs)
+    files, _ = list_images(args.inputs)
     out = Path(args.out)
     if out.suffix != ".npy":
         raise ValueError(f"--out must be a .npy file, got {out}")
     embedder = Embedder.load(args.artifact, backend=args.backend, batch_size=args.batch_size,
                              precision=args.precision)
-    vectors, kept, errors = embedder.embed_files(files, workers=args.workers)
-    if not len(kept):
+    done = embedder.embed_files(files, workers=args.workers)
+    errors = [s["error"] for s in done.skipped]
+    if not done.positions:
         raise ValueError(f"none of the {len(files)} images could be decoded; first error: {errors[0]}")
+    kept = [files[p] for p in done.positions]
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, vectors.astype(np.float32))
+    np.save(out, done.vectors)
     paths_file = out.with_suffix(".json")
-    paths_file.write_text(json.dumps({"artifact_sha256": embedder.sha256, "backend": embedder.backend_name,
-                                      "dim": embedder.dim, "paths": [str(p.resolve()) for p in kept],
-                                      "skipped": errors}, indent=1) + "\n")
-    text = (f"embedded {len(kept)} images with {embedder.backend_name} -> {out} {tuple(vectors.shape)}; "
+    write_json_atomic(paths_file, {"artifact_sha256": embedder.sha256, "backend": embedder.backend_name,
+                                   "dim": embedder.dim, "paths": [str(p.resolve()) for p in kept], "skipped": errors})
+    text = (f"embedded {len(kept)} images with {embedder.backend_name} -> {out} {tuple(done.vectors.shape)}; "
             f"row paths in {paths_file}")
     if errors:
         text += f"\nskipped {len(errors)} unreadable: " + "; ".join(errors[:5])

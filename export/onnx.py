@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 import time
 from collections import Counter
@@ -41,38 +40,35 @@ import numpy as np
 import torch
 from torch import nn
 
+from export.formats import FILES as FILES_TABLE
+from export.formats import ONNX_PRECISIONS, onnx_key
+from export.ort import cpu_session
+from export.parity import (
+    DEFAULT_DATA,
+    NEIGHBOURS,
+    PARITY_IMAGES,
+    output_names,
+    prove,
+    reference_images,
+    stamp_onnx,
+    torch_outputs,
+    update_export_record,
+)
 from mae import artifact as artifact_lib
 from mae.artifact import Artifact
-from mae.data import Preprocessing, load_source
+from mae.hardware import cpu_isa
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
-FILES = {"fp32": "encoder.onnx", "fp16": "encoder.fp16.onnx", "int8": "encoder.int8.onnx"}
-RECORD_KEYS = {"fp32": "onnx", "fp16": "onnx_fp16", "int8": "onnx_int8"}
-TOLERANCES: dict[str, dict[str, float]] = {
-    "fp32": {"cosine": 0.99999},
-    "fp16": {"cosine": 0.999},
-    "int8": {"cosine": 0.99, "top1_agreement": 0.99},
-}
-"""Minimum cosine (every image, every output) and top-1 agreement with PyTorch fp32 for each file."""
+FILES = {p: FILES_TABLE[onnx_key(p)] for p in ONNX_PRECISIONS}
+"""ONNX file name per precision (from export.formats)."""
 CHECK_BATCHES = (1, 3, 17)
 EXAMPLE_BATCH = 2  # >= 2, so that no exporter can specialise the batch dimension to 1
 MAX_BATCH = 1 << 16
 RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
                         "Bernoulli", "Dropout"})
-META_SHA = "mae.artifact_sha256"
-META_PRECISION = "mae.precision"
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GiB limit, with margin: larger weights go to FILE.data
-DEFAULT_DATA = ("mnist5k", "photos")
-# Images drawn for parity (half) and int8 calibration (the other half). With ~256 judged images a 99% top-1
-# agreement allows two flips; with 64 it allowed none, and a 5-epoch classifier's near-ties failed on one.
-PARITY_IMAGES = 512
-NEIGHBOURS = 10
-
-
-class ParityError(RuntimeError):
-    """An exported file whose outputs differ from PyTorch by more than its tolerance."""
 
 
 class ExportError(RuntimeError):
@@ -92,10 +88,6 @@ class _Graph(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.encoder(pixels, return_tokens=self.tokens)
-
-
-def output_names(art: Artifact, tokens: bool) -> list[str]:
-    return ["embedding"] + (["logits"] if art.labels else []) + (["tokens"] if tokens else [])
 
 
 def export_fp32(art: Artifact, path: str | Path, *, tokens: bool = False, opset: int = OPSET,
@@ -127,7 +119,7 @@ def export_fp32(art: Artifact, path: str | Path, *, tokens: bool = False, opset:
                     bytes=_file_bytes(path))
         if failures:
             info["exporter_failures"] = failures
-        stamp(path, art.sha256, "fp32")
+        stamp_onnx(path, art.sha256, "fp32")
         return info
     raise ExportError("no exporter produced a correct graph: " + "; ".join(f"{k}: {v}" for k, v in failures.items()))
 
@@ -173,26 +165,6 @@ def remove_onnx(path: Path) -> None:
 def _file_bytes(path: Path) -> int:
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
-
-
-def stamp(path: Path, sha256: str, precision: str) -> None:
-    """Record in the file which artifact (weights) it was exported from, so a stale file is never run."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    props = {p.key: p.value for p in model.metadata_props}
-    props.update({META_SHA: sha256, META_PRECISION: precision})
-    del model.metadata_props[:]
-    for k, v in props.items():
-        model.metadata_props.add(key=k, value=v)
-    onnx.save(model, str(path))
-
-
-def read_stamp(path: str | Path) -> dict[str, str]:
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return {p.key: p.value for p in model.metadata_props}
 
 
 def check_graph(path: Path, names: Sequence[str]) -> dict[str, Any]:
@@ -256,15 +228,6 @@ def check_batches(path: Path, graph: nn.Module, input_size: Sequence[int], names
     return worst
 
 
-def cpu_session(path: str | Path, threads: int | None = None) -> Any:
-    """An onnxruntime CPU session with the project's shared-core settings (export.runtime.session_options)."""
-    import onnxruntime as ort
-
-    from export.runtime import session_options
-
-    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
-
-
 # ----------------------------------------------------------------------------------------------- fp16
 
 
@@ -290,32 +253,12 @@ def convert_fp16(src: Path, dst: Path, sha256: str, fuse: bool = True) -> dict[s
     fixed = ir.from_proto(model)
     fixed.graph.sort()  # the converter appends the input casts at the end of the node list
     save_ir(fixed, dst)
-    stamp(dst, sha256, "fp16")
+    stamp_onnx(dst, sha256, "fp16")
     info["bytes"] = _file_bytes(dst)
     return info
 
 
 # ----------------------------------------------------------------------------------------------- int8
-
-
-def cpu_isa() -> dict[str, Any]:
-    """The x86 vector extensions that decide int8 speed: VNNI does u8 x s8 dot products without saturation."""
-    flags: set[str] = set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    vnni = bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
-    parts = [name for flag, name in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "AVX-512 VNNI"),
-                                     ("avx_vnni", "AVX-VNNI"), ("avx512_bf16", "AVX-512 BF16"),
-                                     ("amx_int8", "AMX-INT8")) if flag in flags]
-    model = ""
-    with contextlib.suppress(OSError):
-        model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                      if ln.startswith("model name")), "")
-    return {"isa": " / ".join(parts) or "unknown (no /proc/cpuinfo flags)", "vnni": vnni, "cpu": model,
-            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
 
 
 def fuse_attention(src: Path) -> tuple[Any, dict[str, int]]:
@@ -384,7 +327,7 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, sha256: str) ->
         )
     finally:
         root.setLevel(level)
-    stamp(dst, sha256, "int8")
+    stamp_onnx(dst, sha256, "int8")
     quantized = onnx.load(str(dst), load_external_data=False)
     ops = op_counts(quantized)
     return {
@@ -401,91 +344,10 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, sha256: str) ->
 # ----------------------------------------------------------------------------------------------- parity
 
 
-def reference_images(specs: Sequence[str], count: int, preprocessing: Preprocessing
-                     ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Real images from bundled sets (or folders), spread evenly over each: (parity, calibration, description).
-
-    The two sets are disjoint (alternate picks), so int8 is never judged on the images it was calibrated on.
-    """
-    if count < 2:
-        raise ValueError(f"need at least 2 parity images, got {count}")
-    per_source = max(1, count // len(specs))
-    parity: list[torch.Tensor] = []
-    calib: list[torch.Tensor] = []
-    used = {}
-    for spec in specs:
-        source = load_source(spec)
-        n = min(len(source), 2 * per_source)
-        picks = np.unique(np.linspace(0, len(source) - 1, n).round().astype(int))
-        for j, i in enumerate(picks):
-            (parity if j % 2 == 0 else calib).append(preprocessing(source.read(int(i))))
-        used[source.name] = int((len(picks) + 1) // 2)  # parity images from this source
-    info = {"sources": used, "images": len(parity), "calibration_images": len(calib)}
-    return torch.stack(parity).numpy(), torch.stack(calib).numpy(), info
-
-
-def torch_outputs(art: Artifact, pixels: np.ndarray, tokens: bool, batch: int = 32) -> dict[str, np.ndarray]:
-    """Eager PyTorch fp32 on CPU: the reference every file is compared with."""
-    names = output_names(art, tokens)
-    parts: list[tuple[torch.Tensor, ...]] = []
-    encoder = art.encoder.cpu().eval()
-    with torch.inference_mode():
-        for i in range(0, len(pixels), batch):
-            parts.append(encoder(torch.from_numpy(pixels[i : i + batch]), return_tokens=tokens))
-    return {name: torch.cat([p[k] for p in parts]).numpy() for k, name in enumerate(names)}
-
-
 def onnx_outputs(path: Path, pixels: np.ndarray, names: Sequence[str], batch: int = 32) -> dict[str, np.ndarray]:
     session = cpu_session(path)
     parts = [session.run(list(names), {"pixels": pixels[i : i + batch]}) for i in range(0, len(pixels), batch)]
     return {name: np.concatenate([p[k] for p in parts]).astype(np.float32) for k, name in enumerate(names)}
-
-
-def compare(reference: dict[str, np.ndarray], got: dict[str, np.ndarray], neighbours: bool) -> dict[str, Any]:
-    """Max abs difference and cosine (min and mean over images) per output; top-1 agreement for logits;
-    overlap of each image's top-10 neighbours among the set (embeddings) when ``neighbours``."""
-    figures: dict[str, Any] = {}
-    for name, ref in reference.items():
-        out = got[name].astype(np.float32)
-        r = ref.reshape(len(ref), -1).astype(np.float64)
-        g = out.reshape(len(out), -1).astype(np.float64)
-        cos = (r * g).sum(1) / np.maximum(np.linalg.norm(r, axis=1) * np.linalg.norm(g, axis=1), 1e-12)
-        entry = {"max_abs": float(np.abs(ref - out).max()), "cosine_min": float(cos.min()),
-                 "cosine_mean": float(cos.mean())}
-        if name == "logits":
-            entry["top1_agreement"] = float((ref.argmax(1) == out.argmax(1)).mean())
-        if name == "embedding" and neighbours:
-            entry[f"top{NEIGHBOURS}_neighbour_overlap"] = neighbour_overlap(ref, out, NEIGHBOURS)
-        figures[name] = entry
-    return figures
-
-
-def neighbour_overlap(reference: np.ndarray, other: np.ndarray, k: int) -> float:
-    """Mean share of each image's k nearest neighbours (cosine, self excluded) that both embeddings agree on."""
-    k = min(k, len(reference) - 1)
-    if k < 1:
-        return 1.0
-
-    def knn(x: np.ndarray) -> np.ndarray:
-        sim = x @ x.T
-        np.fill_diagonal(sim, -np.inf)
-        return np.argsort(-sim, axis=1, kind="stable")[:, :k]
-
-    a, b = knn(reference.astype(np.float64)), knn(other.astype(np.float64))
-    return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(a, b)]))
-
-
-def failures(figures: dict[str, Any], precision: str) -> list[str]:
-    """What misses the tolerance of ``precision``: an empty list means the file passes."""
-    tol = TOLERANCES[precision]
-    bad = []
-    for name, entry in figures.items():
-        if not entry["cosine_min"] >= tol["cosine"]:
-            bad.append(f"{name} cosine {entry['cosine_min']:.6f} < {tol['cosine']}")
-        if "top1_agreement" in entry and "top1_agreement" in tol and not entry["top1_agreement"] >= tol[
-                "top1_agreement"]:
-            bad.append(f"{name} top-1 agreement {entry['top1_agreement']:.4f} < {tol['top1_agreement']}")
-    return bad
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -504,30 +366,19 @@ def export_onnx(path: str | Path, *, fp16: bool = False, int8: bool = False, tok
     for precision in ("fp16", "int8"):  # a fresh fp32 export makes older derived files stale
         if not {"fp16": fp16, "int8": int8}[precision]:
             remove_onnx(path / FILES[precision])
-    config = dict(art.config)
-    kept = {k: v for k, v in config.get("export", {}).items() if k == "tensorrt"}  # engines are rebuilt on demand
-    record: dict[str, Any] = {**kept, "artifact_sha256": art.sha256, "tolerances": TOLERANCES,
-                              "versions": _versions()}
-    config["export"] = record
-    artifact_lib.write_config(path, config)
-
+    kept = {k: v for k, v in art.config.get("export", {}).items() if k not in ("onnx", "onnx_fp16", "onnx_int8")}
     pixels, calibration, data_info = reference_images(list(data), parity_images, art.preprocessing)
-    record["parity_data"] = data_info
+    record = update_export_record(path, {**kept, "artifact_sha256": art.sha256, "versions": _versions(),
+                                         "parity_data": data_info}, reset=True)
     names = output_names(art, tokens)
     reference = torch_outputs(art, pixels, tokens)
 
     def judge(precision: str, info: dict[str, Any]) -> None:
         file = path / FILES[precision]
         info["file"] = file.name
-        info["parity"] = compare(reference, onnx_outputs(file, pixels, names), neighbours=precision != "fp32")
-        problems = failures(info["parity"], precision)
-        info["passed"] = not problems
-        record[RECORD_KEYS[precision]] = info
-        artifact_lib.write_config(path, config)
-        if problems:
-            remove_onnx(file)
-            raise ParityError(f"{file.name} misses its tolerance on {len(pixels)} real images: "
-                              f"{'; '.join(problems)} (figures in {path / artifact_lib.CONFIG}; file deleted)")
+        key = onnx_key(precision)
+        record[key] = prove(path, key, info, reference, onnx_outputs(file, pixels, names),
+                            neighbours=precision != "fp32", files=[file])
 
     judge("fp32", export_fp32(art, path / FILES["fp32"], tokens=tokens, opset=opset, exporter=exporter))
     if fp16:
@@ -558,7 +409,7 @@ def _versions() -> dict[str, str]:
 def summary_lines(record: dict[str, Any]) -> list[str]:
     """People-readable parity lines of an ``export`` record."""
     lines = []
-    for key in RECORD_KEYS.values():
+    for key in map(onnx_key, ONNX_PRECISIONS):
         info = record.get(key)
         if not info:
             continue
@@ -568,7 +419,9 @@ def summary_lines(record: dict[str, Any]) -> list[str]:
         if f"top{NEIGHBOURS}_neighbour_overlap" in emb:
             parts.append(f"top-{NEIGHBOURS} nbr overlap {emb[f'top{NEIGHBOURS}_neighbour_overlap']:.3f}")
         if "logits" in figs:
-            parts.append(f"top-1 agree {figs['logits']['top1_agreement']:.3f}")
+            logits = figs["logits"]
+            parts.append(f"top-1 agree {logits['top1_agreement']:.3f}" + (
+                f" ({logits['top1_flips']} flips, p={logits['top1_p_value']:.2g})" if logits.get("top1_flips") else ""))
         if "tokens" in figs:
             parts.append(f"tokens cos min {figs['tokens']['cosine_min']:.6f}")
         extra = ""

@@ -1,53 +1,45 @@
-"""``Embedder``: one interface over the backends that run an artifact: torch, onnxruntime, TensorRT.
+"""``Embedder``: one interface over the backends that run an artifact (torch, onnxruntime, TensorRT, ...).
 
 Preprocessing comes from the artifact's config.json and is identical for every backend (decode, convert to
-the model's channels, resize, centre-crop, normalise), so only the graph executor differs. ``backend="auto"``
-picks, in order: a TensorRT engine built for this GPU and TensorRT version, onnxruntime (CUDA provider, then
-CPU), eager torch. Every exported file carries the sha256 of the artifact it came from; a stale file (weights
-re-exported since) is refused rather than run.
+the model's channels, resize, centre-crop, normalise), so only the graph executor differs. The backends are
+the rows of ``export.formats.BACKENDS``; ``backend="auto"`` takes the first that can run here, in the
+registry's order (a TensorRT engine built for this GPU, onnxruntime, eager torch). Every exported file carries
+the sha256 of the artifact it came from; a stale file (weights re-exported since) is refused rather than run.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
-import os
+import time
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
+from export.formats import BACKEND_CHOICES, BACKENDS, ONNX_PRECISIONS, Backend, BackendUnavailable, onnx_file
 from mae import artifact as artifact_lib
-from mae.data import IMAGE_EXTENSIONS, ImageError, Preprocessing, read_image
+from mae.data import ImageError, Preprocessing, read_image, read_image_hashed
 
 log = logging.getLogger(__name__)
-
-BACKENDS = ("auto", "torch", "onnx", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8")
-ONNX_FILES = {"fp32": "encoder.onnx", "fp16": "encoder.fp16.onnx", "int8": "encoder.int8.onnx"}
-
-
-class Backend(Protocol):
-    name: str
-
-    def run(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        """pixels float32 (N, C, H, W), already preprocessed -> {"embedding": (N, D), "logits": (N, K)?}."""
-        ...
-
-
-class BackendUnavailable(RuntimeError):
-    """A backend that cannot run here (no file, no library, no GPU); the message says which and why."""
-
 
 class TorchBackend:
     """Eager PyTorch on the artifact's timm ViT (the reference every other backend is checked against)."""
 
-    def __init__(self, path: Path, device: str | None = None):
+    def __init__(self, path: Path, config: dict[str, Any], device: str | None = None, precision: str | None = None):
+        if precision not in (None, "fp32"):
+            raise BackendUnavailable(f"the torch backend runs the fp32 weights, not {precision}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.artifact = artifact_lib.load(path, device=self.device)
         self.name = f"torch-{self.device.type}"
+
+    @staticmethod
+    def unavailable(path: Path, config: dict[str, Any], device: str | None, precision: str | None) -> str | None:
+        return None if precision in (None, "fp32") else f"runs fp32 only (asked for {precision})"
 
     @torch.inference_mode()
     def run(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
@@ -62,44 +54,6 @@ class TorchBackend:
 # ----------------------------------------------------------------------------------------------- onnxruntime
 
 
-def session_options(threads: int | None = None) -> Any:
-    """THE onnxruntime settings of this project (every session, export checks included, is made with these).
-
-    Why: an embedder shares its cores with a server, image decoding and DataLoader workers. onnxruntime's
-    worker threads spin-wait for work by default, which on shared cores stole CPU from everything else and
-    slowed it by up to 3x here; with spinning off, idle threads sleep. Intra-op threads = the cores this
-    process may use (its CPU affinity, not the machine's count, so a container's or taskset's limit is
-    respected), or ``threads`` / ``MAE_ORT_THREADS``; one inter-op thread, since the graph is a chain.
-    """
-    import onnxruntime as ort
-
-    env = os.environ.get("MAE_ORT_THREADS")
-    if threads is None and env:
-        threads = int(env)
-    if threads is None:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = max(1, threads)
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    so.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise to users
-    return so
-
-
-def check_stamp(file: Path, config: dict[str, Any]) -> None:
-    """Refuse an exported file that was not exported from these weights (stale after a re-export)."""
-    from export.onnx import META_SHA, read_stamp
-
-    recorded = read_stamp(file).get(META_SHA)
-    if recorded != config["sha256"]:
-        raise artifact_lib.ArtifactError(
-            f"{file} was exported from other weights (artifact sha256 {str(recorded)[:12]}, this artifact is "
-            f"{config['sha256'][:12]}); re-run `mae export --onnx` for this artifact")
-
-
 class OnnxBackend:
     """onnxruntime: CUDA provider when there is a GPU (and onnxruntime-gpu), else the CPU provider.
 
@@ -110,38 +64,80 @@ class OnnxBackend:
 
     def __init__(self, path: Path, config: dict[str, Any], device: str | None = None, precision: str | None = None,
                  threads: int | None = None):
-        try:
-            import onnxruntime as ort
-        except ImportError as e:
-            raise BackendUnavailable("onnxruntime is not installed (pip install 'mae-service[cpu]')") from e
-        cuda = "CUDAExecutionProvider" in ort.get_available_providers() and device != "cpu"
-        if device is not None and device.startswith("cuda") and not cuda:
-            raise BackendUnavailable("device cuda asked for, but onnxruntime has no CUDA provider here")
+        from export.ort import session_options
+        from export.parity import check_onnx_stamp
+
+        reason = self.unavailable(path, config, device, precision)
+        if reason:
+            raise BackendUnavailable(f"onnx backend: {reason}")
+        import onnxruntime as ort
+
+        cuda = _ort_cuda(device)
         if precision is None:
-            precision = "fp16" if cuda and (path / ONNX_FILES["fp16"]).exists() else "fp32"
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        file = path / ONNX_FILES[precision]
-        if not file.exists():
-            flag = {"fp32": "--onnx", "fp16": "--fp16", "int8": "--int8"}[precision]
-            raise BackendUnavailable(f"{path} has no {file.name}; run `mae export ... {flag}`")
-        check_stamp(file, config)
+            precision = "fp16" if cuda and onnx_file(path, "fp16").exists() else "fp32"
+        file = onnx_file(path, precision)
+        check_onnx_stamp(file, config)
         providers: list[Any] = ["CPUExecutionProvider"]
         if cuda and precision != "int8":
             device_id = int(device.split(":")[1]) if device and ":" in device else 0
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
-        self.session = ort.InferenceSession(str(file), session_options(threads), providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(file), session_options(threads), providers=providers)
+        except Exception as e:  # onnxruntime's own errors on a damaged or foreign graph
+            raise artifact_lib.ArtifactError(f"onnxruntime cannot load {file} ({type(e).__name__}: "
+                                             f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
         self.outputs = [o.name for o in self.session.get_outputs() if o.name in ("embedding", "logits")]
         self.precision = precision
         provider = self.session.get_providers()[0].replace("ExecutionProvider", "").lower()
         self.name = f"onnx-{provider}-{precision}"
+
+    @staticmethod
+    def unavailable(path: Path, config: dict[str, Any], device: str | None, precision: str | None) -> str | None:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return "onnxruntime is not installed (pip install 'mae-service[cpu]')"
+        if precision is not None and precision not in ONNX_PRECISIONS:
+            return f"precision must be one of {ONNX_PRECISIONS}, got {precision!r}"
+        if device is not None and device.startswith("cuda") and not _ort_cuda(device):
+            return "device cuda asked for, but onnxruntime has no CUDA provider here"
+        want = precision or "fp32"
+        if not onnx_file(path, want).exists():
+            flag = {"fp32": "--onnx", "fp16": "--fp16", "int8": "--int8"}[want]
+            return f"{path} has no {onnx_file(path, want).name} (mae export ... {flag})"
+        return None
 
     def run(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         got = self.session.run(self.outputs, {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)})
         return {name: np.asarray(value, dtype=np.float32) for name, value in zip(self.outputs, got)}
 
 
+def _ort_cuda(device: str | None) -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers() and device != "cpu"
+
+
 # ----------------------------------------------------------------------------------------------- Embedder
+
+
+@dataclass
+class EmbeddedFiles:
+    """What streaming a list of image files through an embedder gave, in file order."""
+
+    vectors: np.ndarray
+    """(M, D) float32, L2-normalised: one row per readable file."""
+    positions: list[int]
+    """Index into the input file list of each row."""
+    sha256: list[str]
+    """sha256 of each embedded file's bytes (the catalogue's duplicate check)."""
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    """{"path", "error"} per file that could not be read or decoded."""
+    seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return round(len(self.positions) / self.seconds, 1) if self.seconds > 0 else 0.0
 
 
 class Embedder:
@@ -159,24 +155,19 @@ class Embedder:
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", device: str | None = None, batch_size: int = 64,
              precision: str | None = None) -> Embedder:
-        """Open an artifact with ``backend``: auto | torch | onnx | tensorrt.
+        """Open an artifact with ``backend``: auto or a name of ``export.formats.BACKENDS``.
 
-        auto: a TensorRT engine that matches this GPU and TensorRT version, then onnxruntime (CUDA provider,
-        then CPU), then eager torch. ``precision`` (onnx only): fp32 | fp16 | int8 (see ``OnnxBackend``).
+        auto: the first backend of the registry that can run here (a TensorRT engine that matches this GPU,
+        then onnxruntime, CUDA provider then CPU, then eager torch); ``precision`` picks its file.
         """
         path = Path(path)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend not in BACKEND_CHOICES:
+            raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
         config = artifact_lib.read_config(path)
-        if backend == "torch":
-            return cls(path, config, TorchBackend(path, device), batch_size)
-        if backend == "onnx":
-            return cls(path, config, OnnxBackend(path, config, device, precision), batch_size)
-        if backend == "tensorrt":
-            from export.tensorrt import TensorRTBackend
-
-            return cls(path, config, TensorRTBackend(path, config, device), batch_size)
-        return cls(path, config, _auto_backend(path, config, device, precision), batch_size)
+        if backend == "auto":
+            return cls(path, config, _auto_backend(path, config, device, precision), batch_size)
+        return cls(path, config, backend_class(backend)(path, config, device=device, precision=precision),
+                   batch_size)
 
     # ------------------------------------------------------------------ facts
 
@@ -230,92 +221,96 @@ class Embedder:
         logits = self.run(self.preprocess(images))["logits"]
         return top_k(logits, self.labels, k)
 
-    def embed_files(self, paths: Sequence[str | Path], *, workers: int = 2, progress: bool = True
-                    ) -> tuple[np.ndarray, list[Path], list[str]]:
-        """Stream image files through a DataLoader (decode + preprocess in ``workers`` processes, never the
-        whole set in memory) -> (embeddings (M, D), the M paths embedded in row order, one message per file
-        that could not be decoded and was skipped)."""
+    def embed_files(self, files: Sequence[str | Path], *, workers: int = 2, progress: bool = True,
+                    desc: str = "embedding") -> EmbeddedFiles:
+        """Stream image files through the model: read, hash and preprocess in ``workers`` DataLoader processes,
+        embed batch by batch, so only a few batches of pixels are ever in memory. A file that cannot be read
+        or decoded is skipped and reported, never fatal."""
         from torch.utils.data import DataLoader
-        from tqdm import tqdm
+        from tqdm.auto import tqdm
 
-        dataset = _Files([Path(p) for p in paths], self.preprocessing)
-        loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=workers, collate_fn=_collate_files)
+        files = [Path(f) for f in files]
+        loader = DataLoader(_Files(files, self.preprocessing), batch_size=self.batch_size, shuffle=False,
+                            num_workers=workers, collate_fn=_collate_files,
+                            prefetch_factor=2 if workers > 0 else None)
         vectors: list[np.ndarray] = []
-        kept: list[Path] = []
-        errors: list[str] = []
-        with tqdm(total=len(dataset), unit="img", desc="embed", disable=not progress, leave=False) as bar:
-            for pixels, indices, bad in loader:
-                errors += bad
-                if len(indices):
-                    vectors.append(self.run(pixels.numpy())["embedding"])
-                    kept += [dataset.paths[i] for i in indices]
-                bar.update(len(indices) + len(bad))
-        out = np.concatenate(vectors) if vectors else np.zeros((0, self.dim), np.float32)
-        return out, kept, errors
+        result = EmbeddedFiles(np.zeros((0, self.dim), np.float32), [], [])
+        started = time.perf_counter()
+        with tqdm(total=len(files), desc=desc, unit="img", disable=not progress or None, dynamic_ncols=True,
+                  leave=False) as bar:
+            for positions, pixels, hashes, errors in loader:
+                result.skipped += [{"path": str(files[p]), "error": err} for p, err in errors]
+                if positions:
+                    vectors.append(self.run(pixels.numpy())["embedding"].astype(np.float32, copy=False))
+                    result.positions += positions
+                    result.sha256 += hashes
+                bar.update(len(positions) + len(errors))
+                if result.skipped:
+                    bar.set_postfix(skipped=len(result.skipped))
+        if vectors:
+            result.vectors = np.concatenate(vectors)
+        result.seconds = time.perf_counter() - started
+        return result
 
 
 class _Files(torch.utils.data.Dataset):
-    def __init__(self, paths: list[Path], preprocessing: Preprocessing):
-        self.paths = paths
+    """(position, pixels (C, H, W) or None, sha256 or None, error or None) per file."""
+
+    def __init__(self, files: list[Path], preprocessing: Preprocessing):
+        self.files = files
         self.preprocessing = preprocessing
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.files)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None, str | None]:
         try:
-            return i, self.preprocessing(read_image(self.paths[i])), None
-        except (ImageError, OSError) as e:
-            return i, None, str(e)
+            arr, sha = read_image_hashed(self.files[i])
+            return i, self.preprocessing(arr), sha, None
+        except (ImageError, OSError, ValueError) as e:
+            return i, None, None, str(e)
 
 
-def _collate_files(batch: list[tuple[int, torch.Tensor | None, str | None]]
-                   ) -> tuple[torch.Tensor, list[int], list[str]]:
-    good = [(i, x) for i, x, _ in batch if x is not None]
-    bad = [err for _, x, err in batch if x is None and err]
-    pixels = torch.stack([x for _, x in good]) if good else torch.zeros(0)
-    return pixels, [i for i, _ in good], bad
+def _collate_files(batch: list[tuple[int, torch.Tensor | None, str | None, str | None]]
+                   ) -> tuple[list[int], torch.Tensor, list[str], list[tuple[int, str]]]:
+    good = [b for b in batch if b[1] is not None]
+    errors = [(b[0], b[3] or "unreadable") for b in batch if b[1] is None]
+    pixels = torch.stack([b[1] for b in good]) if good else torch.zeros(0)
+    return [b[0] for b in good], pixels, [b[2] for b in good], errors
 
 
-def image_files(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files and folders (recursive, image extensions only, sorted) -> image paths, in the order given."""
-    files: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-            if not found:
-                raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {item}")
-            files += found
-        elif item.is_file():
-            files.append(item)
-        else:
-            raise FileNotFoundError(f"{item}: no such file or folder")
-    return files
+# ----------------------------------------------------------------------------------------------- backends
+
+
+def backend_class(name: str) -> type:
+    """The class that runs backend ``name`` (imported on first use: TensorRT and friends load only if asked)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {name!r}")
+    module, _, cls = BACKENDS[name].loader.partition(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def _auto_backend(path: Path, config: dict[str, Any], device: str | None, precision: str | None) -> Backend:
-    """TensorRT (engine matching this GPU) -> onnxruntime (CUDA, then CPU) -> torch; each refusal is logged."""
+    """The first backend of the registry that can run here; each refusal is logged, a failed load is warned."""
     reasons = []
-    if device is None or device.startswith("cuda"):
+    for name, spec in BACKENDS.items():
+        if spec.gpu_only and device is not None and not device.startswith("cuda"):
+            continue
+        cls = backend_class(name)
+        reason = cls.unavailable(path, config, device, precision)
+        if reason:
+            reasons.append(f"{name}: {reason}")
+            continue
         try:
-            from export.tensorrt import TensorRTBackend, engine_mismatch
-
-            reason = engine_mismatch(path, config)
-            if reason is None:
-                return TensorRTBackend(path, config, device)
-            reasons.append(f"tensorrt: {reason}")
-        except (BackendUnavailable, ImportError, OSError, RuntimeError) as e:
-            reasons.append(f"tensorrt: {e}")
-    if (path / ONNX_FILES["fp32"]).exists() or (precision and (path / ONNX_FILES[precision]).exists()):
-        try:
-            return OnnxBackend(path, config, device, precision)
-        except (BackendUnavailable, artifact_lib.ArtifactError, ImportError) as e:
-            reasons.append(f"onnx: {e}")
-            warnings.warn(f"onnxruntime backend skipped: {e}", stacklevel=3)
-    else:
-        reasons.append("onnx: no encoder.onnx (mae export --onnx)")
-    log.info("auto backend: torch (%s)", "; ".join(reasons))
-    return TorchBackend(path, device)
+            backend = cls(path, config, device=device, precision=precision)
+        except (BackendUnavailable, artifact_lib.ArtifactError, ImportError, OSError, RuntimeError) as e:
+            reasons.append(f"{name}: {e}")
+            warnings.warn(f"{name} backend skipped: {e}", stacklevel=3)
+            continue
+        if reasons:
+            log.info("auto backend: %s (%s)", backend.name, "; ".join(reasons))
+        return backend
+    raise BackendUnavailable("no backend can run this artifact here: " + "; ".join(reasons))
 
 
 def top_k(logits: np.ndarray, labels: Sequence[str], k: int) -> list[list[dict[str, Any]]]:

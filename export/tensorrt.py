@@ -26,13 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from export.formats import FILES, TENSORRT_PRECISIONS, BackendUnavailable
+from export.parity import check_onnx_stamp
 from mae import artifact as artifact_lib
+from mae.files import write_json_atomic
 
-PLAN = "encoder.plan"
-SIDECAR = "encoder.plan.json"
-PRECISIONS = ("fp16", "bf16", "fp32")
-TOLERANCES = {"fp32": {"cosine": 0.9999}, "fp16": {"cosine": 0.999}, "bf16": {"cosine": 0.99}}
-"""TensorRT fp32 may use TF32 matmuls, hence 0.9999 rather than the ONNX fp32 file's 0.99999."""
+PLAN = FILES["tensorrt"]
+SIDECAR = FILES["tensorrt_sidecar"]
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -75,8 +75,8 @@ def build_engine(path: str | Path, *, precision: str = "fp16", min_batch: int = 
     trt = _trt()
     path = Path(path)
     config_json = artifact_lib.read_config(path)
-    if precision not in PRECISIONS:
-        raise ValueError(f"TensorRT precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision not in TENSORRT_PRECISIONS:
+        raise ValueError(f"TensorRT precision must be one of {TENSORRT_PRECISIONS}, got {precision!r}")
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise ValueError(f"need 1 <= min <= opt <= max batch, got {min_batch}/{opt_batch}/{max_batch}")
     major = major_version()
@@ -84,12 +84,10 @@ def build_engine(path: str | Path, *, precision: str = "fp16", min_batch: int = 
     if typed and precision == "bf16":
         raise ValueError("TensorRT 11 takes precision from the ONNX types and this project writes no bf16 ONNX "
                          "graph; build fp16, or use TensorRT 10 for bf16")
-    onnx_file = path / "encoder.onnx"
+    onnx_file = path / FILES["onnx"]
     if not onnx_file.exists():
         raise FileNotFoundError(f"{onnx_file} is missing; TensorRT builds from it (mae export ... --onnx)")
-    from export.runtime import check_stamp
-
-    check_stamp(onnx_file, config_json)
+    check_onnx_stamp(onnx_file, config_json)
     source = onnx_file.name
     if typed and precision == "fp16":
         from export.onnx import convert_fp16, remove_onnx
@@ -136,7 +134,7 @@ def _build(trt: Any, path: Path, onnx_file: Path, source: str, config_json: dict
     profile.set_shape("pixels", (min_batch, c, h, w), (opt_batch, c, h, w), (max_batch, c, h, w))
     config.add_optimization_profile(profile)
 
-    cache_path = Path(timing_cache) if timing_cache else path / "tensorrt.timing.cache"
+    cache_path = Path(timing_cache) if timing_cache else path / FILES["tensorrt_timing_cache"]
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
 
@@ -159,7 +157,7 @@ def _build(trt: Any, path: Path, onnx_file: Path, source: str, config_json: dict
         "build_seconds": round(seconds, 1),
         "timing_cache": str(cache_path),
     }
-    (path / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
+    write_json_atomic(path / SIDECAR, sidecar)
     return sidecar
 
 
@@ -230,16 +228,23 @@ def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
 class TensorRTBackend:
     """``Embedder`` backend: numpy in, numpy out, the engine in between."""
 
-    def __init__(self, path: Path, config: dict[str, Any], device: str | None = None):
-        from export.runtime import BackendUnavailable
-
-        reason = engine_mismatch(path, config)
+    def __init__(self, path: Path, config: dict[str, Any], device: str | None = None, precision: str | None = None):
+        reason = self.unavailable(path, config, device, precision)
         if reason:
             raise BackendUnavailable(f"tensorrt backend: {reason}")
         index = int(device.split(":")[1]) if device and ":" in device else 0
         self.runner = TensorRTRunner(path / PLAN, index)
         side = json.loads((path / SIDECAR).read_text())
         self.name = f"tensorrt-{side['precision']}"
+
+    @staticmethod
+    def unavailable(path: Path, config: dict[str, Any], device: str | None, precision: str | None) -> str | None:
+        reason = engine_mismatch(path, config)
+        if reason is None and precision is not None:
+            built = json.loads((Path(path) / SIDECAR).read_text()).get("precision")
+            if built != precision:
+                reason = f"{PLAN} was built for {built}, not {precision}"
+        return reason
 
     def run(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(self.runner.device)
@@ -249,29 +254,17 @@ class TensorRTBackend:
 
 def tensorrt_parity(path: str | Path, data: Any = None, parity_images: int | None = None) -> dict[str, Any]:
     """Run the engine on the bundled real images and compare with eager PyTorch fp32; record; fail loudly."""
-    from export.onnx import DEFAULT_DATA, PARITY_IMAGES, ParityError, compare, reference_images, torch_outputs
+    from export.parity import DEFAULT_DATA, PARITY_IMAGES, TOLERANCES, prove, reference_images, torch_outputs
 
     path = Path(path)
     art = artifact_lib.load(path)
     side = json.loads((path / SIDECAR).read_text())
     pixels, _, info = reference_images(list(data or DEFAULT_DATA), parity_images or PARITY_IMAGES, art.preprocessing)
-    reference = torch_outputs(art, pixels, tokens=False)
+    reference = torch_outputs(art, pixels)
     runner = TensorRTRunner(path / PLAN)
     with torch.inference_mode():
         out = runner(torch.from_numpy(pixels).to(runner.device))
     got = {k: v.cpu().numpy() for k, v in out.items() if k in reference}
-    figures = compare(reference, got, neighbours=True)
-    tol = TOLERANCES[side["precision"]]
-    problems = [f"{k} cosine {v['cosine_min']:.6f} < {tol['cosine']}" for k, v in figures.items()
-                if not v["cosine_min"] >= tol["cosine"]]
-    if "logits" in figures and not figures["logits"]["top1_agreement"] >= 0.99:
-        problems.append(f"logits top-1 agreement {figures['logits']['top1_agreement']:.4f} < 0.99")
-    record = {**side, "file": PLAN, "bytes": (path / PLAN).stat().st_size, "parity": figures,
-              "parity_data": info, "tolerance": tol, "passed": not problems}
-    config = dict(art.config)
-    config.setdefault("export", {})["tensorrt"] = record
-    artifact_lib.write_config(path, config)
-    if problems:
-        (path / PLAN).unlink()
-        raise ParityError(f"{PLAN} misses its tolerance: {'; '.join(problems)} (engine deleted; figures in config)")
-    return record
+    record = {**side, "file": PLAN, "bytes": (path / PLAN).stat().st_size, "parity_data": info}
+    return prove(path, "tensorrt", record, reference, got, tolerance=TOLERANCES[f"tensorrt_{side['precision']}"],
+                 files=[path / PLAN])

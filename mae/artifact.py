@@ -31,17 +31,17 @@ from torch import nn
 import mae
 from mae.config import Config
 from mae.data import Preprocessing
+from mae.files import sha256_file, write_json_atomic
 
 FORMAT = 1
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 POOLINGS = ("token", "avg")
-# A pretrained (not finetuned) encoder's embedding: the mean of the final-normed patch tokens. Measured on mnist5k
-# with the mini preset (bench/quality.py, 150 epochs): in RGB, kNN 0.913 avg vs 0.856 class token and cached probe
-# 0.964 vs 0.946 (after 25 epochs: 0.849 vs 0.759 and 0.951 vs 0.908); in grey (the preset now), probe 0.959 vs
-# 0.956 but kNN 0.889 vs 0.917. Avg is the safer default early in training and for probing; the MAE loss never
+# A pretrained (not finetuned) encoder's embedding: the mean of the final-normed patch tokens. The MAE loss never
 # reaches the class token except through the decoder's attention, which has the patch tokens too, while every
-# patch token must carry what its masked neighbours need. ``mae export --pooling token`` picks the other.
+# patch token must carry what its masked neighbours need; so avg is the safer default early in training and for
+# probing (bench/quality.py measures both; README "Finetune, linear probe, evaluate" has the figures).
+# ``mae export --pooling token`` picks the other.
 DEFAULT_PRETRAINED_POOLING = "avg"
 
 
@@ -189,9 +189,7 @@ def save(
 def content_sha256(weights: Path, config: dict[str, Any]) -> str:
     """Identity of an artifact: its weights and everything that changes what the weights compute."""
     h = hashlib.sha256()
-    with open(weights, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
+    sha256_file(weights, h)
     meaning = {k: config.get(k) for k in ("model", "preprocessing", "pooling", "fc_norm", "labels")}
     h.update(json.dumps(meaning, sort_keys=True).encode())
     return h.hexdigest()
@@ -199,10 +197,7 @@ def content_sha256(weights: Path, config: dict[str, Any]) -> str:
 
 def write_config(path: str | Path, config: dict[str, Any]) -> None:
     """Rewrite config.json atomically (export stages add their figures under ``export``)."""
-    path = Path(path)
-    tmp = path / (CONFIG + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    tmp.replace(path / CONFIG)
+    write_json_atomic(Path(path) / CONFIG, config)
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -242,7 +237,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", verify: bool = Tr
         weights = load_file(str(path / WEIGHTS))
     except (SafetensorError, OSError) as e:
         raise ArtifactError(f"{path / WEIGHTS} is not readable safetensors ({e})") from e
-    vit = build_vit(config["timm"]["kwargs"])
+    vit = build_vit(artifact_vit_kwargs(path, config))
     try:
         result = vit.load_state_dict(weights, strict=False)
     except RuntimeError as e:  # shape mismatches
@@ -253,6 +248,21 @@ def load(path: str | Path, device: str | torch.device = "cpu", verify: bool = Tr
         raise ArtifactError(f"{WEIGHTS} does not match {CONFIG}: {' '.join(p for p in problems if p)}")
     encoder = Encoder(vit).eval().to(device)
     return Artifact(path, config, encoder, Preprocessing.from_dict(config["preprocessing"]))
+
+
+def artifact_vit_kwargs(path: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The ViT an artifact's weights belong to, built from the fields its sha256 covers (model, pooling, fc_norm,
+    labels). The ``timm`` section repeats them for ``timm.create_model``; one that disagrees is refused."""
+    try:
+        kwargs = vit_kwargs(config["model"], config["pooling"], bool(config.get("fc_norm", False)),
+                            len(config.get("labels") or []))
+    except (KeyError, TypeError) as e:
+        raise ArtifactError(f"{path / CONFIG}: its model section is incomplete ({e})") from e
+    timm_kwargs = (config.get("timm") or {}).get("kwargs")
+    if timm_kwargs != kwargs:
+        raise ArtifactError(f"{path / CONFIG}: its timm section disagrees with its model, pooling and labels "
+                            f"(timm {timm_kwargs}, expected {kwargs}); re-export the artifact")
+    return kwargs
 
 
 @dataclass
@@ -293,7 +303,7 @@ def read_checkpoint(checkpoint: str | Path, pooling: str | None = None) -> Check
     BatchNorm1d(affine=False) is folded into its Linear, so every head is one Linear over the pooled feature.
     Foreign files carry no preprocessing, so they get the ImageNet recipe at their native resolution.
     """
-    from mae.checkpoint import file_sha256, load_weights_and_meta
+    from mae.checkpoint import load_weights_and_meta
     from mae.config import DataConfig
     from mae.model import infer_model_config
 
@@ -309,10 +319,9 @@ def read_checkpoint(checkpoint: str | Path, pooling: str | None = None) -> Check
     fc_norm = "fc_norm.weight" in state
     has_head = "head.weight" in state
     if has_head:
-        trained = "avg" if fc_norm else "token"  # the official layouts: avg + fc_norm, or token + norm
-        task = meta.get("task")
-        if saved and "finetune" in saved and task in ("finetune", "linear_probe"):
-            trained = saved["finetune"]["global_pool" if task == "finetune" else "probe_pool"]
+        # Our finetune checkpoints record it; official ones have one of two layouts: avg + fc_norm, token + norm.
+        trained = meta.get("pooling") or _pooling_of_older_run(saved, meta.get("task")) or (
+            "avg" if fc_norm else "token")
         if pooling is not None and pooling != trained:
             raise ArtifactError(f"{checkpoint}: its classification head was trained on {trained} pooling; "
                                 f"--pooling {pooling} would feed it features it has never seen")
@@ -328,9 +337,16 @@ def read_checkpoint(checkpoint: str | Path, pooling: str | None = None) -> Check
         labels = None
     if pooling == "avg" and not fc_norm and "norm.weight" not in state:
         raise ArtifactError(f"{checkpoint}: neither norm nor fc_norm weights; not a complete ViT encoder")
-    source = {"checkpoint": str(Path(checkpoint).resolve()), "sha256": file_sha256(_weights_file(checkpoint))}
+    source = {"checkpoint": str(Path(checkpoint).resolve()), "sha256": sha256_file(_weights_file(checkpoint))}
     return CheckpointEncoder(state, dataclasses.asdict(model_cfg), preprocessing, pooling, fc_norm,
                              list(labels) if labels else None, source, saved)
+
+
+def _pooling_of_older_run(saved: dict[str, Any] | None, task: str | None) -> str | None:
+    """Checkpoints written before ``pooling`` was saved: the recipe field the run read it from."""
+    if saved and "finetune" in saved and task in ("finetune", "linear_probe"):
+        return saved["finetune"]["global_pool" if task == "finetune" else "probe_pool"]
+    return None
 
 
 def from_random_init(out: str | Path, cfg: Config, *, labels: list[str] | None = None, seed: int = 0,

@@ -7,13 +7,12 @@ It is written to a temporary file in the same folder and renamed into place, so 
 
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from mae.files import atomic_path
 
 FORMAT = 1
 CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "step", "epoch", "config", "format")
@@ -30,17 +29,8 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     if missing:
         raise ValueError(f"checkpoint state lacks {missing}")
     state = {"format": FORMAT, **state}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
     return path
 
 
@@ -170,11 +160,3 @@ def from_hf_vitmae(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for (name, kind), parts in qkv.items():
         out[f"{name}.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     return out
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()

@@ -162,7 +162,8 @@ class RunConfig:
 class FinetuneConfig:
     """How ``mae finetune`` trains a classifier on a pretrained encoder (official ``main_finetune.py`` and
     ``main_linprobe.py`` defaults for ViT-B). A pretraining run carries it so that its finetune recipe travels
-    with it; ``mae finetune`` turns the fields below into the run's ``optim`` and ``run.epochs``.
+    with it, and it is the only home of a finetune run's optimiser and length: a finetune or probe run reads
+    these fields, never ``optim`` or ``run.epochs`` (which keep describing the pretraining it started from).
     """
 
     global_pool: str = "avg"
@@ -197,6 +198,10 @@ class FinetuneConfig:
     """Finetune cosine floor."""
     epochs: int = 100
     """Finetune epochs (ViT-B 100, ViT-L/H 50)."""
+    accum_iter: int = 1
+    """Finetune micro-steps accumulated into one optimiser step (the official run: 4)."""
+    clip_grad: float | None = None
+    """Clip the finetune's global gradient norm to this value (off in the official recipe)."""
     probe_pool: str = "token"
     """Linear-probe feature: token (the paper's: class token after the final norm) or avg (mean of the normed
     patch tokens, which small encoders trained briefly separate better; see bench/quality.py)."""
@@ -223,6 +228,8 @@ class FinetuneConfig:
             raise ValueError("finetune.smoothing must be in [0, 1); finetune.reprob and finetune.hflip in [0, 1]")
         if min(self.mixup, self.cutmix, self.drop_path) < 0:
             raise ValueError("finetune.mixup, finetune.cutmix and finetune.drop_path must be >= 0")
+        if self.accum_iter < 1 or min(self.batch_size, self.probe_batch_size, self.epochs, self.probe_epochs) < 1:
+            raise ValueError("finetune.accum_iter, the batch sizes and the epochs must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -278,6 +285,30 @@ class Config:
             current = getattr(self, name)
             updates[name] = dataclasses.replace(current, **values) if isinstance(values, dict) else values
         return dataclasses.replace(self, **updates)
+
+
+# ----------------------------------------------------------------------------------------------- command line
+
+
+def length_overrides(epochs: int | None = None, steps: int | None = None, batch_size: int | None = None,
+                     prefix: str = "") -> list[str]:
+    """``--epochs/--steps/--batch-size`` as ``--set`` assignments (``prefix`` names the fields of a finetune)."""
+    sets = []
+    if epochs is not None:
+        sets += [f"{prefix or 'run.'}epochs={epochs}"] + ([] if prefix else ["run.steps=null"])
+    if steps is not None:
+        sets.append(f"run.steps={steps}")
+    if batch_size is not None:
+        sets.append(f"{prefix or 'optim.'}batch_size={batch_size}")
+    return sets
+
+
+def config_from_args(args: Any, base: Config | None = None) -> Config:
+    """``base`` (default: ``--preset``) + ``--epochs/--steps/--batch-size`` + ``--set`` overrides (last wins)."""
+    cfg = base if base is not None else get_preset(args.preset)
+    sets = length_overrides(getattr(args, "epochs", None), getattr(args, "steps", None),
+                            getattr(args, "batch_size", None))
+    return cfg.override(sets + list(getattr(args, "overrides", [])))
 
 
 # ----------------------------------------------------------------------------------------------- presets
@@ -381,15 +412,12 @@ def mae_vit_tiny_patch4_32() -> Config:
 def mae_vit_mini_patch4_32() -> Config:
     """The small-data recipe for mnist5k on a CPU: 32 px/4, grey, 128 wide x 4 blocks, decoder 64 x 2, 150 epochs.
 
-    Found with bench/quality.py: 150 epochs took 26.6 CPU-minutes (1 thread, bf16 autocast) and gave cached
-    probe 0.959 / 0.956 and kNN 0.889 / 0.917 (avg / class token), and finetune 0.991 vs 0.975 from scratch.
-    One input channel: digits are grey, and with three copies of it the per-patch normalised targets let the
-    decoder paint colour noise into the reconstructions (RGB gave probe 0.964, kNN 0.913 avg, finetune
-    0.985 for the same CPU time). Against the tiny preset it trades width and
-    depth (about 3x fewer FLOPs per image) for epochs, and uses small batches with a high lr (1e-3 at batch
-    64): on 4,000 images the number of optimiser steps matters more than the model size. A 4-block decoder
-    was no better at equal epochs. Digits are not mirror-symmetric, so no flips; set data.hflip /
-    finetune.hflip to 0.5 for natural images.
+    Found with bench/quality.py (its figures are in the README). One input channel: digits are grey, and with
+    three copies of it the per-patch normalised targets let the decoder paint colour noise into the
+    reconstructions. Against the tiny preset it trades width and depth (about 3x fewer FLOPs per image) for
+    epochs, and uses small batches with a high lr: on 4,000 images the number of optimiser steps matters more
+    than the model size. Digits are not mirror-symmetric, so no flips; set data.hflip / finetune.hflip to 0.5
+    for natural images.
     """
     return Config(
         model=ModelConfig(
@@ -400,9 +428,9 @@ def mae_vit_mini_patch4_32() -> Config:
         optim=OptimConfig(batch_size=64, blr=4e-3, warmup_epochs=5),
         run=RunConfig(epochs=150, log_every=20, ckpt_every=620, vis_every=620),
         # Finetune: no mixup/cutmix and no RandAugment (on 4,000 digits they cost more than they give: its
-        # solarize/equalize/posterize ops are noise for digits), milder crops, lr 1e-3 at batch 64.
+        # solarize/equalize/posterize ops are noise for digits), milder crops, a high lr at batch 64.
         # Probe: SGD (batches of 256, not the paper's 16,384) on the mean of the normed patch tokens, which this
-        # small, briefly trained encoder separates better than its class token (best val 0.952 vs 0.928).
+        # small, briefly trained encoder separates better than its class token.
         finetune=FinetuneConfig(
             layer_decay=0.75, drop_path=0.1, mixup=0.0, cutmix=0.0, smoothing=0.1, randaug=None, reprob=0.25,
             crop_scale=(0.6, 1.0), hflip=0.0, batch_size=64, blr=4e-3, warmup_epochs=3, epochs=30,

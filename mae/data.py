@@ -8,6 +8,7 @@ it is saved in the artifact and used unchanged by every backend, so no consumer 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import logging
 import math
@@ -104,14 +105,45 @@ def load_source(spec: str | Path) -> Source:
 
 
 def _folder_source(root: Path) -> Source:
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not files:
-        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
-    top = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else None for p in files]
+    files, top = _folder_images(root)
     classes = sorted({t for t in top if t is not None})
     index = {c: i for i, c in enumerate(classes)}
     labels = np.array([index[t] if t is not None else -1 for t in top], np.int64)
     return Source(str(root), files, labels, classes, [str(p) for p in files])
+
+
+def _folder_images(root: Path) -> tuple[list[Path], list[str | None]]:
+    """Image files under ``root`` (recursive, sorted) and the first-level subfolder of each (its class label)."""
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
+    parts = [p.relative_to(root).parts for p in files]
+    return files, [ps[0] if len(ps) > 1 else None for ps in parts]
+
+
+def list_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[str | None]]:
+    """Image files of folders and single files, in the order given: (paths, class label of each or None).
+
+    A folder is searched recursively (sorted) and its first-level subfolders are class labels; a file named
+    on its own is taken whatever its extension (decoding tells what it is) and has no label.
+    """
+    files: list[Path] = []
+    labels: list[str | None] = []
+    for spec in inputs:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            found, top = _folder_images(path)
+            files += found
+            labels += top
+        elif path.is_file():
+            files.append(path)
+            labels.append(None)
+        elif str(spec) in BUNDLED:
+            raise FileNotFoundError(f"{spec!r} is a bundled dataset, not a folder: write it out first with "
+                                    f"`mae data export --data {spec} --out DIR`, then use DIR")
+        else:
+            raise FileNotFoundError(f"{path}: no such file or folder")
+    return files, labels
 
 
 def export_source(source: Source, out: str | Path, indices: Sequence[int] | None = None) -> list[Path]:
@@ -149,20 +181,34 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
 
 def read_image(path: str | Path) -> np.ndarray:
     """Decode a file into (H, W) or (H, W, C) uint8 (or a .npy array as stored); ImageError if it cannot."""
-    path = Path(path)
-    if path.suffix.lower() == ".npy":
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except Exception as e:
-            raise ImageError(f"{path}: not a readable .npy array ({e})") from e
-        if arr.ndim not in (2, 3):
-            raise ImageError(f"{path}: expected a (H, W) or (H, W, C) array, got shape {arr.shape}")
-        return arr
+    return _read(Path(path))[0]
+
+
+def read_image_hashed(path: str | Path) -> tuple[np.ndarray, str]:
+    """``read_image`` and the sha256 of the file's bytes, from one read (the catalogue's duplicate check)."""
+    arr, data = _read(Path(path))
+    return arr, hashlib.sha256(data).hexdigest()
+
+
+def _read(path: Path) -> tuple[np.ndarray, bytes]:
     try:
         data = path.read_bytes()
     except OSError as e:
         raise ImageError(f"{path}: cannot read ({e.strerror})") from e
-    return decode_image(data, name=str(path))
+    if path.suffix.lower() == ".npy":
+        return decode_npy(data, name=str(path)), data
+    return decode_image(data, name=str(path)), data
+
+
+def decode_npy(data: bytes, name: str = "array") -> np.ndarray:
+    """A .npy file's bytes -> its (H, W) or (H, W, C) array (no pickles)."""
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:
+        raise ImageError(f"{name}: not a readable .npy array ({e})") from e
+    if arr.ndim not in (2, 3):
+        raise ImageError(f"{name}: expected a (H, W) or (H, W, C) array, got shape {arr.shape}")
+    return arr
 
 
 def decode_image(data: bytes, name: str = "image", max_pixels: int | None = None,
@@ -286,17 +332,24 @@ class Preprocessing:
         """Decoded image (H, W[, C]) array, or (C, H, W) float tensor in [0, 1] -> normalised (C, H, W)."""
         x = to_channels(image, self.channels) if isinstance(image, np.ndarray) else image
         _, h, w = self.input_size
-        if h == w:
-            short = math.floor(h / self.crop_pct)
-            ih, iw = x.shape[-2:]
-            scale = short / min(ih, iw)
-            size = (max(short, round(ih * scale)), max(short, round(iw * scale)))
-        else:
-            size = (math.floor(h / self.crop_pct), math.floor(w / self.crop_pct))
+        size = self.resized_size(*x.shape[-2:])
         x = resize(x, size, self.interpolation)
-        top, left = (size[0] - h) // 2, (size[1] - w) // 2
+        # torchvision's CenterCrop rounding (half to even), so that timm's eval transform crops the same pixels
+        top, left = int(round((size[0] - h) / 2.0)), int(round((size[1] - w) / 2.0))
         x = x[:, top : top + h, left : left + w]
         return normalize(x, self.mean, self.std)
+
+    def resized_size(self, ih: int, iw: int) -> tuple[int, int]:
+        """(height, width) an (ih, iw) image is resized to before the centre crop, as timm's eval transform:
+        the short side to size / crop_pct and the long side in proportion (truncated, as torchvision's Resize);
+        a non-square input size is resized to (H, W) / crop_pct exactly."""
+        _, h, w = self.input_size
+        if h != w:
+            return math.floor(h / self.crop_pct), math.floor(w / self.crop_pct)
+        short = math.floor(h / self.crop_pct)
+        if ih <= iw:
+            return short, max(short, int(short * iw / ih))
+        return max(short, int(short * ih / iw)), short
 
 
 def resize(x: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:

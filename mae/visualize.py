@@ -1,4 +1,4 @@
-"""Pictures people look at: reconstruction grids and loss curves (PNG)."""
+"""Pictures people look at: reconstruction grids, loss curves and thumbnails of any image the project reads (PNG)."""
 
 from __future__ import annotations
 
@@ -105,3 +105,32 @@ def loss_curve(metrics_path: str | Path, out: str | Path, keys: Sequence[str] = 
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def display_array(arr: np.ndarray) -> np.ndarray:
+    """Any decoded image (uint8/16-bit/float, 1..N channels) -> uint8 (H, W) grey or (H, W, 3|4) for display.
+
+    N-channel arrays show their first three channels (or first one); other depths are stretched min..max.
+    """
+    if arr.ndim == 3 and arr.shape[2] not in (3, 4):
+        arr = arr[..., :3] if arr.shape[2] > 4 else arr[..., 0]
+    if arr.dtype != np.uint8:
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = ((arr.astype(np.float64) - lo) / max(hi - lo, 1e-12) * 255).round().astype(np.uint8)
+    return arr
+
+
+def thumbnail(arr: np.ndarray, size: int = 128) -> Image.Image:
+    """An RGB picture of an image at most ``size`` pixels a side, aspect kept.
+
+    Large images shrink with a Lanczos filter; small ones (28 px digits) grow by a whole factor with nearest
+    neighbours, so that their pixels stay crisp squares people can read.
+    """
+    im = Image.fromarray(display_array(arr)).convert("RGB")
+    if max(im.size) > size:
+        im.thumbnail((size, size), Image.Resampling.LANCZOS)
+    else:
+        factor = size // max(im.size)
+        if factor > 1:
+            im = im.resize((im.width * factor, im.height * factor), Image.Resampling.NEAREST)
+    return im

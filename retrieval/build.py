@@ -13,78 +13,37 @@ lists that the index memory-maps.
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
-import io
 import logging
 import multiprocessing
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from export.runtime import Embedder
-from mae.data import BUNDLED, IMAGE_EXTENSIONS, ImageError, Preprocessing, decode_image, load_source
+from export.runtime import EmbeddedFiles, Embedder
+from mae.data import list_images
+from mae.files import sha256_file
 from retrieval import index as index_lib
+from retrieval import tuning
 from retrieval.catalog import Item
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Embedded:
-    """Embeddings of the readable images of a file list, in file order, and what was skipped."""
-
-    vectors: np.ndarray
-    """(N, D) float32, L2-normalised."""
-    items: list[Item]
-    skipped: list[dict[str, str]] = field(default_factory=list)
-    """{"path", "error"} per image that could not be read or decoded."""
-    seconds: float = 0.0
-    positions: list[int] = field(default_factory=list)
-    """Index into the input file list of each embedded item."""
-
-    @property
-    def images_per_s(self) -> float:
-        return round(len(self.items) / self.seconds, 1) if self.seconds > 0 else 0.0
-
-
 # ----------------------------------------------------------------------------------------------- files
 
 
-def list_images(specs: Sequence[str | Path]) -> tuple[list[Path], list[str | None]]:
-    """Image files of folders (recursive; first-level subfolders are class labels) and single files.
-
-    Returns absolute paths, in a stable order, and a label per file (None outside class folders).
-    """
-    files: list[Path] = []
-    labels: list[str | None] = []
-    for spec in specs:
-        path = Path(spec).expanduser()
-        if str(spec) in BUNDLED and not path.exists():
-            raise FileNotFoundError(f"{spec!r} is a bundled dataset, not a folder: write it out first with "
-                                    f"`mae data export --data {spec} --out DIR`, then index DIR")
-        if path.is_dir():
-            source = load_source(path)  # raises when the folder holds no images
-            names = [source.classes[i] if i >= 0 else None for i in source.labels]
-            files += [Path(p).resolve() for p in source.items]
-            labels += names
-        elif path.is_file():
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                raise ValueError(f"{path} is not an image file ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-            files.append(path.resolve())
-            labels.append(None)
-        else:
-            raise FileNotFoundError(f"no such file or folder: {path}")
-    return files, labels
+def collection(specs: Sequence[str | Path]) -> tuple[list[Path], list[str | None]]:
+    """The image files of folders and files to index, as absolute paths (what the catalogue stores), and
+    their class labels (first-level subfolders of a folder)."""
+    files, labels = list_images(specs)
+    return [f.resolve() for f in files], labels
 
 
 def collection_label(path: Path, roots: Sequence[str]) -> str | None:
@@ -99,85 +58,13 @@ def collection_label(path: Path, roots: Sequence[str]) -> str | None:
     return None
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def read_hashed(path: Path) -> tuple[np.ndarray, str]:
-    """Decode an image and hash its bytes from one read; ImageError when it cannot be decoded."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise ImageError(f"{path}: cannot read ({e.strerror})") from e
-    sha = hashlib.sha256(data).hexdigest()
-    if Path(path).suffix.lower() == ".npy":
-        try:
-            arr = np.load(io.BytesIO(data), allow_pickle=False)
-        except Exception as e:
-            raise ImageError(f"{path}: not a readable .npy array ({e})") from e
-        if arr.ndim not in (2, 3):
-            raise ImageError(f"{path}: expected a (H, W) or (H, W, C) array, got shape {arr.shape}")
-        return arr, sha
-    return decode_image(data, name=str(path)), sha
-
-
-class FileDataset(Dataset):
-    """(position, pixels (C, H, W) or None, sha256 or None, error or None) per file."""
-
-    def __init__(self, files: Sequence[Path], preprocessing: Preprocessing):
-        self.files = list(files)
-        self.preprocessing = preprocessing
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None, str | None]:
-        try:
-            arr, sha = read_hashed(self.files[i])
-            return i, self.preprocessing(arr), sha, None
-        except (ImageError, OSError, ValueError) as e:
-            return i, None, None, str(e)
-
-
-def _collate(batch: list) -> tuple[list[int], torch.Tensor | None, list[str], list[tuple[int, str]]]:
-    good = [b for b in batch if b[1] is not None]
-    errors = [(b[0], b[3]) for b in batch if b[1] is None]
-    pixels = torch.stack([b[1] for b in good]) if good else None
-    return [b[0] for b in good], pixels, [b[2] for b in good], errors
-
-
-def embed_files(embedder: Embedder, files: Sequence[Path], labels: Sequence[str | None], *,
-                batch_size: int = 64, workers: int = 2, progress: bool = True, desc: str = "embedding") -> Embedded:
-    """Stream ``files`` through a DataLoader and the embedder; unreadable images are skipped and reported."""
-    dim = embedder.dim
-    loader = DataLoader(FileDataset(files, embedder.preprocessing), batch_size=batch_size, shuffle=False,
-                        num_workers=workers, collate_fn=_collate, persistent_workers=False,
-                        prefetch_factor=2 if workers > 0 else None)
-    from tqdm.auto import tqdm
-
-    parts: list[np.ndarray] = []
-    items: list[Item] = []
-    positions: list[int] = []
-    skipped: list[dict[str, str]] = []
-    started = time.perf_counter()
-    with tqdm(total=len(files), desc=desc, unit="img", disable=not progress or None, dynamic_ncols=True,
-              file=sys.stderr) as bar:
-        for pos, pixels, shas, errors in loader:
-            for p, err in errors:
-                skipped.append({"path": str(files[p]), "error": err})
-            if pixels is not None:
-                parts.append(embedder.run(pixels.numpy())["embedding"].astype(np.float32))
-                items += [Item(str(files[p]), sha, labels[p]) for p, sha in zip(pos, shas)]
-                positions += pos
-            bar.update(len(pos) + len(errors))
-            if skipped:
-                bar.set_postfix(skipped=len(skipped))
-    vectors = np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
-    return Embedded(vectors, items, skipped, time.perf_counter() - started, positions)
+def embed_items(embedder: Embedder, files: Sequence[Path], labels: Sequence[str | None], *, batch_size: int = 64,
+                workers: int = 2, progress: bool = True, desc: str = "embedding") -> tuple[EmbeddedFiles, list[Item]]:
+    """Stream ``files`` through the embedder (``Embedder.embed_files``); the catalogue item of each row."""
+    embedder.batch_size = batch_size
+    done = embedder.embed_files(files, workers=workers, progress=progress, desc=desc)
+    items = [Item(str(files[p]), sha, labels[p]) for p, sha in zip(done.positions, done.sha256)]
+    return done, items
 
 
 # ----------------------------------------------------------------------------------------------- build / add
@@ -186,14 +73,14 @@ def embed_files(embedder: Embedder, files: Sequence[Path], labels: Sequence[str 
 def build_index(artifact: str | Path, images: Sequence[str | Path], out: str | Path, *, factory: str = "auto",
                 batch_size: int = 64, workers: int = 2, shards: int = 1, backend: str = "auto",
                 device: str | None = None, max_memory: int | None = None, gpu: bool | None = None,
-                target_recall: float = index_lib.TARGET_RECALL, overwrite: bool = False, seed: int = 0,
+                target_recall: float = tuning.TARGET_RECALL, overwrite: bool = False, seed: int = 0,
                 progress: bool = True) -> dict[str, Any]:
     """``mae index build``: embed the images with the artifact and write INDEX/. Returns a summary."""
     if shards < 1:
         raise ValueError(f"--shards must be >= 1, got {shards}")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    files, labels = list_images(images)
+    files, labels = collection(images)
     embedder = Embedder.load(artifact, backend=backend, device=device, batch_size=batch_size)
     extra = {"artifact": str(Path(artifact).resolve()), "embed_backend": embedder.backend_name,
              "images": [str(Path(i).resolve()) for i in images]}
@@ -204,11 +91,11 @@ def build_index(artifact: str | Path, images: Sequence[str | Path], out: str | P
                                       max_memory=max_memory, target_recall=target_recall, overwrite=overwrite,
                                       seed=seed, extra=extra, progress=progress, gpu=gpu)
     else:
-        emb = embed_files(embedder, files, labels, batch_size=batch_size, workers=workers, progress=progress)
-        figures = {"images_seen": len(files), "images_embedded": len(emb.items), "skipped": emb.skipped,
+        emb, items = embed_items(embedder, files, labels, batch_size=batch_size, workers=workers, progress=progress)
+        figures = {"images_seen": len(files), "images_embedded": len(items), "skipped": emb.skipped,
                    "embed_seconds": round(emb.seconds, 2), "images_per_s": emb.images_per_s}
         extra["build"] = dict(figures)
-        idx = index_lib.build(out, emb.vectors, emb.items, artifact_sha256=embedder.sha256, factory=factory,
+        idx = index_lib.build(out, emb.vectors, items, artifact_sha256=embedder.sha256, factory=factory,
                               max_memory=max_memory, target_recall=target_recall, gpu=gpu, seed=seed,
                               extra=extra, overwrite=overwrite)
     figures["seconds"] = round(time.perf_counter() - started, 2)
@@ -221,12 +108,12 @@ def add_images(index_path: str | Path, images: Sequence[str | Path], *, artifact
     """``mae index add``: hash first and embed only files whose bytes are not indexed yet."""
     idx = index_lib.Index.load(index_path, gpu=False)  # a write: no GPU copy to make
     embedder = load_embedder(idx, artifact, backend=backend, device=device, batch_size=batch_size)
-    files, labels = list_images(images)
+    files, labels = collection(images)
     labels = [collection_label(f, idx.manifest.get("images", [])) or lab for f, lab in zip(files, labels)]
     from tqdm.auto import tqdm
 
-    hashes = [file_sha256(f) if f.exists() else "" for f in tqdm(files, desc="hashing", unit="img",
-                                                                  disable=not progress or None, file=sys.stderr)]
+    hashes = [sha256_file(f) if f.exists() else "" for f in tqdm(files, desc="hashing", unit="img",
+                                                                  disable=not progress or None)]
     known = idx.catalog.by_sha256([h for h in hashes if h], idx.generation)
     seen: set[str] = set()
     todo = []
@@ -237,9 +124,9 @@ def add_images(index_path: str | Path, images: Sequence[str | Path], *, artifact
         else:
             seen.add(h)
             todo.append(j)
-    emb = embed_files(embedder, [files[j] for j in todo], [labels[j] for j in todo], batch_size=batch_size,
-                      workers=workers, progress=progress)
-    result = idx.add(emb.vectors, emb.items)
+    emb, items = embed_items(embedder, [files[j] for j in todo], [labels[j] for j in todo], batch_size=batch_size,
+                             workers=workers, progress=progress)
+    result = idx.add(emb.vectors, items)
     summary = _summary(idx, {"added": len(result.ids), "duplicates": duplicates + result.duplicates,
                              "skipped": emb.skipped, "embed_seconds": round(emb.seconds, 2),
                              "images_per_s": emb.images_per_s})
@@ -292,21 +179,21 @@ def _build_sharded(embedder: Embedder, files: list[Path], labels: list[str | Non
                    extra: dict[str, Any], progress: bool, gpu: bool | None) -> tuple[index_lib.Index, dict[str, Any]]:
     """Train once on a sample, fill ``shards`` IVF shards in worker processes, merge them on disk."""
     n, dim = len(files), embedder.dim
-    choice = (index_lib.choose_factory(n, dim, max_memory=max_memory, on_disk=True) if factory == "auto"
-              else index_lib.FactoryChoice(factory, "given with --factory"))
-    trained = index_lib.make_index(choice.factory, dim)
-    if index_lib.faiss.try_extract_index_ivf(trained) is None:
+    choice = (tuning.choose_factory(n, dim, max_memory=max_memory, on_disk=True) if factory == "auto"
+              else tuning.FactoryChoice(factory, "given with --factory"))
+    trained = tuning.make_index(choice.factory, dim)
+    if not tuning.is_ivf(trained):
         raise ValueError(f"a sharded (on-disk) build needs an IVF factory, got {choice.factory!r}")
     rng = np.random.default_rng(seed)
-    m = index_lib.train_size(trained, n)
+    m = tuning.train_size(trained, n)
     picks = np.sort(rng.choice(n, m, replace=False))
-    sample = embed_files(embedder, [files[i] for i in picks], [labels[i] for i in picks], batch_size=batch_size,
-                         workers=workers, progress=progress, desc="training sample")
-    train_seconds = index_lib.train(trained, sample.vectors, gpu)
+    sample, _ = embed_items(embedder, [files[i] for i in picks], [labels[i] for i in picks], batch_size=batch_size,
+                            workers=workers, progress=progress, desc="training sample")
+    train_seconds = tuning.train(trained, sample.vectors, gpu)
     work = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.shards-", dir=Path(out).resolve().parent))
     try:
         trained_path = work / "trained.faiss"
-        index_lib.faiss.write_index(trained, str(trained_path))
+        index_lib.write_index(trained, trained_path)
         bounds = np.linspace(0, n, shards + 1).round().astype(int)
         ngpu = torch.cuda.device_count()
         threads = max(1, (os.cpu_count() or 1) // shards)
@@ -333,9 +220,7 @@ def _build_sharded(embedder: Embedder, files: list[Path], labels: list[str | Non
                     items.append(it)
                     ids.append(i)
             if drop:
-                shard = index_lib.faiss.read_index(r["index"])
-                shard.remove_ids(index_lib.faiss.IDSelectorBatch(np.asarray(drop, np.int64)))
-                index_lib.faiss.write_index(shard, r["index"])
+                index_lib.remove_from_file(r["index"], drop)
             kept_per_shard.append(~np.isin(np.asarray(r["ids"], np.int64), drop))
             skipped += r["skipped"]
 
@@ -345,7 +230,7 @@ def _build_sharded(embedder: Embedder, files: list[Path], labels: list[str | Non
                 yield np.asarray(x[keep]), np.asarray(r["ids"], np.int64)[keep]
 
         all_ids = np.asarray(ids, np.int64)
-        q = np.sort(rng.choice(len(all_ids), min(index_lib.TUNE_QUERIES, len(all_ids)), replace=False))
+        q = np.sort(rng.choice(len(all_ids), min(tuning.TUNE_QUERIES, len(all_ids)), replace=False))
         wanted = set(all_ids[q].tolist())
         qx, qi = [], []
         for x, bid in blocks():
@@ -356,7 +241,7 @@ def _build_sharded(embedder: Embedder, files: list[Path], labels: list[str | Non
                                                                            np.zeros((0, dim), np.float32))
         seconds = sum(r["seconds"] for r in results)
         figures = {"images_seen": n, "images_embedded": len(items), "skipped": skipped, "duplicates": duplicates,
-                   "shards": shards, "train_vectors": len(sample.items), "train_seconds": round(train_seconds, 2),
+                   "shards": shards, "train_vectors": len(sample.positions), "train_seconds": round(train_seconds, 2),
                    "fill_seconds": round(fill_seconds, 2), "embed_seconds": round(seconds, 2),
                    "images_per_s": round(len(items) / fill_seconds, 1) if fill_seconds else 0.0}
         extra = dict(extra, build=dict(figures))
@@ -376,12 +261,13 @@ def _fill_shard(artifact: str, files: list[str], labels: list[str | None], first
     Ids are fixed by file position (``first_id`` + offset + 1), so shards never need to talk to each other.
     """
     torch.set_num_threads(threads)
-    index_lib.faiss.omp_set_num_threads(threads)
+    index_lib.set_threads(threads)
     os.makedirs(out, exist_ok=True)
     embedder = Embedder.load(artifact, backend=backend, device=device, batch_size=batch_size)
-    emb = embed_files(embedder, [Path(f) for f in files], labels, batch_size=batch_size, workers=0, progress=False)
+    emb, items = embed_items(embedder, [Path(f) for f in files], labels, batch_size=batch_size, workers=0,
+                             progress=False)
     ids = np.asarray([first_id + p + 1 for p in emb.positions], np.int64)
     np.save(Path(out) / "vectors.npy", emb.vectors)
     index_lib.fill_shard(trained, emb.vectors, ids, Path(out) / "index.faiss")
-    return {"ids": ids.tolist(), "items": emb.items, "skipped": emb.skipped, "seconds": emb.seconds,
+    return {"ids": ids.tolist(), "items": items, "skipped": emb.skipped, "seconds": emb.seconds,
             "vectors": str(Path(out) / "vectors.npy"), "index": str(Path(out) / "index.faiss")}

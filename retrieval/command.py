@@ -7,10 +7,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 from mae.data import ImageError, read_image
+from mae.visualize import thumbnail
 from retrieval import build as build_lib
 from retrieval.index import Hit, Index
 
@@ -123,22 +123,14 @@ def contact_sheet(query: str | Path, hits: Sequence[Hit], out: str | Path, colum
 
 
 def _thumbnail(path: str | Path) -> Image.Image:
-    """The image fitted into a THUMB square (nearest-neighbour when enlarging small digits), grey if unreadable."""
+    """The image fitted into a THUMB square on grey (``mae.visualize.thumbnail``), or "unreadable"."""
     cell = Image.new("RGB", (THUMB, THUMB), (200, 200, 200))
     try:
-        arr = read_image(path)
+        im = thumbnail(read_image(path), THUMB)
     except (ImageError, OSError):
         ImageDraw.Draw(cell).text((8, THUMB // 2 - 6), "unreadable", fill="black")
         return cell
-    if arr.ndim == 3 and arr.shape[2] not in (3, 4):
-        arr = arr[..., 0] if arr.shape[2] < 3 else arr[..., :3]
-    if arr.dtype != np.uint8:
-        arr = np.clip(arr.astype(np.float64) / max(float(arr.max()), 1e-12) * 255, 0, 255).astype(np.uint8)
-    im = Image.fromarray(arr).convert("RGB")
-    scale = THUMB / max(im.size)
-    size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
-    im = im.resize(size, Image.NEAREST if scale > 1 else Image.BICUBIC)
-    cell.paste(im, ((THUMB - size[0]) // 2, (THUMB - size[1]) // 2))
+    cell.paste(im, ((THUMB - im.width) // 2, (THUMB - im.height) // 2))
     return cell
 
 

@@ -15,33 +15,7 @@ over ``index.faiss``. Whatever instant a SIGKILL lands, the manifest names a gen
 exists (``index.G.faiss`` or ``index.faiss``) and whose catalogue rows are exactly those tagged <= G;
 readers ignore the rest and the next writer rolls it back (``Index._recover``).
 
-**Choosing a factory** (``choose_factory``, after autofaiss's reasoning):
-
-* n < 50,000: ``Flat``. Exact search costs n x d multiply-adds per query (50k x 256 = 13 MFLOP, about a
-  millisecond) and an approximate index would need its own training sample (>= 39 vectors per IVF list) and
-  tuning for no measurable gain; exact is also what recall is measured against.
-* n < 5,000,000, the HNSW graph fits the memory budget (~ 4d + 8M bytes per vector, plus ids) and no GPU:
-  ``HNSW32,Flat``. No training, and the best recall/speed trade-off in memory: at 1M x 256 low-rank vectors
-  (bench/retrieval.py, 2 shared cores) HNSW32 at efSearch 128 answered 102x / 7.6x the queries per second of
-  exact search at batch 1 / 1000 for recall@10 0.95, where IVF4096 needed nprobe 512 (1/8 of the collection
-  scanned) and managed 20x / 1.0x. Its costs: build time (graph insertion, ~n log n: 5 min at 1M here), no
-  GPU version in faiss, and no removal, so removals become tombstones filtered at search and the graph is
-  rebuilt when they pass 20% of the collection.
-* larger, on disk, or with GPUs: ``IVF{nlist}_HNSW32,Flat`` with nlist ~ 4 sqrt(n) rounded to a power of two
-  (1M -> 4096, 10M -> 16384), trained on 50 x nlist vectors (faiss warns under 39 per list; autofaiss uses
-  30-256), the coarse quantizer an HNSW graph over the centroids so that assigning a query costs log(nlist).
-* when the raw vectors (4d bytes each) do not fit the memory budget: ``OPQ{m}_{d},IVF{nlist}_HNSW32,PQ{m}np``,
-  m bytes per vector with m the largest of 64, 32, 16, 8 that fits and divides d. Measured here (20k x 64,
-  IVF64, PQ16, nprobe 16): the OPQ rotation lifted recall@10 from 0.67 to 0.78 for 4x the training time;
-  polysemous training (dropped by ``np``) cost 5x the training time and changed nothing, since search never
-  uses its Hamming filter.
-
-``nprobe`` / ``efSearch`` are then tuned against exact search on a held-out sample of the collection (up to
-1,000 vectors, added to the index only after tuning; a merged on-disk IVF uses leave-one-out instead, see
-``tune``) to the smallest value with recall@10 >= 0.95, and stored in the manifest. Where no value reaches
-it (PQ codes bound recall whatever nprobe), the cheapest value within half a point of the best recall is
-used and the manifest says ``target_met: false``. ``--factory STRING`` takes
-any faiss factory string instead (always with the inner-product metric).
+How the factory is chosen and the search parameters tuned is in ``retrieval.tuning``.
 """
 
 from __future__ import annotations
@@ -50,7 +24,6 @@ import contextlib
 import fcntl
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -67,8 +40,26 @@ from typing import Any
 import faiss
 import numpy as np
 
+from mae.files import fsync, fsync_dir, write_json_atomic
 from retrieval.catalog import FILENAME as CATALOG_FILE
 from retrieval.catalog import Catalog, Item
+from retrieval.tuning import (
+    TARGET_RECALL,
+    TUNE_QUERIES,
+    FactoryChoice,
+    apply_params,
+    choose_factory,
+    faiss_message,
+    find_sub_index,
+    gpu_count,
+    make_index,
+    quantizer_ef,
+    train,
+    train_size,
+    tunables,
+    tune_on,
+    use_gpu,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,19 +70,7 @@ TRAINED_FILE = "trained.faiss"  # on-disk indexes: the trained, empty IVF that n
 LOCK_FILE = ".lock"
 METRIC = "inner_product"
 
-FLAT_MAX = 50_000
-HNSW_MAX = 5_000_000
-HNSW_M = 32
-TRAIN_PER_LIST = 50
-MIN_PER_LIST = 39
-TARGET_RECALL = 0.95
-TUNE_QUERIES = 1000
-PLATEAU = 0.005  # when the target is out of reach: recall within this of the best counts as the best
 REBUILD_FRACTION = 0.2
-# ~1.5x steps: with powers of two the first value past the target can cost nearly twice what is needed
-NPROBES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096,
-           6144, 8192)
-EF_SEARCHES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
 
 class IndexMismatchError(ValueError):
@@ -106,14 +85,6 @@ class Hit:
     score: float
     path: str
     label: str | None
-
-
-@dataclass(frozen=True)
-class FactoryChoice:
-    factory: str
-    reason: str
-    nlist: int | None = None
-    train_size: int | None = None
 
 
 @dataclass
@@ -134,212 +105,6 @@ class RemoveResult:
 # ----------------------------------------------------------------------------------------------- factories
 
 
-def default_memory_budget() -> int:
-    """Half of the machine's physical memory: room for the index next to the model and the rest of the server."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
-
-
-def nlist_for(n: int) -> int:
-    """IVF list count ~ 4 sqrt(n), a power of two, never fewer than MIN_PER_LIST training vectors per list."""
-    target = 4 * math.sqrt(max(n, 1))
-    nlist = 2 ** max(0, round(math.log2(target)))
-    while nlist > 1 and nlist * MIN_PER_LIST > n:
-        nlist //= 2
-    return int(min(nlist, 1 << 18))
-
-
-def choose_factory(n: int, dim: int, *, max_memory: int | None = None, on_disk: bool = False,
-                   gpu: bool = False) -> FactoryChoice:
-    """The factory string for ``n`` vectors of ``dim`` (see the module docstring for the thresholds and why).
-
-    ``gpu``: search will run on GPUs, where faiss has IVF but no HNSW.
-    """
-    budget = max_memory if max_memory is not None else default_memory_budget()
-    raw = n * (4 * dim + 8)
-    nlist = nlist_for(n)
-    train = min(n, TRAIN_PER_LIST * nlist)
-    if not on_disk and n < FLAT_MAX and raw <= budget:
-        return FactoryChoice("Flat", f"{n} vectors < {FLAT_MAX:,}: exact search is fast enough and exact")
-    hnsw = n * (4 * dim + 8 * HNSW_M * 1.1 + 16)
-    if not on_disk and not gpu and n < HNSW_MAX and hnsw <= budget:
-        return FactoryChoice(f"HNSW{HNSW_M},Flat",
-                             f"{n:,} vectors < {HNSW_MAX:,} and the graph ({hnsw / 2**20:.0f} MiB) fits "
-                             f"{budget / 2**20:.0f} MiB: HNSW needs no training")
-    if raw * 1.1 <= budget:
-        where = ("on disk" if on_disk else "GPU search" if gpu else f"{n:,} vectors >= {HNSW_MAX:,}"
-                 if n >= HNSW_MAX else "HNSW graph too big")
-        return FactoryChoice(f"IVF{nlist}_HNSW{HNSW_M},Flat",
-                             f"{where}: IVF with {nlist} lists (~4 sqrt(n)), raw vectors fit "
-                             f"{budget / 2**20:.0f} MiB", nlist, train)
-    for m in (64, 32, 16, 8):
-        if dim % m == 0 and n * (m + 8) * 1.2 <= budget:
-            return FactoryChoice(f"OPQ{m}_{dim},IVF{nlist}_HNSW{HNSW_M},PQ{m}np",
-                                 f"raw vectors ({raw / 2**20:.0f} MiB) exceed {budget / 2**20:.0f} MiB: "
-                                 f"{m}-byte PQ codes, IVF with {nlist} lists", nlist, train)
-    raise ValueError(f"{n:,} vectors of {dim} dims do not fit {budget / 2**20:.0f} MiB even as 8-byte codes; "
-                     "build on disk (--shards) or raise --max-memory")
-
-
-def make_index(factory: str, dim: int) -> faiss.Index:
-    """An empty index for the factory string, inner product, taking external ids (IDMap2 unless IVF)."""
-    try:
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        raise ValueError(f"faiss cannot build factory {factory!r}: {_faiss_message(e)}") from e
-    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
-        raise ValueError(f"factory {factory!r} does not support the inner-product metric")
-    if faiss.try_extract_index_ivf(index) is None and not isinstance(faiss.downcast_index(index),
-                                                                     (faiss.IndexIDMap, faiss.IndexIDMap2)):
-        index = faiss.IndexIDMap2(index)
-    return index
-
-
-def train_size(index: faiss.Index, n: int) -> int:
-    """How many vectors to train on: TRAIN_PER_LIST per IVF list, or enough for the PQ codebooks."""
-    if index.is_trained:
-        return 0
-    ivf = faiss.try_extract_index_ivf(index)
-    want = TRAIN_PER_LIST * ivf.nlist if ivf is not None else 256 * TRAIN_PER_LIST
-    return min(n, max(want, 10_000))
-
-
-def train(index: faiss.Index, sample: np.ndarray, gpu: bool | None = None) -> float:
-    """Train on ``sample`` (N, D); k-means runs on the GPUs when faiss-gpu has any. Returns seconds."""
-    if index.is_trained:
-        return 0.0
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None and len(sample) < ivf.nlist:
-        raise ValueError(f"{len(sample)} vectors cannot train {ivf.nlist} IVF lists; use a smaller factory "
-                         f"(nlist <= {max(1, len(sample) // MIN_PER_LIST)}) or --factory auto")
-    if ivf is not None and _use_gpu(gpu):
-        # plain k-means (L2), as faiss's CPU path trains a coarse quantizer; only the assignment moves
-        ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
-    started = time.perf_counter()
-    index.train(np.ascontiguousarray(sample, np.float32))
-    if ivf is not None:
-        ivf.clustering_index = None
-    return time.perf_counter() - started
-
-
-def ground_truth(queries: np.ndarray, blocks: Iterable[tuple[np.ndarray, np.ndarray]], k: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k (scores, ids) of ``queries`` over (vectors, ids) blocks, streamed (fits any collection)."""
-    from faiss.contrib.exhaustive_search import knn_ground_truth
-
-    id_parts: list[np.ndarray] = []
-
-    def vectors() -> Iterator[np.ndarray]:
-        for x, ids in blocks:
-            id_parts.append(np.asarray(ids, np.int64))
-            yield np.ascontiguousarray(x, np.float32)
-
-    D, I = knn_ground_truth(np.ascontiguousarray(queries, np.float32), vectors(), k, faiss.METRIC_INNER_PRODUCT)
-    all_ids = np.concatenate(id_parts) if id_parts else np.zeros(0, np.int64)
-    return D, np.where(I >= 0, all_ids[np.clip(I, 0, max(len(all_ids) - 1, 0))], -1)
-
-
-def recall_at(approx: np.ndarray, exact: np.ndarray, k: int, exclude: np.ndarray | None = None) -> float:
-    """Mean |approx top-k ∩ exact top-k| / k; ``exclude`` (one id per query) is dropped from both first."""
-    total = 0.0
-    for j in range(len(exact)):
-        a, e = approx[j], exact[j]
-        if exclude is not None:
-            a, e = a[a != exclude[j]], e[e != exclude[j]]
-        a, e = a[a >= 0][:k], e[e >= 0][:k]
-        if len(e):
-            total += len(np.intersect1d(a, e)) / len(e)
-    return total / max(len(exact), 1)
-
-
-def tunables(index: faiss.Index) -> list[str]:
-    """The search-time knob tuning turns: nprobe (IVF), efSearch (HNSW), or none (exact, PQ)."""
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
-        return ["nprobe"]
-    if _find(index, faiss.IndexHNSW) is not None:
-        return ["efSearch"]
-    return []
-
-
-def apply_params(index: faiss.Index, params: dict[str, Any], gpu: bool = False) -> None:
-    """Set search parameters through any wrapper (IDMap, OPQ; GPU copies with ``gpu``); the HNSW coarse
-    quantizer's efSearch follows nprobe."""
-    space = faiss.GpuParameterSpace() if gpu else faiss.ParameterSpace()
-    for key, value in params.items():
-        space.set_index_parameter(index, key, value)
-    ivf = None if gpu else faiss.try_extract_index_ivf(index)
-    if ivf is not None and "nprobe" in params:
-        quantizer = _find(ivf.quantizer, faiss.IndexHNSW)
-        if quantizer is not None:
-            quantizer.hnsw.efSearch = _quantizer_ef(int(params["nprobe"]))
-
-
-def tune(index: faiss.Index, queries: np.ndarray, query_ids: np.ndarray | None, exact_ids: np.ndarray, *,
-         k: int = 10, target: float = TARGET_RECALL) -> dict[str, Any]:
-    """Smallest nprobe / efSearch whose recall@k against exact search reaches ``target``.
-
-    ``exact_ids``: each query's exact top-k in the index. Queries should be held out of the index; where they
-    cannot be (a merged on-disk IVF), ``query_ids`` names each query's own id, ``exact_ids`` are top-(k+1)
-    and the own id is dropped from both answers. That leave-one-out is unbiased for IVF, whose lists are
-    scanned whatever they hold, but not for HNSW: a query that is a node of the graph finds its neighbours
-    through its own edges, and measured here it overstated recall@10 (0.95 tuned, 0.82 on fresh queries).
-    Returns the chosen parameters and the curve that led to them.
-    """
-    knobs = tunables(index)
-    if not knobs or not len(queries):
-        return {"params": {}, "target": target, "reason": "exact" if not knobs else "no queries"}
-    knob = knobs[0]
-    if knob == "nprobe":
-        nlist = faiss.extract_index_ivf(index).nlist
-        candidates = [p for p in NPROBES if p < nlist] + [nlist]
-    else:
-        candidates = list(EF_SEARCHES)
-    curve = []
-    chosen = None
-    fetch = k + 1 if query_ids is not None else k
-    for value in candidates:
-        apply_params(index, {knob: value})
-        started = time.perf_counter()
-        _, I = index.search(queries, fetch)
-        seconds = time.perf_counter() - started
-        r10 = recall_at(I, exact_ids, k, exclude=query_ids)
-        r1 = recall_at(I, exact_ids, 1, exclude=query_ids)
-        curve.append({knob: value, f"recall@{k}": round(r10, 4), "recall@1": round(r1, 4),
-                      "qps": round(len(queries) / max(seconds, 1e-9), 1)})
-        if r10 >= target:
-            chosen = value
-            break
-    met = chosen is not None
-    if not met:  # out of reach (compressed codes bound recall): the cheapest setting on the plateau
-        best = max(c[f"recall@{k}"] for c in curve)
-        chosen = next(c[knob] for c in curve if c[f"recall@{k}"] >= best - PLATEAU)
-        log.warning("recall@%d reaches at most %.3f < target %.2f; using %s=%s", k, best, target, knob, chosen)
-    params = {knob: chosen}
-    apply_params(index, params)
-    at = next(c for c in curve if c[knob] == chosen)
-    return {"params": params, "target": target, "target_met": met, "queries": len(queries), "k": k,
-            f"recall@{k}": at[f"recall@{k}"], "recall@1": at["recall@1"], "curve": curve}
-
-
-def tune_on(index: faiss.Index, blocks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
-            sample_ids: np.ndarray | None, sample: np.ndarray, target: float = TARGET_RECALL, k: int = 10
-            ) -> dict[str, Any]:
-    """``tune`` with exact neighbours computed over the ``blocks`` of what the index holds."""
-    knobs = tunables(index)
-    if not knobs:
-        return {"params": {}, "target": target, "reason": "exact"}
-    if index.ntotal <= k + 1 or not len(sample):  # too small to measure: search exhaustively, it is cheap
-        params = {knobs[0]: faiss.extract_index_ivf(index).nlist if knobs[0] == "nprobe" else EF_SEARCHES[-1]}
-        apply_params(index, params)
-        return {"params": params, "target": target, "reason": "too few vectors to tune"}
-    started = time.perf_counter()
-    _, exact = ground_truth(sample, blocks(), k + 1 if sample_ids is not None else k)
-    result = tune(index, sample, sample_ids, exact, k=k, target=target)
-    result["seconds"] = round(time.perf_counter() - started, 2)
-    return result
 
 
 # ----------------------------------------------------------------------------------------------- the index
@@ -630,10 +395,7 @@ class Index:
     def _commit(self, gen: int) -> None:
         """Phase 2 of a write whose catalogue rows (tagged ``gen``) are stored: index file, then manifest."""
         staged = self.path / f"index.{gen}.faiss"
-        tmp = self.path / f"index.{gen}.faiss.tmp"
-        faiss.write_index(self.index, str(tmp))
-        _fsync(tmp)
-        os.replace(tmp, staged)
+        write_index(self.index, staged)
         manifest = dict(self.manifest)
         manifest.update(generation=gen, ntotal=int(self.index.ntotal), count=self.catalog.count(gen),
                         tombstones=0 if _supports_remove(self.index)
@@ -641,7 +403,7 @@ class Index:
                         updated=_now())
         write_json_atomic(self.path / MANIFEST, manifest)  # the commit point
         os.replace(staged, self.path / INDEX_FILE)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         self.manifest = manifest
         _recover(self.path, manifest, self.catalog, _supports_remove(self.index))
 
@@ -653,7 +415,7 @@ class Index:
         self._selector = (faiss.IDSelectorNot(faiss.IDSelectorBatch(self._tombstones))
                           if len(self._tombstones) else None)
         self._searcher, self.device = self.index, "cpu"
-        if not self.mmap and not self.on_disk and _use_gpu(self._gpu_wanted) and self.index.ntotal:
+        if not self.mmap and not self.on_disk and use_gpu(self._gpu_wanted) and self.index.ntotal:
             try:
                 co = faiss.GpuMultipleClonerOptions()
                 co.shard = faiss.get_num_gpus() > 1
@@ -663,8 +425,8 @@ class Index:
                 self.device = f"gpu x{faiss.get_num_gpus()}"
             except RuntimeError as e:  # e.g. HNSW has no GPU version in this faiss build
                 if self._gpu_wanted:
-                    raise RuntimeError(f"cannot move {self.factory} to the GPU: {_faiss_message(e)}") from e
-                log.info("searching %s on the CPU: %s", self.factory, _faiss_message(e))
+                    raise RuntimeError(f"cannot move {self.factory} to the GPU: {faiss_message(e)}") from e
+                log.info("searching %s on the CPU: %s", self.factory, faiss_message(e))
 
     # ------------------------------------------------------------------ info
 
@@ -795,10 +557,7 @@ def _new_manifest(artifact_sha256: str, dim: int, choice: FactoryChoice, request
 
 def _commit_first(folder: Path, manifest: dict[str, Any], index: faiss.Index, catalog: Catalog) -> None:
     manifest.update(ntotal=int(index.ntotal), count=catalog.count(1), tombstones=0)
-    tmp = folder / (INDEX_FILE + ".tmp")
-    faiss.write_index(index, str(tmp))
-    _fsync(tmp)
-    os.replace(tmp, folder / INDEX_FILE)
+    write_index(index, folder / INDEX_FILE)
     write_json_atomic(folder / MANIFEST, manifest)
 
 
@@ -825,7 +584,7 @@ def _staging(out: str | Path, overwrite: bool) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -851,13 +610,25 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+def write_index(index: faiss.Index, path: str | Path) -> None:
+    """Write a FAISS index file atomically (temp file + fsync + rename)."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=2, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    faiss.write_index(index, str(tmp))
+    fsync(tmp)
     os.replace(tmp, path)
+
+
+def remove_from_file(path: str | Path, ids: Sequence[int]) -> None:
+    """Drop ``ids`` from the index stored in ``path`` (a shard of a sharded build)."""
+    index = faiss.read_index(str(path))
+    index.remove_ids(faiss.IDSelectorBatch(np.asarray(ids, np.int64)))
+    write_index(index, path)
+
+
+def set_threads(threads: int) -> None:
+    """FAISS's OpenMP threads in this process (a shard worker gets its share of the cores)."""
+    faiss.omp_set_num_threads(max(1, int(threads)))
 
 
 def check_artifact(path: Path, manifest: dict[str, Any], sha256: str | None) -> None:
@@ -902,7 +673,7 @@ def _read_file(file: Path, folder: Path, manifest: dict[str, Any], mmap: bool) -
     except RuntimeError as e:
         if "No such file" in str(e) or not file.exists():
             raise FileNotFoundError(f"{file} is missing") from e
-        raise RuntimeError(f"{file} is not a readable FAISS index: {_faiss_message(e)}") from e
+        raise RuntimeError(f"{file} is not a readable FAISS index: {faiss_message(e)}") from e
 
 
 def _recover(path: Path, manifest: dict[str, Any], catalog: Catalog, removable: bool) -> None:
@@ -912,7 +683,7 @@ def _recover(path: Path, manifest: dict[str, Any], catalog: Catalog, removable: 
     if staged.exists():  # committed, rename pending
         os.replace(staged, path / INDEX_FILE)
     for f in path.iterdir():
-        stray_index = re.fullmatch(r"index\.\d+\.faiss(\.tmp)?|index\.faiss\.tmp|manifest\.json\.tmp", f.name)
+        stray_index = re.fullmatch(r"index\.\d+\.faiss(\.tmp)?|index\.faiss\.tmp|manifest\.json(\.\w+)?\.tmp", f.name)
         stray_lists = f.name.endswith(".ivfdata") and f.name != manifest.get("ivfdata")
         if stray_index or stray_lists:
             _remove_if_exists(f)
@@ -943,19 +714,6 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        _fsync(path)
-
-
 def _remove_if_exists(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
@@ -972,21 +730,11 @@ def _now() -> str:
 # ----------------------------------------------------------------------------------------------- faiss helpers
 
 
-def _find(index: faiss.Index, kind: type) -> Any:
-    """The first sub-index of ``kind`` under IDMap / PreTransform wrappers, or None."""
-    idx = faiss.downcast_index(index)
-    while True:
-        if isinstance(idx, kind):
-            return idx
-        if isinstance(idx, (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexPreTransform)):
-            idx = faiss.downcast_index(idx.index)
-        else:
-            return None
 
 
 def _supports_remove(index: faiss.Index) -> bool:
     """remove_ids works (flat, PQ, in-memory IVF) rather than raising (HNSW, read-only on-disk lists)."""
-    if _find(index, faiss.IndexHNSW) is not None:
+    if find_sub_index(index, faiss.IndexHNSW) is not None:
         return False
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
@@ -1014,10 +762,10 @@ def _selector_params(index: faiss.Index, params: dict[str, Any], sel: faiss.IDSe
         p = faiss.SearchParametersIVF()
         p.sel = sel
         p.nprobe = int(params.get("nprobe", idx.nprobe))
-        quantizer = _find(idx.quantizer, faiss.IndexHNSW)
+        quantizer = find_sub_index(idx.quantizer, faiss.IndexHNSW)
         if quantizer is not None:
             qp = faiss.SearchParametersHNSW()
-            qp.efSearch = _quantizer_ef(p.nprobe)
+            qp.efSearch = quantizer_ef(p.nprobe)
             p.quantizer_params = qp
             keep.append(qp)
         return p, keep
@@ -1031,22 +779,9 @@ def _selector_params(index: faiss.Index, params: dict[str, Any], sel: faiss.IDSe
     return p, keep
 
 
-def _quantizer_ef(nprobe: int) -> int:
-    return max(64, 2 * nprobe)
 
 
-def gpu_count() -> int:
-    return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
 
 
-def _use_gpu(wanted: bool | None) -> bool:
-    n = gpu_count()
-    if wanted and not n:
-        raise RuntimeError("a GPU was asked for, but this faiss has no GPU support or sees no GPU (install faiss-gpu)")
-    return bool(n) and wanted is not False
 
 
-def _faiss_message(e: Exception) -> str:
-    """The useful last part of a faiss C++ exception ('Error in ... at file:line: message')."""
-    text = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
-    return text.split(": ", 1)[-1] if " at /" in text else text

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from export.formats import BACKEND_CHOICES
 from serving.settings import Limits, Settings
 
 SERVICE = "serving.service:MAEService"
@@ -22,13 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``mae serve`` flags (called by ``mae.cli``)."""
+    """The ``mae serve`` flags (called by ``cli.main``)."""
     d, lim = Settings(), Limits()
     p.add_argument("--artifact", required=True, help="artifact folder (mae export)")
     p.add_argument("--index", help="index folder (mae index build) for /search and the page's neighbours")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=3000)
-    p.add_argument("--backend", default=d.backend, choices=("auto", "torch", "onnx", "tensorrt"),
+    p.add_argument("--backend", default=d.backend, choices=BACKEND_CHOICES,
                    help="model backend (auto: TensorRT on a GPU, then onnxruntime, then torch)")
     p.add_argument("--no-batching", action="store_true", help="one model call per request (the benchmark baseline)")
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="most images in one model call")
@@ -125,7 +126,7 @@ def launch(artifact: str | Path, index: str | Path | None = None, host: str = "1
         with socket.socket() as s:
             s.bind((host, 0))
             port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "mae.cli", "serve", "--artifact", str(artifact), "--host", host, "--port", str(port)]
+    cmd = [sys.executable, "-m", "cli", "serve", "--artifact", str(artifact), "--host", host, "--port", str(port)]
     cmd += ["--index", str(index)] if index else []
     cmd += list(extra or [])
     environ = dict(os.environ, **(env or {}))

@@ -4,7 +4,7 @@ Two BentoML services, composed the way BentoML runs models with pre-processing:
 
 - ``MAEService`` (the front, bound to the port): parses and validates uploads, decodes and preprocesses them in
   threads, asks the encoder for vectors, searches the index, renders JSON; it also serves the page.
-- ``Encoder`` (a dependency, its own process): holds the model (``Embedder``, backend picked once at start) and
+- ``EncoderService`` (a dependency, its own process): holds the model (``Embedder``, backend picked once at start) and
   exposes one batchable API over decoded, preprocessed ``float32 (N, C, H, W)`` arrays. Concurrent requests from
   the front are merged there by BentoML's adaptive batching (CorkDispatcher): arrays, never lists of PIL images.
 
@@ -74,7 +74,7 @@ def _require_artifact() -> Path:
 
 
 @bentoml.service(name="mae-encoder", workers=1, threads=1, traffic={"timeout": 120})
-class Encoder:
+class EncoderService:
     """The model, loaded once; one model call at a time, batched across requests."""
 
     def __init__(self) -> None:
@@ -278,7 +278,7 @@ def _keep_one_session(proxy: Any) -> None:
 class MAEService:
     """Embeddings, classification and search by image for one artifact (and optionally one index)."""
 
-    encoder = bentoml.depends(Encoder)
+    encoder = bentoml.depends(EncoderService)
 
     def __init__(self) -> None:
         import torch
@@ -405,24 +405,13 @@ class MAEService:
     def _render_thumbnail(self, item_id: int, path: str) -> bytes:
         import io
 
-        from PIL import Image
-
         from mae.data import ImageError, read_image
+        from mae.visualize import thumbnail
 
         try:
-            array = read_image(path)
+            im = thumbnail(read_image(path), THUMBNAIL_SIZE)
         except ImageError as e:
             raise LookupError(f"item {item_id}: {e}") from e
-        if array.ndim == 3 and array.shape[2] not in (3, 4):  # N-channel arrays (.npy): show the first channels
-            array = array[..., :3] if array.shape[2] > 4 else array[..., 0]
-        if array.dtype != np.uint8:  # 16-bit or float arrays: stretch to 8 bits for display
-            lo, hi = float(array.min()), float(array.max())
-            array = ((array.astype(np.float64) - lo) / max(hi - lo, 1e-12) * 255).round().astype(np.uint8)
-        im = Image.fromarray(array)
-        im.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.LANCZOS)
-        scale = 96 // max(im.width, im.height, 1)
-        if scale > 1:  # tiny images (28 px digits) are upscaled crisply so that people can see them
-            im = im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
         buf = io.BytesIO()
         im.save(buf, format="PNG")
         return buf.getvalue()

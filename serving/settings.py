@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-BACKENDS = ("auto", "torch", "onnx", "tensorrt")
+from export.formats import BACKEND_CHOICES
 
 
 def _default_threads() -> int:
@@ -62,7 +62,7 @@ class Settings:
     index: str = ""
     """Index folder (``mae index build``); without one, /search answers 400 and the page shows labels only."""
     backend: str = "auto"
-    """Embedder backend: auto (TensorRT on a GPU, then onnxruntime, then torch), torch, onnx or tensorrt."""
+    """Embedder backend: auto (the first of export.formats.BACKENDS that runs here) or one of them by name."""
     batching: bool = True
     """Adaptive batching of model calls across concurrent requests (BentoML's CorkDispatcher)."""
     max_batch_size: int = 32
@@ -84,8 +84,8 @@ class Settings:
         return _write_env(self)
 
     def validate(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend not in BACKEND_CHOICES:
+            raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {self.backend!r}")
         if self.max_batch_size < 2:
             raise ValueError(f"max batch size must be at least 2 (or turn batching off), got {self.max_batch_size}")
         if self.max_latency_ms < 1:

@@ -27,9 +27,9 @@ def tiny_config(*extra: str):
 
 def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: float = 600
             ) -> subprocess.CompletedProcess:
-    """Run ``python -m mae.cli ARGS`` as a user would, from the repository root."""
+    """Run ``python -m cli ARGS`` as a user would, from the repository root."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "mae.cli", *args], cwd=ROOT, env=full_env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"mae {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

@@ -140,6 +140,37 @@ def test_timm_create_model_loads_the_artifact_weights(tmp_path, finetuned):
     assert model.pretrained_cfg["mean"] == list(art.preprocessing.mean)
 
 
+@pytest.mark.parametrize("channels", [3, 1])
+def test_timm_eval_transform_gives_the_same_tensors_as_preprocessing(tmp_path, channels):
+    """The README says timm's ``create_transform`` from the artifact's pretrained cfg feeds the model what our
+    ``Preprocessing`` does: same geometry (short-side resize, centre crop), same normalisation. PIL resizes in
+    uint8 and torch in float, so pixels differ by a few levels of 255 at most, never by a shifted crop."""
+    import numpy as np
+    import skimage.data
+    import timm
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    from mae.config import get_preset
+
+    cfg = get_preset("mae_vit_tiny_patch4_32").override(
+        ["model.depth=1", "model.img_size=64", "data.crop_pct=0.875", f"model.in_chans={channels}"])
+    art = artifact.load(artifact.from_random_init(tmp_path / "art", cfg))
+    t = art.config["timm"]
+    model = timm.create_model(t["model_name"], pretrained=True, pretrained_cfg_overlay=dict(
+        file=str(art.path / artifact.WEIGHTS), **t["pretrained_cfg_overlay"]), **t["kwargs"])
+    transform = create_transform(**resolve_data_config({}, model=model))
+    for name in ("astronaut", "chelsea", "coffee", "rocket", "camera"):  # square, landscape, grey
+        arr = getattr(skimage.data, name)()
+        if channels == 1 and arr.ndim == 3:
+            arr = np.asarray(Image.fromarray(arr).convert("L"))
+        pil = Image.fromarray(arr).convert("RGB" if channels == 3 else "L")
+        ours, theirs = art.preprocessing(arr), transform(pil)
+        assert ours.shape == theirs.shape == (channels, 64, 64), name
+        diff = (ours - theirs).abs() * torch.tensor(art.preprocessing.std).view(-1, 1, 1)  # in [0, 1] pixel units
+        assert diff.mean() < 2 / 255 and diff.max() < 8 / 255, (name, float(diff.mean()), float(diff.max()))
+
+
 def test_errors_name_the_problem(tmp_path):
     cfg = config16()
     ckpt = mae_checkpoint(tmp_path / "pre.pt", cfg)
@@ -151,10 +182,10 @@ def test_errors_name_the_problem(tmp_path):
         artifact.load(out)
     (tmp_path / "w").rename(out / artifact.WEIGHTS)
     config = json.loads((out / artifact.CONFIG).read_text())
-    config["timm"]["kwargs"]["embed_dim"] = 64
+    config["timm"]["kwargs"]["global_pool"] = "token"  # same shapes, other embeddings: must not load silently
     artifact.write_config(out, config)
-    with pytest.raises(artifact.ArtifactError, match="does not match"):
-        artifact.load(out)  # the sha256 does not cover the timm section, the shape check catches it
+    with pytest.raises(artifact.ArtifactError, match="timm section disagrees"):
+        artifact.load(out)  # the model is built from the hashed fields; the timm copy must agree with them
     config["model"]["depth"] = 3
     artifact.write_config(out, config)
     with pytest.raises(artifact.ArtifactError, match="changed since export"):

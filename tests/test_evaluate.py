@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from mae.cli import main as cli
+from cli.main import main as cli
 from tests.finetune_helpers import config16, labelled_folder, mae_checkpoint
 from training import evaluate as ev
 

@@ -11,7 +11,10 @@ import torch
 from onnx import TensorProto, helper
 
 from export import onnx as onnx_export
-from export.onnx import FILES, RANDOM_OPS, ExportError, ParityError, check_graph, op_counts
+from export.formats import onnx_key
+from export.onnx import FILES, RANDOM_OPS, ExportError, check_graph, op_counts
+from export.ort import cpu_session
+from export.parity import TOLERANCES, ParityError
 from mae import artifact
 from tests.export_helpers import LABELS, PARITY_IMAGES, copy_artifact, exported, make_artifact
 
@@ -27,7 +30,7 @@ def head(tmp_path_factory):
 
 
 def _session(path):
-    return onnx_export.cpu_session(path, threads=1)
+    return cpu_session(path, threads=1)
 
 
 def test_files_and_graph_contract(plain):
@@ -43,7 +46,7 @@ def test_files_and_graph_contract(plain):
         assert not set(op_counts(model)) & RANDOM_OPS
         assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
         onnx.checker.check_model(str(plain / name), full_check=True)
-        assert record[onnx_export.RECORD_KEYS[precision]]["passed"] is True
+        assert record[onnx_key(precision)]["passed"] is True
     assert record["onnx"]["exporter"] == "dynamo"
     assert record["onnx_fp16"]["attention_fusion"]["MultiHeadAttention_nodes"] == 2  # one per block (depth 2)
     fp16 = onnx.load(str(plain / FILES["fp16"]))
@@ -107,7 +110,7 @@ def test_head_logits_and_top1(head):
 
 def test_parity_failure_is_loud_and_recorded(head, tmp_path, monkeypatch):
     path = copy_artifact(head, tmp_path / "art")
-    monkeypatch.setitem(onnx_export.TOLERANCES, "fp32", {"cosine": 1.5})  # unreachable: must fail
+    monkeypatch.setitem(TOLERANCES, "onnx", {"cosine": 1.5})  # unreachable: must fail
     with pytest.raises(ParityError, match="encoder.onnx misses its tolerance"):
         onnx_export.export_onnx(path, parity_images=8)
     assert not (path / FILES["fp32"]).exists()
@@ -139,8 +142,8 @@ def test_fixed_batch_is_rejected(tmp_path):
 
 
 def test_cli_export_onnx_int8(tmp_path, capsys):
+    from cli.main import main
     from mae.checkpoint import save_checkpoint
-    from mae.cli import main
     from mae.model import MaskedAutoencoder
     from tests.export_helpers import export_config
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from mae.cli import main as cli
+from cli.main import main as cli
 from mae.config import Config
 from mae.data import load_source
 from mae.model import MaskedAutoencoder
@@ -83,7 +83,7 @@ def test_pos_embed_interpolated_when_resolution_changes():
 
 
 def test_probe_head_has_no_affine_and_encoder_gets_no_gradient(data, tmp_path):
-    cfg = ft.recipe(config16(probe_optimizer="sgd"), linear_probe=True)
+    cfg = ft.finetune_config(config16(probe_optimizer="sgd"), linear_probe=True)
     dist = init_distributed("cpu")
     state = _mae_state(cfg)
     trainer = ft.Finetuner(cfg, RunDir(tmp_path / "probe", dist), dist, load_source(str(data)), state,
@@ -108,7 +108,7 @@ def test_probe_head_has_no_affine_and_encoder_gets_no_gradient(data, tmp_path):
 def test_lars_probe_optimizer_adapts_only_the_weight():
     from timm.optim import Lars
 
-    cfg = ft.recipe(config16(probe_optimizer="lars"), linear_probe=True)
+    cfg = ft.finetune_config(config16(probe_optimizer="lars"), linear_probe=True)
     vit = ft.build_classifier(cfg, 3, linear_probe=True)
     ft.freeze_encoder(vit)
     trainer = object.__new__(ft.Finetuner)  # only make_optimizer's inputs are needed
@@ -119,14 +119,24 @@ def test_lars_probe_optimizer_adapts_only_the_weight():
     assert [g["always_adapt"] for g in opt.param_groups] == [True, False]
 
 
-def test_recipe_and_overrides_order(tmp_path):
+def test_recipe_lives_in_the_finetune_section_only(tmp_path):
     ckpt = mae_checkpoint(tmp_path / "pre.pt")
     base, _ = ft.init_config(ckpt)
-    cfg = ft.finetune_config(base, False, ["finetune.blr=2e-3", "optim.weight_decay=0.1", "run.epochs=3"])
-    assert cfg.optim.blr == 2e-3 and cfg.optim.weight_decay == 0.1 and cfg.run.epochs == 3
-    assert cfg.optim.betas == (0.9, 0.999)
-    probe = ft.finetune_config(base, True, [])
-    assert probe.optim.weight_decay == 0.0 and probe.optim.blr == base.finetune.probe_blr
+    cfg = ft.finetune_config(base, False, ["finetune.blr=2e-3", "finetune.weight_decay=0.1", "finetune.epochs=3",
+                                           "finetune.clip_grad=1.0"])
+    optim, epochs = ft.recipe(cfg, linear_probe=False)
+    assert optim.blr == 2e-3 and optim.weight_decay == 0.1 and epochs == 3 and optim.clip_grad == 1.0
+    assert optim.betas == (0.9, 0.999) and cfg.optim == base.optim  # the pretraining's optimiser, untouched
+    probe, probe_epochs = ft.recipe(ft.finetune_config(base, True, []), linear_probe=True)
+    assert probe.weight_decay == 0.0 and probe.blr == base.finetune.probe_blr
+    assert probe_epochs == base.finetune.probe_epochs
+    with pytest.raises(ValueError, match="finetune.probe_blr"):  # optim.* is the pretraining's: say where to go
+        ft.finetune_config(base, True, ["optim.blr=0.1"])
+    with pytest.raises(ValueError, match="finetune.weight_decay"):
+        ft.finetune_config(base, False, ["optim.weight_decay=0.1"])
+    stepped = base.override(["run.steps=6"])  # a pretraining run stopped by steps does not stop its finetune
+    assert ft.finetune_config(stepped, False, []).run.steps is None
+    assert ft.finetune_config(stepped, False, ["run.steps=4"]).run.steps == 4
 
 
 def test_old_checkpoint_without_finetune_section_opens(tmp_path):

@@ -85,7 +85,7 @@ def test_resume_after_kill_is_bit_exact(tmp_path):
 
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "mae.cli", "pretrain", "--out", str(killed), *args], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "pretrain", "--out", str(killed), *args], cwd=ROOT,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = killed / "checkpoint.pt"
     deadline = time.time() + 300
@@ -114,7 +114,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
-           "-m", "mae.cli", "pretrain", "--data", "digits", "--out", str(out), "--steps", "4", "--json", *tiny_sets()]
+           "-m", "cli", "pretrain", "--data", "digits", "--out", str(out), "--steps", "4", "--json", *tiny_sets()]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -21,8 +21,10 @@ faiss = pytest.importorskip("faiss")
 from faiss.contrib.evaluation import knn_intersection_measure  # noqa: E402
 
 from retrieval import index as index_lib  # noqa: E402
+from retrieval import tuning as tuning_lib  # noqa: E402
 from retrieval.catalog import Item  # noqa: E402
-from retrieval.index import Index, IndexMismatchError, build, choose_factory  # noqa: E402
+from retrieval.index import Index, IndexMismatchError, build  # noqa: E402
+from retrieval.tuning import choose_factory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHA = "a" * 64
@@ -75,7 +77,7 @@ def test_choose_factory_thresholds():
     assert choose_factory(2_000_000, 256, max_memory=256 << 20).factory == "OPQ64_256,IVF4096_HNSW32,PQ64np"
     assert choose_factory(4_000_000, 256, max_memory=256 << 20).factory == "OPQ32_256,IVF8192_HNSW32,PQ32np"
     assert choose_factory(5_000, 64, on_disk=True).factory.startswith("IVF")
-    assert index_lib.nlist_for(100) * index_lib.MIN_PER_LIST <= 100
+    assert tuning_lib.nlist_for(100) * tuning_lib.MIN_PER_LIST <= 100
     with pytest.raises(ValueError, match="do not fit"):
         choose_factory(10**9, 256, max_memory=1 << 20)
 
@@ -102,9 +104,9 @@ def test_recall_against_exact(tmp_path, factory, min_recall):
         assert idx.manifest["search_params"] == tuning["params"]
     if "PQ" in factory:  # out of reach: said so, and the cheapest nprobe on the recall plateau is used
         best = max(c["recall@10"] for c in tuning["curve"])
-        assert tuning["target_met"] is False and best - index_lib.PLATEAU <= tuning["recall@10"] < 0.95
+        assert tuning["target_met"] is False and best - tuning_lib.PLATEAU <= tuning["recall@10"] < 0.95
         assert tuning["params"]["nprobe"] == next(c["nprobe"] for c in tuning["curve"]
-                                                  if c["recall@10"] >= best - index_lib.PLATEAU)
+                                                  if c["recall@10"] >= best - tuning_lib.PLATEAU)
     # what was tuned is what a reload searches with
     again = Index.load(tmp_path / "i")
     np.testing.assert_array_equal(again.search_ids(q, 10)[1], ids)
@@ -118,10 +120,10 @@ def test_filtered_search_through_opq_and_idmap_wrappers():
     sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(dead))
     for factory, params in [("OPQ8_64,IVF16_HNSW32,PQ8x4np", {"nprobe": 16}), ("IDMap2,HNSW16,Flat", {"efSearch": 64}),
                             ("IDMap2,Flat", {})]:
-        index = index_lib.make_index(factory, 64)
-        index_lib.train(index, x)
+        index = tuning_lib.make_index(factory, 64)
+        tuning_lib.train(index, x)
         index.add_with_ids(x, ids)
-        index_lib.apply_params(index, {k: 1 for k in params})  # the selector path must not fall back to these
+        tuning_lib.apply_params(index, {k: 1 for k in params})  # the selector path must not fall back to these
         p, _keep = index_lib._selector_params(index, params, sel)
         _, found = index.search(x[:20], 5, params=p)
         assert not np.isin(found, dead).any() and (found > 0).all()
@@ -368,7 +370,7 @@ def test_corrupt_images_skipped_and_reported(tmp_path, artifact, photos):
 
 def test_cli_build_add_search_remove_info(tmp_path, artifact, photos, capsys):
     """The commands people type, on the photos, through the real argument parser."""
-    from mae.cli import main
+    from cli.main import main
 
     def run(*argv: str) -> dict:
         capsys.readouterr()
@@ -446,7 +448,7 @@ def test_sharded_on_disk_build_add_remove(tmp_path, artifact):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(index_lib.gpu_count() == 0, reason="needs faiss-gpu and a CUDA GPU")
+@pytest.mark.skipif(tuning_lib.gpu_count() == 0, reason="needs faiss-gpu and a CUDA GPU")
 def test_gpu_training_and_search_match_cpu(tmp_path):
     x, q = lowrank(20_000, 16), lowrank(100, 17)
     idx = build(tmp_path / "i", x, items_for(len(x)), artifact_sha256=SHA, factory="IVF256,Flat", gpu=True)

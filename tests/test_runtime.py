@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from export.runtime import BackendUnavailable, Embedder, session_options
+from export.formats import BackendUnavailable
+from export.ort import session_options
+from export.runtime import Embedder
 from mae import artifact
 from mae.data import load_source
 from tests.export_helpers import LABELS, copy_artifact, exported
@@ -86,7 +88,7 @@ def test_stale_onnx_file_is_refused(plain, head, tmp_path):
     (mixed / "encoder.onnx").write_bytes((head / "encoder.onnx").read_bytes())  # another artifact's graph
     with pytest.raises(artifact.ArtifactError, match="exported from other weights"):
         Embedder.load(mixed, backend="onnx")
-    with pytest.warns(UserWarning, match="onnxruntime backend skipped"):
+    with pytest.warns(UserWarning, match="onnx backend skipped"):
         assert Embedder.load(mixed, device="cpu").backend_name == "torch-cpu"
 
 
@@ -106,19 +108,22 @@ def test_embed_files_streams_and_skips_bad(plain, tmp_path, images):
         Image.fromarray(im).save(folder / ("sub" if i % 2 else "") / f"{i}.png")
     (folder / "broken.png").write_bytes(b"not a png")
     embedder = Embedder.load(plain, backend="onnx", batch_size=4)
-    from export.runtime import image_files
+    from mae.data import list_images
+    from mae.files import sha256_file
 
-    files = image_files([folder])
-    vectors, kept, errors = embedder.embed_files(files, workers=0, progress=False)
-    assert len(files) == 10 and len(kept) == 9 and vectors.shape == (9, 192)
-    assert len(errors) == 1 and "broken.png" in errors[0]
-    np.testing.assert_allclose(vectors, embedder.embed(kept), atol=1e-6)
+    files, _ = list_images([folder])
+    done = embedder.embed_files(files, workers=0, progress=False)
+    kept = [files[p] for p in done.positions]
+    assert len(files) == 10 and len(kept) == 9 and done.vectors.shape == (9, 192)
+    assert len(done.skipped) == 1 and "broken.png" in done.skipped[0]["error"]
+    assert done.sha256 == [sha256_file(f) for f in kept]
+    np.testing.assert_allclose(done.vectors, embedder.embed(kept), atol=1e-6)
 
 
 def test_cli_embed(plain, tmp_path, images, capsys):
     from PIL import Image
 
-    from mae.cli import main
+    from cli.main import main
 
     for i, im in enumerate(images[:5]):
         Image.fromarray(im).save(tmp_path / f"{i}.png")
@@ -148,8 +153,8 @@ def test_tensorrt_unavailable_is_plain(plain, tmp_path, capsys):
     reason = _trt_reason()
     if reason is None:
         pytest.skip("TensorRT is available here; the no-GPU message cannot be seen")
+    from cli.main import main
     from mae.checkpoint import save_checkpoint
-    from mae.cli import main
     from mae.model import MaskedAutoencoder
     from tests.export_helpers import export_config
 

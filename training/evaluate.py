@@ -32,6 +32,7 @@ from torch import nn
 from mae import artifact as artifact_lib
 from mae.config import ModelConfig
 from mae.data import ImageDataset, Preprocessing, Source, load_source, stratified_split
+from mae.files import atomic_path, write_json_atomic
 from mae.model import MaskedAutoencoder
 from training.loop import eval_loader
 
@@ -264,9 +265,8 @@ def embed_split(encoder: nn.Module, preprocessing: Preprocessing, split: Split, 
             arrays[f"{name}_embedding"], arrays[f"{name}_labels"] = e.embedding, e.labels
             if e.logits is not None:
                 arrays[f"{name}_logits"] = e.logits
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(path)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
     return parts[0], parts[1], False
 
 
@@ -334,7 +334,7 @@ def main(args) -> dict[str, Any]:
                               confusion_png=cache_dir / "confusion_matrix.png", workers=args.workers,
                               device=device)
     result = {"model": what, "data": args.data, **result}
-    (cache_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json_atomic(cache_dir / "eval.json", result)
     lines = [f"{what} on {args.data} ({result['train_images']} train / {result['val_images']} val images)",
              f"  kNN top-1 (k={KNN_K}, cosine)  {result['knn_top1']:.4f}",
              f"  linear-probe top-1         {result['probe_top1']:.4f}"]

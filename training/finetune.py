@@ -20,8 +20,8 @@ Both keep the best-on-val weights in ``RUN/best.pt`` beside the resumable ``RUN/
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,19 @@ from torch import nn
 
 from mae import artifact as artifact_lib
 from mae.checkpoint import load_checkpoint, load_weights_and_meta, save_checkpoint
-from mae.config import PRESETS, Config, DataConfig, FinetuneConfig
+from mae.config import PRESETS, Config, DataConfig, FinetuneConfig, OptimConfig, length_overrides
 from mae.data import FinetuneTransform, ImageDataset, Preprocessing, Source, load_source, stratified_split
+from mae.files import write_json_atomic
 from mae.model import DECODER_PREFIXES, infer_model_config
-from training.loop import Dist, RunDir, Trainer, eval_loader, init_distributed, shutdown_distributed
+from training.loop import (
+    Dist,
+    RunDir,
+    Trainer,
+    eval_loader,
+    init_distributed,
+    resume_config,
+    shutdown_distributed,
+)
 
 FINETUNE_HEAD_STD = 2e-5  # official main_finetune.py: trunc_normal_(model.head.weight, std=2e-5)
 PROBE_HEAD_STD = 0.01  # official main_linprobe.py: trunc_normal_(model.head.weight, std=0.01)
@@ -61,28 +70,39 @@ def init_config(init: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
     return cfg, state
 
 
-def recipe(cfg: Config, linear_probe: bool) -> Config:
-    """Turn ``cfg.finetune`` into the run's ``optim`` and ``run.epochs`` (finetune or probe recipe)."""
+FINETUNE_BETAS = (0.9, 0.999)  # official main_finetune.py: AdamW's defaults, not pretraining's (0.9, 0.95)
+# ``--set optim.X`` on ``mae finetune`` names the finetune field that X is read from (finetune, probe).
+_OPTIM_TO_FINETUNE = {
+    "batch_size": ("batch_size", "probe_batch_size"), "blr": ("blr", "probe_blr"),
+    "weight_decay": ("weight_decay", None), "warmup_epochs": ("warmup_epochs", "probe_warmup_epochs"),
+    "min_lr": ("min_lr", None), "accum_iter": ("accum_iter", None), "clip_grad": ("clip_grad", None),
+}
+
+
+def recipe(cfg: Config, linear_probe: bool) -> tuple[OptimConfig, int]:
+    """The optimiser and epochs of a finetune (or linear-probe) run, read from ``cfg.finetune`` alone."""
     ft = cfg.finetune
-    if linear_probe:
-        optim = dataclasses.replace(cfg.optim, batch_size=ft.probe_batch_size, blr=ft.probe_blr, lr=None,
-                                    weight_decay=0.0, warmup_epochs=ft.probe_warmup_epochs, min_lr=0.0,
-                                    accum_iter=1, clip_grad=None)
-        epochs = ft.probe_epochs
-    else:
-        optim = dataclasses.replace(cfg.optim, batch_size=ft.batch_size, blr=ft.blr, lr=None,
-                                    weight_decay=ft.weight_decay, betas=(0.9, 0.999),
-                                    warmup_epochs=ft.warmup_epochs, min_lr=ft.min_lr, accum_iter=1, clip_grad=None)
-        epochs = ft.epochs
-    return dataclasses.replace(cfg, optim=optim, run=dataclasses.replace(cfg.run, epochs=epochs, steps=None))
+    if linear_probe:  # weight decay 0 and a zero floor, as main_linprobe.py; LARS/SGD ignore betas
+        return OptimConfig(batch_size=ft.probe_batch_size, blr=ft.probe_blr, weight_decay=0.0,
+                           warmup_epochs=ft.probe_warmup_epochs, min_lr=0.0), ft.probe_epochs
+    return OptimConfig(batch_size=ft.batch_size, accum_iter=ft.accum_iter, blr=ft.blr, weight_decay=ft.weight_decay,
+                       betas=FINETUNE_BETAS, warmup_epochs=ft.warmup_epochs, min_lr=ft.min_lr,
+                       clip_grad=ft.clip_grad), ft.epochs
 
 
-def finetune_config(base: Config, linear_probe: bool, overrides: list[str] = ()) -> Config:
-    """Init config -> ``--set finetune.*`` overrides -> recipe -> every other override (so ``optim.*`` and
-    ``run.*`` given on the command line win over the recipe)."""
-    ft_sets = [s for s in overrides if s.strip().startswith("finetune.")]
-    other = [s for s in overrides if not s.strip().startswith("finetune.")]
-    return recipe(base.override(ft_sets), linear_probe).override(other)
+def finetune_config(base: Config, linear_probe: bool, overrides: Sequence[str] = ()) -> Config:
+    """The config of a finetune run: the init's, with its ``run.steps`` cleared (a new run) and ``overrides``.
+
+    The recipe is ``finetune.*``; ``optim.*`` describes the pretraining, so setting it here is refused with the
+    finetune field to set instead.
+    """
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key.startswith("optim."):
+            field = _OPTIM_TO_FINETUNE.get(key[len("optim."):], (None, None))[1 if linear_probe else 0]
+            hint = f"--set finetune.{field}=..." if field else "the finetune section (mae finetune --help)"
+            raise ValueError(f"mae finetune reads its optimiser from finetune.*, not {key}: use {hint}")
+    return base.replace(run={"steps": None}).override(overrides)
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -172,6 +192,7 @@ class Finetuner(Trainer):
             raise ValueError(f"{source.name} has no class labels: finetuning needs a labelled set (mnist5k, digits) "
                              "or a folder with one subfolder per class")
         self.linear_probe = linear_probe
+        self.pooling = cfg.finetune.probe_pool if linear_probe else cfg.finetune.global_pool
         self.labels = list(source.classes)
         ft = cfg.finetune
         train_idx, val_idx = stratified_split(source.labels, cfg.data.val_fraction, cfg.data.split_seed)
@@ -190,15 +211,17 @@ class Finetuner(Trainer):
             groups = layer_decay_groups(vit, ft.weight_decay, ft.layer_decay)
             self.mixup = None
             if ft.mixup > 0 or ft.cutmix > 0:
-                if cfg.optim.batch_size % 2:
-                    raise ValueError(f"mixup/cutmix needs an even batch size, got {cfg.optim.batch_size}")
+                if ft.batch_size % 2:
+                    raise ValueError(f"mixup/cutmix needs an even batch size, got finetune.batch_size "
+                                     f"{ft.batch_size}")
                 self.mixup = Mixup(mixup_alpha=ft.mixup, cutmix_alpha=ft.cutmix, label_smoothing=ft.smoothing,
                                    num_classes=len(self.labels))
                 self.criterion = SoftTargetCrossEntropy()
             else:
                 self.criterion = nn.CrossEntropyLoss(label_smoothing=ft.smoothing)
         train_set = ImageDataset(source, train_idx, FinetuneTransform(cfg, linear_probe), cfg.run.seed)
-        super().__init__(cfg, run, dist, vit, train_set, optimizer_groups=groups)
+        optim, epochs = recipe(cfg, linear_probe)
+        super().__init__(cfg, run, dist, vit, train_set, optimizer_groups=groups, optim=optim, epochs=epochs)
         self.log_name = "linear probe" if linear_probe else "finetune"
         self.periodic_every = self.steps_per_epoch * EVAL_EVERY_EPOCHS
         self.preprocessing = Preprocessing.from_config(cfg)
@@ -257,8 +280,10 @@ class Finetuner(Trainer):
                 "best_val_top1": self.best["top1"]}
 
     def checkpoint_extra(self) -> dict[str, Any]:
+        """What an artifact needs besides the weights: class names, and the pooling the head was trained on
+        (saved here once, so that export reads it instead of guessing it from the weights)."""
         return {"labels": self.labels, "task": "linear_probe" if self.linear_probe else "finetune",
-                "best_top1": self.best["top1"], "best_step": self.best["step"]}
+                "pooling": self.pooling, "best_top1": self.best["top1"], "best_step": self.best["step"]}
 
     def restore_extra(self, ckpt: dict[str, Any]) -> None:
         if list(ckpt.get("labels", self.labels)) != self.labels:
@@ -286,7 +311,8 @@ def finetune(cfg: Config, init: str | Path, out: str | Path, data: str, state: d
             resumed_from = trainer.step
         run.write_config(cfg, {"task": "linear_probe" if linear_probe else "finetune", "init": str(init),
                                "data_source": data, "labels": trainer.labels, "world_size": dist.world,
-                               "effective_batch": trainer.effective_batch, "lr": trainer.base_lr})
+                               "effective_batch": trainer.effective_batch, "lr": trainer.base_lr,
+                               "optimiser": dataclasses.asdict(trainer.optim), "total_steps": trainer.total_steps})
         started = time.perf_counter()
         last = trainer.fit()
         seconds = time.perf_counter() - started
@@ -315,7 +341,7 @@ def finetune(cfg: Config, init: str | Path, out: str | Path, data: str, state: d
             from mae.visualize import loss_curve
 
             summary["loss_curve"] = str(loss_curve(run.metrics, run.path / "loss_curve.png", ("loss", "val_loss")))
-            (run.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_json_atomic(run.path / "summary.json", summary)
         return summary
     finally:
         shutdown_distributed()
@@ -324,24 +350,17 @@ def finetune(cfg: Config, init: str | Path, out: str | Path, data: str, state: d
 def main(args) -> dict[str, Any]:
     """``mae finetune --init C --data D --out RUN [--linear-probe] [--epochs N] [--resume] [--set k=v]``."""
     checkpoint = Path(args.out) / "checkpoint.pt"
-    sets = list(args.overrides)
-    if args.epochs is not None:
-        sets.append(f"run.epochs={args.epochs}")
-    if args.batch_size is not None:
-        sets.append(f"optim.batch_size={args.batch_size}")
+    prefix = "finetune.probe_" if args.linear_probe else "finetune."
+    sets = length_overrides(args.epochs, None, args.batch_size, prefix=prefix) + list(args.overrides)
     init_cfg, state = init_config(args.init)
     cfg = finetune_config(init_cfg, args.linear_probe, sets)
     if args.resume and checkpoint.exists():
-        ckpt = load_checkpoint(checkpoint)
-        saved = Config.from_dict(ckpt["config"])
         task = "linear_probe" if args.linear_probe else "finetune"
-        if ckpt.get("task", task) != task:
-            raise ValueError(f"{checkpoint} is a {ckpt['task']} run; {'drop' if not args.linear_probe else 'add'} "
+        saved_task = load_checkpoint(checkpoint).get("task", task)
+        if saved_task != task:
+            raise ValueError(f"{checkpoint} is a {saved_task} run; {'drop' if not args.linear_probe else 'add'} "
                              "--linear-probe to resume it")
-        if sets and saved != cfg:
-            raise ValueError(f"--resume continues the saved run's config; these options differ from it: "
-                             f"{saved.differences(cfg)}")
-        cfg = saved
+        cfg = resume_config(checkpoint, cfg, asked=bool(sets))
     summary = finetune(cfg, args.init, args.out, args.data, state, linear_probe=args.linear_probe,
                        resume=args.resume, source_grid=init_cfg.model.grid_size)
     what = "linear probe" if args.linear_probe else "finetune"

@@ -28,8 +28,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mae.checkpoint import load_checkpoint, save_checkpoint
-from mae.config import Config
+from mae.config import Config, OptimConfig
 from mae.data import collate_skipping_bad
+from mae.files import write_bytes_atomic, write_json_atomic
+from mae.hardware import has_native_bf16
 
 # ----------------------------------------------------------------------------------------------- distributed
 
@@ -153,42 +155,26 @@ def cosine_lr(step: int, total: int, warmup: int, lr: float, min_lr: float) -> f
 
 
 def param_groups(model: nn.Module, weight_decay: float, skip: set[str] | None = None) -> list[dict[str, Any]]:
-    """Two AdamW groups: decayed weights, and never-decayed biases, norms, tokens and position embeddings."""
+    """Two AdamW groups (timm's ``param_groups_weight_decay``, as the official code): decayed weights, and
+    never-decayed biases, norms and the model's ``no_weight_decay()`` names (tokens, position embeddings)."""
+    from timm.optim import param_groups_weight_decay
+
     skip = set(skip if skip is not None else getattr(model, "no_weight_decay", lambda: set())())
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name.endswith(".bias") or name in skip:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [
-        {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
-        {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
-    ]
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``run.amp``: auto = bf16 on CUDA and on CPUs with native bf16 matmuls, else fp32."""
+    """The autocast dtype for ``run.amp``: auto = bf16 on CUDA and on CPUs with native bf16 matmuls (AVX512-BF16,
+    AMX: several times faster GEMMs; autocast keeps norms, softmax statistics and the loss in fp32), else fp32
+    (elsewhere bf16 is emulated, which is slower)."""
     if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" or cpu_has_native_bf16() else None
+        return torch.bfloat16 if device.type == "cuda" or has_native_bf16() else None
     if amp not in AMP_DTYPES:
         raise ValueError(f"run.amp must be one of auto, {', '.join(AMP_DTYPES)}; got {amp!r}")
     return AMP_DTYPES[amp]
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls run 3-4x faster than fp32 ones there (measured on a Zen 5 core), and
-    autocast keeps norms, softmax statistics and the loss in fp32. Elsewhere bf16 would be emulated: slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 class NonFiniteLossError(RuntimeError):
@@ -217,7 +203,7 @@ class RunDir:
 
     def write_config(self, cfg: Config, extra: dict[str, Any] | None = None) -> None:
         if self.dist.is_main:
-            (self.path / "config.json").write_text(json.dumps({**cfg.to_dict(), **(extra or {})}, indent=2) + "\n")
+            write_json_atomic(self.path / "config.json", {**cfg.to_dict(), **(extra or {})})
 
     def log(self, row: dict[str, Any]) -> None:
         if self.dist.is_main:
@@ -236,7 +222,17 @@ class RunDir:
         if self.dist.is_main and self.metrics.exists():
             keep = [ln for ln in self.metrics.read_text().splitlines()
                     if ln.strip() and json.loads(ln).get("step", 0) <= after_step]
-            self.metrics.write_text("".join(ln + "\n" for ln in keep))
+            write_bytes_atomic(self.metrics, "".join(ln + "\n" for ln in keep).encode())
+
+
+def resume_config(checkpoint: Path, cfg: Config, asked: bool) -> Config:
+    """The config ``--resume`` continues: the one saved in ``checkpoint``. Options given on the command line
+    (``asked``) that would change it are refused with the fields that differ, never silently applied."""
+    saved = Config.from_dict(load_checkpoint(checkpoint)["config"])
+    if asked and saved != cfg:
+        raise ValueError(f"--resume continues the saved run's config; these options differ from it: "
+                         f"{saved.differences(cfg)}")
+    return saved
 
 
 # ----------------------------------------------------------------------------------------------- the loop
@@ -253,12 +249,17 @@ class Trainer:
     log_name = "train"
 
     def __init__(self, cfg: Config, run: RunDir, dist: Dist, model: nn.Module, train_set: Dataset,
-                 optimizer_groups: list[dict[str, Any]] | None = None):
+                 optimizer_groups: list[dict[str, Any]] | None = None, optim: OptimConfig | None = None,
+                 epochs: int | None = None):
+        """``optim`` and ``epochs`` default to ``cfg.optim`` and ``cfg.run.epochs`` (a finetune run passes the
+        ones its recipe defines); ``cfg.run.steps``, when set, overrides the length in epochs."""
         self.cfg = cfg
         self.run = run
         self.dist = dist
         self.model = model.to(dist.device)
-        o, r = cfg.optim, cfg.run
+        self.optim = o = optim or cfg.optim
+        r = cfg.run
+        epochs = r.epochs if epochs is None else epochs
         self.loader, self.sampler = make_loader(train_set, o.batch_size, dist, r.seed, cfg.data.num_workers)
         micro_per_epoch = len(self.sampler) // o.batch_size
         self.steps_per_epoch = micro_per_epoch // o.accum_iter
@@ -269,7 +270,7 @@ class Trainer:
                 f"(batch_size {o.batch_size} x accum_iter {o.accum_iter} x {dist.world} processes); "
                 "lower --batch-size"
             )
-        self.total_steps = r.steps if r.steps is not None else r.epochs * self.steps_per_epoch
+        self.total_steps = r.steps if r.steps is not None else epochs * self.steps_per_epoch
         self.warmup_steps = min(round(o.warmup_epochs * self.steps_per_epoch), self.total_steps)
         self.base_lr = o.effective_lr(self.effective_batch)
         groups = optimizer_groups if optimizer_groups is not None else param_groups(self.model, o.weight_decay)
@@ -298,7 +299,7 @@ class Trainer:
 
         On CUDA the fused kernel updates every parameter in one launch; the CPU keeps the default (foreach).
         """
-        return torch.optim.AdamW(groups, lr=self.base_lr, betas=self.cfg.optim.betas,
+        return torch.optim.AdamW(groups, lr=self.base_lr, betas=self.optim.betas,
                                  fused=self.dist.device.type == "cuda")
 
     def periodic(self, step: int, final: bool) -> dict[str, float]:
@@ -355,7 +356,7 @@ class Trainer:
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         """Micro-batches from the current step on, across epoch boundaries, resuming mid-epoch exactly."""
-        o = self.cfg.optim
+        o = self.optim
         step = self.step
         while True:
             epoch, in_epoch = divmod(step, self.steps_per_epoch)
@@ -373,7 +374,7 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Run to ``total_steps``; returns the last logged metrics."""
-        cfg, dist, o = self.cfg, self.dist, self.cfg.optim
+        cfg, dist, o = self.cfg, self.dist, self.optim
         progress = _progress(self.total_steps, self.step, dist.is_main, self.log_name)
         batches = self._batches()
         window: dict[str, float] = {}

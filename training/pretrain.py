@@ -1,8 +1,7 @@
-"""MAE pretraining: ``mae pretrain`` (one process) or ``torchrun --nproc_per_node=K -m mae.cli pretrain`` (DDP)."""
+"""MAE pretraining: ``mae pretrain`` (one process) or ``torchrun --nproc_per_node=K -m cli pretrain`` (DDP)."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -13,9 +12,18 @@ from torch import nn
 
 from mae.config import Config
 from mae.data import ImageDataset, Preprocessing, PretrainTransform, Source, load_source, stratified_split
+from mae.files import write_json_atomic
 from mae.model import MaskedAutoencoder
 from mae.visualize import loss_curve, reconstruction_grid
-from training.loop import Dist, RunDir, Trainer, eval_loader, init_distributed, shutdown_distributed
+from training.loop import (
+    Dist,
+    RunDir,
+    Trainer,
+    eval_loader,
+    init_distributed,
+    resume_config,
+    shutdown_distributed,
+)
 
 VIS_IMAGES = 8
 VAL_IMAGES = 512  # cap on the images scored for val_loss at each periodic evaluation
@@ -112,7 +120,7 @@ def pretrain(cfg: Config, out: str | Path, data: str, resume: bool = False) -> d
             summary["loss_curve"] = str(loss_curve(run.metrics, run.path / "loss_curve.png", ("loss", "val_loss")))
             recon = sorted((run.path / "reconstructions").glob("*.png"))
             summary["reconstruction"] = str(recon[-1]) if recon else None
-            (run.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_json_atomic(run.path / "summary.json", summary)
         return summary
     finally:
         shutdown_distributed()
@@ -120,9 +128,7 @@ def pretrain(cfg: Config, out: str | Path, data: str, resume: bool = False) -> d
 
 def main(args) -> dict[str, Any]:
     """``mae pretrain``: presets listing, config from flags, or the saved config when resuming."""
-    from mae.checkpoint import load_checkpoint
-    from mae.cli import config_from_args
-    from mae.config import describe_presets
+    from mae.config import config_from_args, describe_presets
 
     if args.list_presets:
         rows = describe_presets()
@@ -134,12 +140,8 @@ def main(args) -> dict[str, Any]:
     cfg = config_from_args(args)
     checkpoint = Path(args.out) / "checkpoint.pt"
     if args.resume and checkpoint.exists():
-        saved = Config.from_dict(load_checkpoint(checkpoint)["config"])
         asked = args.overrides or args.epochs is not None or args.steps is not None or args.batch_size is not None
-        if asked and saved != cfg:
-            diff = saved.differences(cfg)
-            raise ValueError(f"--resume continues the saved run's config; these options differ from it: {diff}")
-        cfg = saved
+        cfg = resume_config(checkpoint, cfg, asked=bool(asked))
     summary = pretrain(cfg, args.out, args.data, resume=args.resume)
     if summary["rank"] != 0:
         return 0  # under torchrun only rank 0 reports

@@ -1,6 +1,6 @@
 """``mae demo``: a small real run of every stage on a bundled dataset, on a laptop CPU.
 
-Part of the CLI layer (like ``mae.cli``), so it may import the stage folders, lazily. Each stage is a
+Part of the face (``cli``), above every stage, so it may import the stage folders, lazily. Each stage is a
 function ``(ctx, args) -> None`` that reads what earlier stages left in ``ctx`` and adds its own results;
 re-running the demo continues finished stages instead of repeating them.
 """
@@ -41,7 +41,7 @@ def stage_probe_and_finetune(ctx: dict[str, Any], args: argparse.Namespace) -> N
     init = ctx["pretrain"]["checkpoint"]
     base, state = init_config(init)
     for name, probe, epochs in (("probe", True, DEMO_PROBE_EPOCHS), ("finetune", False, DEMO_FINETUNE_EPOCHS)):
-        cfg = finetune_config(base, probe, [f"run.epochs={epochs}"])
+        cfg = finetune_config(base, probe, [f"finetune.{'probe_' if probe else ''}epochs={epochs}"])
         run = Path(args.out) / name
         say(f"[demo] {'linear probe' if probe else 'finetune'} for {epochs} epochs -> {run}")
         ctx[name] = finetune(cfg, init, run, args.data, state, linear_probe=probe, resume=True,
@@ -79,12 +79,12 @@ def stage_evaluate(ctx: dict[str, Any], args: argparse.Namespace) -> None:
 def stage_artifact(ctx: dict[str, Any], args: argparse.Namespace) -> None:
     """Export the finetuned classifier (embeddings + labelled logits) as the artifact later stages serve."""
     from mae import artifact
-    from mae.checkpoint import file_sha256
+    from mae.files import sha256_file
 
     out = Path(args.out) / "artifact"
     checkpoint = ctx["finetune"]["best_checkpoint"]
     made_from = artifact.read_config(out).get("source", {}).get("sha256") if (out / artifact.CONFIG).exists() else None
-    if made_from != file_sha256(checkpoint):  # a rerun keeps the artifact (and its ONNX files) of the same weights
+    if made_from != sha256_file(checkpoint):  # a rerun keeps the artifact (and its ONNX files) of the same weights
         say(f"[demo] exporting {checkpoint} -> {out}")
         artifact.from_checkpoint(checkpoint, out)
     art = artifact.load(out)
@@ -119,7 +119,7 @@ def stage_retrieval(ctx: dict[str, Any], args: argparse.Namespace) -> None:
     from mae import artifact as artifact_lib
     from mae.config import DataConfig
     from mae.data import export_source, load_source, stratified_split
-    from retrieval.build import build_index, list_images, load_embedder
+    from retrieval.build import build_index, collection, load_embedder
     from retrieval.command import contact_sheet
     from retrieval.index import Index
 
@@ -143,7 +143,7 @@ def stage_retrieval(ctx: dict[str, Any], args: argparse.Namespace) -> None:
         build_index(art, [images], index_dir, overwrite=True)
     idx = Index.load(index_dir, artifact_sha256=sha)
     embedder = load_embedder(idx, art)
-    files, labels = list_images([images])
+    files, labels = collection([images])
     picks = np.linspace(0, len(files) - 1, min(200, len(files))).round().astype(int)
     hits = idx.search(embedder.embed([files[i] for i in picks]), 6)
     # kNN agreement: share of the 5 nearest other images that carry the query's label (chance is ~1/classes)

@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--split", choices=("all", "train", "val"), default="all")
     d.add_argument("--limit", type=int, help="at most this many images (spread evenly over the set)")
     _json_flag(d)
-    d.set_defaults(handler="mae.cli:data_export")
+    d.set_defaults(handler="cli.main:data_export")
 
     p = sub.add_parser("demo", help="a small real run of every stage on a bundled dataset")
     p.add_argument("--out", default="demo", help="folder for the demo's runs, artifact and index")
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=15, help="pretraining epochs (15 take about 3 minutes on 2 cores)")
     p.add_argument("--no-serve", action="store_true", help="stop before starting the HTTP server")
     _json_flag(p)
-    p.set_defaults(handler="mae.demo:main")
+    p.set_defaults(handler="cli.demo:main")
     return parser
 
 
@@ -236,21 +236,6 @@ def _print_result(result: dict[str, Any], as_json: bool) -> None:
     width = max((len(k) for k in result), default=0)
     for k, v in result.items():
         print(f"{k:<{width}}  {v}")
-
-
-def config_from_args(args: argparse.Namespace):
-    """Preset + ``--epochs/--steps/--batch-size`` + ``--set`` overrides -> Config (overrides win, last one last)."""
-    from mae.config import get_preset
-
-    cfg = get_preset(args.preset)
-    sets = []
-    if args.epochs is not None:
-        sets += [f"run.epochs={args.epochs}", "run.steps=null"]
-    if args.steps is not None:
-        sets.append(f"run.steps={args.steps}")
-    if args.batch_size is not None:
-        sets.append(f"optim.batch_size={args.batch_size}")
-    return cfg.override(sets + list(args.overrides))
 
 
 def data_export(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,0 +1,85 @@
+"""Files that must never be seen half-written, and the hash that names a file's bytes.
+
+Every writer of a file that something else reads back (checkpoints, config.json, manifests, index files,
+caches) goes through ``atomic_path``: the data is written to a temporary file in the same folder, flushed to
+disk, and renamed over the target, so a reader or a process killed at any instant sees the old file or the new
+one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+CHUNK = 1 << 20
+
+
+def sha256_file(path: str | Path, h: Any = None) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks; pass ``h`` to fold the bytes into a running hash."""
+    h = h if h is not None else hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; once the block has written it, fsync it and rename it into place.
+
+    On an exception the temporary file is removed and ``path`` is untouched. Temporary names are
+    ``NAME.<random>.tmp``, which ``remove_stale_temporaries`` recognises after a kill.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """``data`` as indented JSON (non-JSON values through ``str``), atomically."""
+    return write_bytes_atomic(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Delete ``NAME.*.tmp`` files that a killed ``atomic_path`` writer of ``path`` left behind."""
+    path = Path(path)
+    stale = [p for p in path.parent.glob(path.name + ".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename durable (a folder's entries are data too); some filesystems refuse, which is harmless."""
+    with contextlib.suppress(OSError):
+        fsync(path)

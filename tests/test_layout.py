@@ -1,0 +1,65 @@
+"""The house plan, checked: imports (function-level ones too) form no circle and point the way the README says."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("mae", "training", "export", "retrieval", "serving", "cli")
+HEAVY = {"bentoml": "serving", "faiss": "retrieval", "onnxruntime": "export", "tensorrt": "export"}
+
+
+def _imports() -> dict[str, set[str]]:
+    """module -> project modules (and heavy libraries) it imports anywhere in its body."""
+    edges: dict[str, set[str]] = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).glob("*.py")):
+            module = f"{package}.{path.stem}"
+            found = edges.setdefault(module, set())
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    if node.module in PACKAGES:  # from mae import artifact
+                        found |= {f"{node.module}.{a.name}" for a in node.names}
+                    else:
+                        found.add(node.module)
+                elif isinstance(node, ast.Import):
+                    found |= {a.name for a in node.names}
+    return {m: {t for t in ts if t.split(".")[0] in (*PACKAGES, *HEAVY)} for m, ts in edges.items()}
+
+
+def test_no_import_circle():
+    edges = _imports()
+    state: dict[str, int] = {}  # 1 on the current path, 2 done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in edges.get(module, ()):
+            if target not in edges:
+                continue
+            assert state.get(target) != 1, "import circle: " + " -> ".join([*path, target])
+            if target not in state:
+                visit(target, [*path, target])
+        state[module] = 2
+
+    for module in edges:
+        if module not in state:
+            visit(module, [module])
+
+
+def test_arrows_point_down():
+    for module, targets in _imports().items():
+        package = module.split(".")[0]
+        for target in targets:
+            top = target.split(".")[0]
+            if top in HEAVY:
+                assert package == HEAVY[top], f"{module} imports {top}, which belongs in {HEAVY[top]}/"
+                continue
+            if package == "mae":
+                assert top == "mae", f"the core module {module} imports {target}"
+            assert top != "cli" or package == "cli", f"{module} imports the face ({target})"
+            assert top != "training" or package in ("training", "cli"), f"{module} imports {target}"
+            if package == "export":
+                assert top in ("mae", "export"), f"{module} imports {target}"
+            if package == "retrieval":
+                assert top in ("mae", "export", "retrieval"), f"{module} imports {target}"
