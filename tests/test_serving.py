@@ -438,7 +438,7 @@ def test_mae_serve_reports_user_errors_in_one_line(setup, tmp_path):
 
 DEMO_SERVE = """
 import argparse, sys
-from mae import demo
+from cli import demo
 ctx = {"artifact": sys.argv[1], "retrieval": {"index": sys.argv[2]}, "text": "demo summary"}
 args = argparse.Namespace(out=sys.argv[3], data="digits", no_serve=False, json=False)
 demo.stage_serve(ctx, args)
@@ -454,7 +454,7 @@ def test_demo_serve_stage_prints_a_curl_line_that_works_and_stops_its_server(set
     import subprocess
     import sys
 
-    from mae import demo
+    from cli import demo
 
     ctx = {"artifact": str(setup["head"])}
     demo.stage_serve(ctx, argparse.Namespace(out=str(tmp_path), data="digits", no_serve=True, json=False))
