@@ -11,8 +11,8 @@ encoder.fp16.onnx  for onnxruntime on GPUs: attention fused into com.microsoft M
                    fp16 with LayerNorm and the L2 norm kept fp32 (fp16 LayerNorm overflows in ViTs); float32 in
                    and out. onnxruntime only (contrib ops).
 encoder.int8.onnx  for CPUs: static QDQ int8 (per-channel weights) calibrated on real images, from the unfused
-                   graph: on this AVX-512 VNNI CPU that was 1.2-1.3x faster than quantising the fused graph
-                   (whose fused MatMul+bias/GELU/SkipLayerNorm nodes keep onnxruntime from fusing QDQ chains).
+                   graph, which ran faster than int8 of the fused one (bench/export.py): the fused graph's
+                   MatMul+bias/GELU/SkipLayerNorm nodes keep onnxruntime from fusing QDQ chains.
 ```
 
 Every file is checked (``onnx.checker`` full check, no random op, batch sizes 1/3/17 for the fp32 graph) and run

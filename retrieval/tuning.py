@@ -7,20 +7,18 @@ that reach a recall target against exact search.
   millisecond) and an approximate index would need its own training sample (>= 39 vectors per IVF list) and
   tuning for no measurable gain; exact is also what recall is measured against.
 * n < 5,000,000, the HNSW graph fits the memory budget (~ 4d + 8M bytes per vector, plus ids) and no GPU:
-  ``HNSW32,Flat``. No training, and the best recall/speed trade-off in memory: at 1M x 256 low-rank vectors
-  (bench/retrieval.py, 2 shared cores) HNSW32 at efSearch 128 answered 102x / 7.6x the queries per second of
-  exact search at batch 1 / 1000 for recall@10 0.95, where IVF4096 needed nprobe 512 (1/8 of the collection
-  scanned) and managed 20x / 1.0x. Its costs: build time (graph insertion, ~n log n: 5 min at 1M here), no
-  GPU version in faiss, and no removal, so removals become tombstones filtered at search and the graph is
-  rebuilt when they pass 20% of the collection.
+  ``HNSW32,Flat``. No training, and the best recall/speed trade-off in memory: at 1M low-rank vectors HNSW32
+  reached recall@10 0.95 at a small efSearch where IVF needed to scan a large share of its lists
+  (bench/retrieval.py; figures in the README). Its costs: build time (graph insertion, ~n log n), no GPU
+  version in faiss, and no removal, so removals become tombstones filtered at search and the graph is rebuilt
+  when they pass 20% of the collection.
 * larger, on disk, or with GPUs: ``IVF{nlist}_HNSW32,Flat`` with nlist ~ 4 sqrt(n) rounded to a power of two
   (1M -> 4096, 10M -> 16384), trained on 50 x nlist vectors (faiss warns under 39 per list; autofaiss uses
   30-256), the coarse quantizer an HNSW graph over the centroids so that assigning a query costs log(nlist).
 * when the raw vectors (4d bytes each) do not fit the memory budget: ``OPQ{m}_{d},IVF{nlist}_HNSW32,PQ{m}np``,
-  m bytes per vector with m the largest of 64, 32, 16, 8 that fits and divides d. Measured here (20k x 64,
-  IVF64, PQ16, nprobe 16): the OPQ rotation lifted recall@10 from 0.67 to 0.78 for 4x the training time;
-  polysemous training (dropped by ``np``) cost 5x the training time and changed nothing, since search never
-  uses its Hamming filter.
+  m bytes per vector with m the largest of 64, 32, 16, 8 that fits and divides d. The OPQ rotation buys
+  recall for training time; polysemous training (dropped by ``np``) costs training time and changes nothing,
+  since search never uses its Hamming filter.
 
 ``nprobe`` / ``efSearch`` are then tuned against exact search on a held-out sample of the collection (up to
 1,000 vectors, added to the index only after tuning; a merged on-disk IVF uses leave-one-out instead, see
