@@ -93,6 +93,50 @@ def test_int8_is_smaller(plain):
     assert op_counts(onnx.load(str(plain / FILES["int8"])))["QuantizeLinear"] > 0
 
 
+def test_top1_agreement_is_a_binomial_test_not_a_flip_count():
+    from export.parity import failures, flips_p_value
+
+    assert flips_p_value(0, 267, 0.99) == 1.0
+    assert flips_p_value(3, 267, 0.99) == pytest.approx(0.5, abs=0.02)  # the AVX2 demo: 0.9888, chance
+    assert flips_p_value(10, 267, 0.99) < 0.01  # 0.9625: too many to be chance for a 99% file
+
+    def figures(flips: int) -> dict:
+        return {"logits": {"cosine_min": 0.9999, "top1_flips": flips, "images": 267,
+                           "top1_agreement": 1 - flips / 267}}
+
+    tolerance = {"cosine": 0.99, "top1_agreement": 0.99}
+    assert failures(figures(3), tolerance) == []
+    assert "10 flips in 267" in failures(figures(10), tolerance)[0]
+
+
+def test_judged_and_calibration_images_never_overlap():
+    from export.parity import reference_images
+    from mae.data import Preprocessing
+
+    prep = Preprocessing((1, 16, 16), (0.5,), (0.5,), "bicubic", 1.0)
+    for count in (8, 64, 512):
+        judged, calibration, info = reference_images(["digits", "photos"], count, prep)
+        seen = {x.tobytes() for x in judged}
+        assert not seen & {x.tobytes() for x in calibration}, count
+        assert len(seen) == len(judged) == info["images"] and len(calibration) == info["calibration_images"]
+
+
+@pytest.mark.parametrize("vnni", [True, False])
+def test_int8_weight_type_follows_the_cpu(plain, tmp_path, monkeypatch, vnni):
+    """Without VNNI (AVX2) u8 x s8 sums overflow; full-range u8 weights avoid it without 7-bit weights."""
+    import onnx
+
+    isa = {"isa": "test", "vnni": vnni, "cpu": "test", "cores": 1}
+    monkeypatch.setattr(onnx_export, "cpu_isa", lambda: isa)
+    calibration = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    sha = json.loads((plain / "config.json").read_text())["sha256"]
+    info = onnx_export.quantize_int8(plain / FILES["fp32"], tmp_path / "q.onnx", calibration, sha)
+    assert info["quantization"]["weights"].startswith("int8" if vnni else "uint8")
+    weights = {i.name: i.data_type for i in onnx.load(str(tmp_path / "q.onnx")).graph.initializer}
+    quantized = [t for n, t in weights.items() if n.endswith("_quantized")]
+    assert quantized and set(quantized) == {TensorProto.INT8 if vnni else TensorProto.UINT8}
+
+
 def test_head_logits_and_top1(head):
     record = artifact.read_config(head)["export"]
     assert record["onnx"]["outputs"] == ["embedding", "logits"]
