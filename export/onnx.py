@@ -505,7 +505,8 @@ def export_onnx(path: str | Path, *, fp16: bool = False, int8: bool = False, tok
         if not {"fp16": fp16, "int8": int8}[precision]:
             remove_onnx(path / FILES[precision])
     config = dict(art.config)
-    kept = {k: v for k, v in config.get("export", {}).items() if k == "tensorrt"}  # engines are rebuilt on demand
+    # engines and AOTInductor packages are built from the weights, not from encoder.onnx: their records stay
+    kept = {k: v for k, v in config.get("export", {}).items() if k in ("tensorrt", "inductor")}
     record: dict[str, Any] = {**kept, "artifact_sha256": art.sha256, "tolerances": TOLERANCES,
                               "versions": _versions()}
     config["export"] = record

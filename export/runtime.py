@@ -1,10 +1,10 @@
-"""``Embedder``: one interface over the backends that run an artifact: torch, onnxruntime, TensorRT.
+"""``Embedder``: one interface over the backends that run an artifact: torch, onnxruntime, TensorRT, AOTInductor.
 
 Preprocessing comes from the artifact's config.json and is identical for every backend (decode, convert to
 the model's channels, resize, centre-crop, normalise), so only the graph executor differs. ``backend="auto"``
-picks, in order: a TensorRT engine built for this GPU and TensorRT version, onnxruntime (CUDA provider, then
-CPU), eager torch. Every exported file carries the sha256 of the artifact it came from; a stale file (weights
-re-exported since) is refused rather than run.
+picks, in order: a TensorRT engine built for this GPU and TensorRT version, an AOTInductor package compiled
+for this torch and device, onnxruntime (CUDA provider, then CPU), eager torch. Every exported file carries the
+sha256 of the artifact it came from; a stale file (weights re-exported since) is refused rather than run.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from mae.data import IMAGE_EXTENSIONS, ImageError, Preprocessing, read_image
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "onnx", "tensorrt")
+BACKENDS = ("auto", "torch", "onnx", "tensorrt", "inductor")
 PRECISIONS = ("fp32", "fp16", "int8")
 ONNX_FILES = {"fp32": "encoder.onnx", "fp16": "encoder.fp16.onnx", "int8": "encoder.int8.onnx"}
 
@@ -159,10 +159,11 @@ class Embedder:
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", device: str | None = None, batch_size: int = 64,
              precision: str | None = None) -> Embedder:
-        """Open an artifact with ``backend``: auto | torch | onnx | tensorrt.
+        """Open an artifact with ``backend``: auto | torch | onnx | tensorrt | inductor.
 
-        auto: a TensorRT engine that matches this GPU and TensorRT version, then onnxruntime (CUDA provider,
-        then CPU), then eager torch. ``precision`` (onnx only): fp32 | fp16 | int8 (see ``OnnxBackend``).
+        auto: a TensorRT engine that matches this GPU and TensorRT version, then an AOTInductor package
+        compiled for this torch and device, then onnxruntime (CUDA provider, then CPU), then eager torch.
+        ``precision`` (onnx only): fp32 | fp16 | int8 (see ``OnnxBackend``).
         """
         path = Path(path)
         if backend not in BACKENDS:
@@ -176,6 +177,10 @@ class Embedder:
             from export.tensorrt import TensorRTBackend
 
             return cls(path, config, TensorRTBackend(path, config, device), batch_size)
+        if backend == "inductor":
+            from export.inductor import InductorBackend
+
+            return cls(path, config, InductorBackend(path, config, device), batch_size)
         return cls(path, config, _auto_backend(path, config, device, precision), batch_size)
 
     # ------------------------------------------------------------------ facts
@@ -294,7 +299,8 @@ def image_files(inputs: Sequence[str | Path]) -> list[Path]:
 
 
 def _auto_backend(path: Path, config: dict[str, Any], device: str | None, precision: str | None) -> Backend:
-    """TensorRT (engine matching this GPU) -> onnxruntime (CUDA, then CPU) -> torch; each refusal is logged."""
+    """TensorRT (engine matching this GPU) -> AOTInductor (package for this torch and device) -> onnxruntime
+    (CUDA, then CPU) -> torch; each refusal is logged."""
     reasons = []
     if device is None or device.startswith("cuda"):
         try:
@@ -306,6 +312,14 @@ def _auto_backend(path: Path, config: dict[str, Any], device: str | None, precis
             reasons.append(f"tensorrt: {reason}")
         except (BackendUnavailable, ImportError, OSError, RuntimeError) as e:
             reasons.append(f"tensorrt: {e}")
+    if precision is None:  # an onnx precision asked for means onnxruntime
+        from export.inductor import InductorBackend
+
+        here = device or ("cuda" if torch.cuda.is_available() else "cpu")  # never a CPU package beside a GPU
+        reason = InductorBackend.unavailable(path, config, here)
+        if reason is None:
+            return InductorBackend(path, config, here)
+        reasons.append(f"inductor: {reason}")
     if (path / ONNX_FILES["fp32"]).exists() or (precision and (path / ONNX_FILES[precision]).exists()):
         try:
             return OnnxBackend(path, config, device, precision)
