@@ -169,11 +169,18 @@ def analytic_step_flops(cfg: ModelConfig, batch: int) -> float:
     return 3.0 * forward * batch
 
 
-def step_flops(cfg: ModelConfig, batch: int, device: torch.device) -> float:
-    """FLOPs of one training step (forward + backward) counted by torch's FlopCounterMode (checks the formula)."""
+def step_flops(cfg: ModelConfig, batch: int, device: torch.device, fused_attention: bool = True) -> float:
+    """FLOPs of one training step (forward + backward) counted by torch's FlopCounterMode (checks the formula).
+
+    ``fused_attention=False`` swaps timm's fused SDPA for explicit matmuls: the counter does not see every
+    fused attention kernel (none of the CPU ones), but it sees q k^T and attn v as matmuls.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     model = MaskedAutoencoder(cfg).to(device)
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = fused_attention
     x = torch.randn(batch, cfg.in_chans, *cfg.img_size, device=device)
     with FlopCounterMode(display=False) as counter:
         model(x)[0].backward()
