@@ -1173,9 +1173,11 @@ def stage_serving(st: Stage) -> None:
             if st.result["errors"]:
                 raise RuntimeError(f"{st.result['errors']} failed requests: {off['first_errors'] + on['first_errors']}")
     finally:
+        started = time.perf_counter()
         with ThreadPoolExecutor(2) as pool:  # together, and bounded: a slow BentoML shutdown must not eat the run
             list(pool.map(lambda server: stop_server(server.proc, min(20.0, max(2.0, st.left() - 3))),
                           servers.values()))
+        st.result["stop_s"] = round(time.perf_counter() - started, 1)
     lv = st.result.get("levels", {})
     st.result["summary"] = (f"32 clients: off {lv.get('off', {}).get('rps', 0):.0f} req/s, on "
                             f"{lv.get('on', {}).get('rps', 0):.0f} req/s ({st.result.get('on_over_off')}x), "
@@ -1306,7 +1308,7 @@ def markdown(record: dict[str, Any]) -> str:
         summary = s.get("result", {}).get("summary") or s.get("error") or s.get("reason") or ""
         if s.get("error") and s.get("result", {}).get("summary"):
             summary += f" — {s['error']}"
-        lines.append(f"| {s['name']} | {s['status']} | {s['seconds']} ({s.get('budget_s', 0)}) | "
+        lines.append(f"| {s['name']} | {s['status']} | {s.get('seconds', '-')} ({s.get('budget_s', '-')}) | "
                      f"{_cell(summary)} |")
     lines += ["", "## Goals", "", "| goal | measured | status |", "|---|---:|---|"]
     for g in record.get("goals", []):
@@ -1353,9 +1355,10 @@ def _step_md(stages: dict[str, Any]) -> list[str]:
              "| model | impl | batch | img/s | vs HF | step ms | TFLOP/s | MFU (measured / datasheet peak) | "
              "peak GiB | warm-up s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        mfu = " / ".join(f"{v:.1%}" if v is not None else "-" for v in (r["mfu_measured_peak"], r["mfu_nominal_peak"]))
-        lines.append(f"| {r['model']} | {r['impl']} | {r['batch']} | {r['images_per_s']:.1f} | {r['vs_hf'] or '-'} | "
-                     f"{r['step_ms']} | {r['tflops']} | {mfu} | {r['peak_memory_gib'] or '-'} | {r['warmup_s']} |")
+        mfu = " / ".join(_num(r.get(k), ".1%") for k in ("mfu_measured_peak", "mfu_nominal_peak"))
+        lines.append(f"| {r['model']} | {r['impl']} | {r.get('batch', '-')} | {r['images_per_s']:.1f} | "
+                     f"{r.get('vs_hf') or '-'} | {r.get('step_ms', '-')} | {r.get('tflops', '-')} | {mfu} | "
+                     f"{r.get('peak_memory_gib') or '-'} | {r.get('warmup_s', '-')} |")
     return lines
 
 
