@@ -151,6 +151,8 @@ def run_stage(name: str, cmd: list[str], env: dict[str, str], timeout: float, re
         stage["status"] = result.get("status", FAILED)
         if "status" not in result:
             stage["error"] = "the stage process wrote no result; see device.log"
+        elif result.get("error"):
+            stage["error"] = result["error"]
     return stage
 
 
@@ -278,6 +280,8 @@ class Stage:
         statuses = [i["status"] for i in self.result["items"].values()]
         if FAILED in statuses:
             self.result["status"] = FAILED
+            self.result["error"] = "; ".join(f"{k}: {i.get('error', '')}" for k, i in self.result["items"].items()
+                                             if i["status"] == FAILED)[:2000]
         elif statuses and all(s == UNAVAILABLE for s in statuses):
             self.result["status"] = UNAVAILABLE
         else:
@@ -499,9 +503,10 @@ def stage_pytest_gpu(st: Stage) -> None:
                    if "mark.gpu" in f.read_text())
     st.result["files"] = files
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-p", "no:cacheprovider",
-           "--continue-on-collection-errors", f"--junitxml={xml}", *files]
-    if importlib.util.find_spec("pytest_timeout"):  # one hung test must not take the others' time
-        cmd.insert(4, f"--timeout={int(timeout)}")
+           "--continue-on-collection-errors", f"--junitxml={xml}"]
+    if importlib.util.find_spec("pytest_timeout"):  # a hung test fails alone and its fixtures are torn down
+        cmd.append(f"--timeout={int(timeout)}")
+    cmd += files
     with st.item("pytest") as e:
         e["command"] = " ".join(cmd[2:])
         proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
@@ -603,9 +608,9 @@ def stage_pretrain_step(st: Stage) -> None:
             row = {"model": label, "impl": impl, "batch": batch, "precision": "bf16", "images_per_s": round(ips, 1),
                    "step_ms": round(batch / ips * 1e3, 2), "vs_hf": round(ips / hf_ips[label], 3)
                    if label in hf_ips else None, "gflop_per_image": round(flops / batch / 1e9, 2),
-                   "tflops": round(flops * ips / batch / 1e12, 2),
-                   "mfu_measured_peak": round(flops * ips / batch / peak, 4) if peak else None,
-                   "mfu_nominal_peak": round(flops * ips / batch / (nominal * 1e12), 4) if nominal else None,
+                   "tflops": _sig(flops * ips / batch / 1e12),
+                   "mfu_measured_peak": _sig(flops * ips / batch / peak) if peak else None,
+                   "mfu_nominal_peak": _sig(flops * ips / batch / (nominal * 1e12)) if nominal else None,
                    "peak_memory_gib": round(c.peak_bytes / 2**30, 2) if c.peak_bytes is not None else None,
                    "warmup_s": round(c.warmup_seconds, 1)}
             st.result["rows"].append(row)
@@ -865,6 +870,11 @@ def loop_rate(run: Path, plan: dict[str, Any], ckpt_step: int | None) -> dict[st
     return {"images_per_s": round(statistics.median(r["images_per_s"] for r in used), 1),
             "windows": len(used), "windows_all": len(rows), "steady_only": bool(steady),
             "window_steps": every}
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    """Rounded to significant digits: a toy model's MFU on a CPU is 1e-5, not 0."""
+    return float(f"{x:.{digits}g}")
 
 
 def _popen(cmd: list[str], log: Path) -> subprocess.Popen:
@@ -1174,8 +1184,10 @@ def stage_serving(st: Stage) -> None:
                 raise RuntimeError(f"{st.result['errors']} failed requests: {off['first_errors'] + on['first_errors']}")
     finally:
         started = time.perf_counter()
-        with ThreadPoolExecutor(2) as pool:  # together, and bounded: a slow BentoML shutdown must not eat the run
-            list(pool.map(lambda server: stop_server(server.proc, min(20.0, max(2.0, st.left() - 3))),
+        # Together, and bounded: the front worker of `mae serve` was seen ignoring SIGTERM for 30 s and more here
+        # (an idle server), and its arbiter waits for it; the run cannot spare that.
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda server: stop_server(server.proc, min(5.0, max(1.0, st.left() - 3))),
                           servers.values()))
         st.result["stop_s"] = round(time.perf_counter() - started, 1)
     lv = st.result.get("levels", {})
@@ -1196,6 +1208,9 @@ def stop_server(proc: subprocess.Popen, grace: float) -> None:
     except psutil.NoSuchProcess:
         family = []
     _signal_group(proc, signal.SIGTERM)
+    for p in family[1:]:  # the workers too: waiting for the arbiter to stop them one by one took 20 s and more
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
     _, alive = psutil.wait_procs(family, timeout=grace)
     for p in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
