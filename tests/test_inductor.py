@@ -88,7 +88,7 @@ def test_embedder_inductor_agrees_with_torch(compiled, images):
     top_ref = [r[0]["label"] for r in ref.classify(images, k=2)]
     top_got = [r[0]["label"] for r in got.classify(images, k=2)]
     assert top_got == top_ref
-    # auto picks the package compiled for this device (no encoder.onnx here, and no GPU)
+    # auto picks the package compiled for this device (no encoder.onnx here, no GPU: before eager torch)
     if not torch.cuda.is_available():
         assert Embedder.load(compiled).backend_name == "inductor-cpu-fp32"
 
@@ -169,7 +169,9 @@ def test_an_onnx_export_keeps_the_inductor_record(compiled, tmp_path):
     export_onnx(path, parity_images=8, data=["digits"], exporter="torchscript")  # the faster exporter
     config = artifact.read_config(path)
     assert config["export"]["inductor"]["passed"] and config["export"]["onnx"]["passed"]
-    assert Embedder.load(path, device="cpu").backend_name == "inductor-cpu-fp32"  # the package comes before ORT
+    assert Embedder.load(path, device="cpu").backend_name == "onnx-cpu-fp32"  # on a CPU, onnxruntime comes first
+    (path / "encoder.onnx").unlink()
+    assert Embedder.load(path, device="cpu").backend_name == "inductor-cpu-fp32"  # then the package, then torch
 
 
 @pytest.mark.gpu
