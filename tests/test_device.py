@@ -40,7 +40,8 @@ def test_every_stage_runs_at_toy_size_or_says_why_not(dry_run):
     assert [s["name"] for s in record["stages"]] == list(device.STAGES)
     for s in record["stages"]:
         assert s["status"] in (device.OK, *REASONED), f"{s['name']}: {s['status']} {s.get('error')}\n{dry_run['md']}"
-        assert s["seconds"] <= device.BUDGETS[s["name"]][1] + device.TERM_GRACE_S
+        assert s["budget_s"] >= device.BUDGETS[s["name"]][1]  # its own budget, at least, whatever came before
+        assert s["seconds"] <= s["budget_s"] + device.TERM_GRACE_S + 1
         for key, item in s["result"].get("items", {}).items():
             assert item["status"] in (device.OK, *REASONED), f"{s['name']} {key}: {item}"
             if item["status"] in REASONED:
@@ -118,6 +119,15 @@ def test_a_hung_stage_is_stopped_at_its_budget_and_keeps_its_partial_result(tmp_
     stage = device.run_stage("x", [sys.executable, "-c", code], dict(os.environ), 3.0, result, tmp_path / "log")
     assert time.monotonic() - started < 3.0 + device.TERM_GRACE_S
     assert stage["status"] == device.TIMEOUT and "half" in stage["error"] and stage["result"]["rows"] == [1]
+
+
+def test_a_stage_gets_the_time_earlier_ones_left_within_the_deadline():
+    own = device.BUDGETS["finetune"][0]
+    assert device.stage_timeout("finetune", 0.0, 1000.0, dry=False) == own
+    assert device.stage_timeout("finetune", 25.0, 1000.0, dry=False) == own + 25.0  # banked time
+    assert device.stage_timeout("finetune", -30.0, 1000.0, dry=False) == own  # an overrun costs no one else
+    assert device.stage_timeout("finetune", 25.0, 20.0, dry=False) == 20.0  # never past the deadline
+    assert sum(b for b, _ in device.BUDGETS.values()) <= device.RUN_BUDGET["gpu"] <= 480
 
 
 def test_a_failing_stage_fails_alone(tmp_path, monkeypatch):

@@ -177,8 +177,9 @@ def test_an_onnx_export_keeps_the_inductor_record(compiled, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_bf16_package(tmp_path, images):
-    """The GPU fast path: compiled for this GPU in bf16, proven against eager fp32, run by the Embedder."""
-    path = artifact.from_random_init(tmp_path / "gpu", config16(), labels=LABELS, head_std=0.5)
+    """The GPU fast path: compiled for this GPU in bf16, proven against eager fp32, run by the Embedder. No head: a
+    random head's near-ties would make bf16 top-1 agreement a coin toss (the CPU tests cover logits)."""
+    path = artifact.from_random_init(tmp_path / "gpu", config16())
     record = inductor.export_inductor(path, device="cuda", data=["digits", "photos"], parity_images=48,
                                       max_batch=16)
     assert record["passed"] and record["precision"] == "bf16" and record["device_type"] == "cuda"
