@@ -649,12 +649,15 @@ def stage_pretrain_step(st: Stage) -> None:
             if st.left() < 15:
                 st.skip(key, f"out of this stage's time ({st.left():.0f} s left)")
                 continue
-            with st.item(key, model=label, batch=batch):
-                x = torch.randn(batch, cfg.in_chans, *cfg.img_size, device=dev)
-                cands = bench_candidates([(n, candidate(n, cfg, c)) for n, c in impls], x, steps, rounds, warmup)
-                add_rows(label, cfg, batch, cands)
-                del cands, x
-            free_memory()
+            try:
+                with st.item(key, model=label, batch=batch):
+                    x = torch.randn(batch, cfg.in_chans, *cfg.img_size, device=dev)
+                    cands = bench_candidates([(n, candidate(n, cfg, c)) for n, c in impls], x, steps, rounds,
+                                             warmup)
+                    add_rows(label, cfg, batch, cands)
+            finally:  # models, optimiser states and compiled graphs go before the next model is built
+                cands = x = None
+                free_memory()
     best = {}
     for r in st.result["rows"]:
         if r["impl"] != "hf" and r["images_per_s"] > best.get(r["model"], {}).get("images_per_s", 0):
@@ -1019,6 +1022,7 @@ def stage_embed(st: Stage) -> None:
     parity_data = ["photos"] + ([str(folder)] if (folder / ".done").exists() else [])
     pixels: Any = None
     reference: Any = None
+    eager_name = f"torch eager {prec}"
 
     def record(view: str, runners: dict[str, Callable[..., Any]], inputs: dict[int, Any], note: str = "") -> None:
         for batch in batches:
@@ -1027,8 +1031,12 @@ def stage_embed(st: Stage) -> None:
             res = round_robin({k: (lambda fn=fn, x=inputs[batch]: fn(x)) for k, fn in runners.items()}, batch,
                               rounds, seconds, sync)
             for name, r in res.items():
-                st.result["rows"].append({"view": view, "runner": name, "batch": batch,
-                                          "images_per_s": round(r["img_s"], 1), **({"note": note} if note else {})})
+                row = {"view": view, "runner": name, "batch": batch, "images_per_s": round(r["img_s"], 1)}
+                base = next((x["images_per_s"] for x in st.result["rows"] if x["runner"] == eager_name
+                             and x["batch"] == batch), None)
+                if view == "model" and (base or name == eager_name):  # as it comes: a budget cut keeps the ratios
+                    row["vs_eager"] = round(row["images_per_s"] / (base or row["images_per_s"]), 3)
+                st.result["rows"].append({**row, **({"note": note} if note else {})})
             st.save()
 
     def parity(name: str, fn: Callable[[Any], Any], on_device: bool) -> None:
@@ -1056,7 +1064,6 @@ def stage_embed(st: Stage) -> None:
         return {b: real.repeat((b + len(real) - 1) // len(real), 1, 1, 1)[:b].to(dtype_).contiguous() for b in batches}
 
     host = {b: np.ascontiguousarray(np.resize(pixels, (b, *pixels.shape[1:]))) for b in batches}
-    eager_name = f"torch eager {prec}"
     encoder = art.encoder.to(dev, dtype).eval()
     with st.item("torch_eager") as e:
 
@@ -1125,10 +1132,6 @@ def stage_embed(st: Stage) -> None:
         parity(comp_name, comp, on_device=True)
         e["first_calls_s"] = round(time.perf_counter() - started, 1)
         record("model", {comp_name: comp}, device_inputs(torch.float32))
-    eager = {r["batch"]: r["images_per_s"] for r in st.result["rows"] if r["runner"] == eager_name}
-    for r in st.result["rows"]:
-        if r["view"] == "model" and r["batch"] in eager:
-            r["vs_eager"] = round(r["images_per_s"] / eager[r["batch"]], 3)
     top = max(batches)
     best = [r for r in st.result["rows"] if r["view"] == "model" and r["batch"] == top]
     st.result["summary"] = f"{label} batch {top}: " + ", ".join(

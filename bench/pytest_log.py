@@ -32,6 +32,12 @@ def pytest_runtest_logreport(report: Any) -> None:
 
 
 def pytest_collectreport(report: Any) -> None:
+    """A module that fails to import, or skips itself whole (``pytest.importorskip`` at the top), is reported
+    here, not per test: say so, or a GPU module skipped for a missing library would vanish from the report."""
     if report.failed:
         _write({"nodeid": report.nodeid, "when": "collect", "outcome": "failed",
                 "message": report.longreprtext[-1500:]})
+    elif report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longreprtext
+        _write({"nodeid": report.nodeid, "when": "collect", "outcome": "skipped",
+                "message": str(reason).removeprefix("Skipped: ")})

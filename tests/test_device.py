@@ -174,3 +174,25 @@ def test_goals_are_judged_from_the_figures_and_never_from_missing_ones():
     md = device.markdown({**record, "started": "now", "command": "x", "budget_s": 470, "goals": device.judge_goals(
         record)})
     assert "| serving: 0 errors | 0 errors | met |" in md
+
+
+def test_pytest_outcomes_become_items_with_reasons(tmp_path):
+    lines = [{"nodeid": "tests/test_r.py", "when": "collect", "outcome": "skipped",
+              "message": "could not import 'faiss'"},
+             {"nodeid": "tests/test_a.py::ok", "when": "call", "outcome": "passed", "seconds": 1.5},
+             {"nodeid": "tests/test_a.py::bad", "when": "call", "outcome": "failed", "message": "assert 1 == 2"},
+             {"nodeid": "tests/test_a.py::fixture", "when": "setup", "outcome": "failed", "message": "boom"},
+             {"nodeid": "tests/test_a.py::later", "when": "call", "outcome": "passed"},
+             {"nodeid": "tests/test_a.py::later", "when": "teardown", "outcome": "failed", "message": "leak"}]
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    st = device.Stage("pytest_gpu", tmp_path, tmp_path / "r.json", True, 10)
+    device.record_tests(st, log)
+    items = st.result["items"]
+    assert items["test:tests/test_r.py"] == {"status": device.SKIPPED, "reason": "could not import 'faiss'",
+                                             "outcome": "skipped"}
+    assert items["test:tests/test_a.py::ok"]["status"] == device.OK
+    assert items["test:tests/test_a.py::bad"]["outcome"] == "failed"
+    assert items["test:tests/test_a.py::fixture"]["outcome"] == "error"
+    assert items["test:tests/test_a.py::later"]["status"] == device.FAILED  # a failed teardown fails the test
+    assert st.result["counts"] == {"skipped": 1, "passed": 1, "failed": 1, "error": 2}
