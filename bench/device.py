@@ -599,7 +599,9 @@ def stage_pretrain_step(st: Stage) -> None:
         st.result["compile_note"] = ("torch.compile rows use the aot_eager backend in the dry run (dynamo + "
                                      "AOTAutograd without inductor's C++ build); inductor on the GPU")
     with st.item("matmul_peak") as e:
-        peak = matmul_peak(dev, dtype)
+        # A CPU without native bf16 emulates bf16 matmuls slowly while autocast may still reach fp32 kernels:
+        # there the better of the two rates is the denominator (MFU over 100% otherwise).
+        peak = matmul_peak(dev, dtype) if cuda else max(matmul_peak(dev, dtype), matmul_peak(dev, torch.float32))
         st.result["measured_peak_flops"] = peak
         e["tflops"] = st.result["measured_peak_tflops"] = round(peak / 1e12, 3)
         name = torch.cuda.get_device_name(0) if cuda else ""
@@ -1288,11 +1290,12 @@ def judge_goals(record: dict[str, Any]) -> list[dict[str, Any]]:
     if dry:
         toy = next((best(m) for m in {r["model"] for r in rows}), None)
         vit_l = vit_b = toy
-    mfu_key = "mfu_nominal_peak" if result("pretrain_step").get("nominal_peak_tflops") else "mfu_measured_peak"
+    nominal = bool(result("pretrain_step").get("nominal_peak_tflops"))
+    mfu_key = "mfu_nominal_peak" if nominal else "mfu_measured_peak"
     goal("ViT-L/16 MAE pretraining >= 2,500 img/s", vit_l and vit_l["images_per_s"], 2500, "pretrain_step",
          detail=vit_l["impl"] if vit_l else "")
-    goal(f"ViT-L/16 MFU >= 40% ({mfu_key.replace('_', ' ')})", vit_l and vit_l.get(mfu_key), 0.40, "pretrain_step",
-         "{:.1%}")
+    goal(f"ViT-L/16 MFU >= 40% (of the {'datasheet' if nominal else 'measured matmul'} bf16 peak)",
+         vit_l and vit_l.get(mfu_key), 0.40, "pretrain_step", "{:.1%}")
     goal("ViT-B/16 MAE pretraining >= 5,000 img/s", vit_b and vit_b["images_per_s"], 5000, "pretrain_step",
          detail=vit_b["impl"] if vit_b else "")
     for name, r in (("ViT-B/16", vit_b), ("ViT-L/16", vit_l)):

@@ -302,8 +302,8 @@ def image_files(inputs: Sequence[str | Path]) -> list[Path]:
 
 def _auto_backend(path: Path, config: dict[str, Any], device: str | None, precision: str | None) -> Backend:
     """TensorRT (engine matching this GPU) -> AOTInductor on CUDA -> onnxruntime (CUDA, then CPU) -> AOTInductor on
-    a CPU -> torch; each refusal is logged. On CPUs onnxruntime comes first: it beat the CPU package through the
-    Embedder here (bench/device.py --dry-run: 1.3x on a tiny ViT at batch 1, 8 and 32)."""
+    a CPU -> torch; each refusal is logged. On CPUs onnxruntime comes first: through the Embedder it beat the CPU
+    package in 7 of 9 measurements here (bench/device.py --dry-run, a tiny ViT: 0.77-1.33x)."""
     reasons = []
     if device is None or device.startswith("cuda"):
         try:
