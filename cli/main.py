@@ -39,6 +39,8 @@ def _json_flag(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from export.formats import BACKEND_CHOICES, INDUCTOR_PRECISIONS, TENSORRT_PRECISIONS  # stdlib only: instant
+
     parser = argparse.ArgumentParser(
         prog="mae", description="Masked Autoencoders: pretrain, finetune, export, index, serve.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -79,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler="training.evaluate:main")
     # -------------------------------------------------------------------------------------------------
 
-    p = sub.add_parser("export", help="write a deployable artifact (safetensors, ONNX, TensorRT) from a checkpoint")
+    p = sub.add_parser("export", help="write a deployable artifact (safetensors, ONNX, TensorRT, AOTInductor) from a "
+                                      "checkpoint")
     p.add_argument("--checkpoint", required=True, help="RUN/checkpoint.pt, or official / timm MAE weights")
     p.add_argument("--out", required=True, help="artifact folder")
     p.add_argument("--pooling", choices=("token", "avg"),
@@ -94,11 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokens", action="store_true", help="add a 'tokens' (N, L, D) output for dense use")
     g.add_argument("--tensorrt", action="store_true",
                    help="encoder.plan for this GPU (implies --onnx); needs CUDA and tensorrt")
-    g.add_argument("--trt-precision", choices=("fp16", "bf16", "fp32"), default="fp16",
+    g.add_argument("--inductor", action="store_true",
+                   help="encoder.pt2: AOTInductor-compiled for this torch version and device (the GPU when there "
+                        "is one), dynamic batch 1..--batch-max")
+    g.add_argument("--inductor-device", choices=("cuda", "cpu"),
+                   help="device encoder.pt2 is compiled for (default: cuda when a GPU is visible)")
+    g.add_argument("--inductor-precision", choices=INDUCTOR_PRECISIONS,
+                   help="encoder.pt2 precision (default: bf16 on cuda, fp32 on cpu)")
+    g.add_argument("--trt-precision", choices=TENSORRT_PRECISIONS, default="fp16",
                    help="TensorRT precision (bf16 only with TensorRT 10)")
     g.add_argument("--batch-min", type=int, default=1, help="TensorRT profile: smallest batch")
     g.add_argument("--batch-opt", type=int, default=32, help="TensorRT profile: batch the kernels are tuned for")
-    g.add_argument("--batch-max", type=int, default=256, help="TensorRT profile: largest batch (more is sliced)")
+    g.add_argument("--batch-max", type=int, default=256,
+                   help="TensorRT profile / AOTInductor: largest batch (more is sliced)")
     g.add_argument("--timing-cache", help="TensorRT timing cache file (default: ARTIFACT/tensorrt.timing.cache)")
     g.add_argument("--parity-data", default="mnist5k,photos",
                    help="comma-separated bundled sets or folders of real images for parity and int8 calibration")
@@ -111,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifact", required=True, help="artifact folder (mae export)")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders (recursive)")
     p.add_argument("--out", required=True, help="vectors.npy: (N, D) float32, L2-normalised, rows in input order")
-    p.add_argument("--backend", choices=("auto", "torch", "onnx", "tensorrt"), default="auto")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"),
                    help="onnx file to run (default fp32 on CPU, fp16 on CUDA when exported)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -136,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     for q in (i, ia := isub.add_parser("add", help="add images (files already indexed, by sha256, are skipped)")):
         q.add_argument("--batch-size", type=int, default=64, help="images per embedding batch")
         q.add_argument("--workers", type=int, default=2, help="DataLoader processes reading and decoding images")
-        q.add_argument("--backend", default="auto", help="embedding backend: auto | torch | onnx | tensorrt")
+        q.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="embedding backend")
         q.add_argument("--device", help="torch device for the embedder (default: cuda when available)")
         _json_flag(q)
     i.set_defaults(handler="retrieval.command:index_build")
@@ -160,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10, help="neighbours to return")
     p.add_argument("--show", metavar="PNG", help="write a contact sheet: the query and its neighbours with scores")
     p.add_argument("--artifact", help="artifact (default: the one recorded in the index manifest)")
-    p.add_argument("--backend", default="auto", help="embedding backend: auto | torch | onnx | tensorrt")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="embedding backend")
     p.add_argument("--device", help="torch device for the embedder")
     _json_flag(p)
     p.set_defaults(handler="retrieval.command:search")

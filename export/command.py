@@ -19,6 +19,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         reason = unavailable_reason()
         if reason:
             raise RuntimeError(f"--tensorrt: TensorRT cannot run here: {reason}")
+    if getattr(args, "inductor", False):
+        from export.inductor import unavailable_reason as inductor_reason
+
+        reason = inductor_reason()
+        if reason:
+            raise RuntimeError(f"--inductor: {reason}")
     out = artifact.from_checkpoint(args.checkpoint, args.out, pooling=args.pooling)
     art = artifact.load(out)
     result: dict[str, Any] = {
@@ -38,6 +44,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 def export_formats(out: Path, args: argparse.Namespace, result: dict[str, Any], lines: list[str]) -> None:
     """Run the requested exports on an artifact folder; adds figures to ``result`` and lines to ``lines``."""
     tensorrt = getattr(args, "tensorrt", False)
+    if getattr(args, "inductor", False):
+        _export_inductor(out, args, result, lines)
     if not (args.onnx or args.fp16 or args.int8 or args.tokens or tensorrt):
         return
     from export.onnx import export_onnx, summary_lines
@@ -45,7 +53,7 @@ def export_formats(out: Path, args: argparse.Namespace, result: dict[str, Any], 
     data = [d for d in args.parity_data.split(",") if d]
     record = export_onnx(out, fp16=args.fp16, int8=args.int8, tokens=args.tokens, data=data,
                          parity_images=args.parity_images)
-    result["export"] = record
+    result["export"] = {**result.get("export", {}), **record}
     lines.append(f"ONNX ({record['onnx']['exporter']} exporter, opset {record['onnx']['opset']}); parity vs "
                  f"PyTorch on {record['parity_data']['images']} real images "
                  f"({', '.join(record['parity_data']['sources'])}):")
@@ -61,6 +69,17 @@ def export_formats(out: Path, args: argparse.Namespace, result: dict[str, Any], 
         lines.append(f"  encoder.plan       TensorRT {trt_record['tensorrt']} {trt_record['precision']} on "
                      f"{trt_record['gpu']} (sm {trt_record['compute_capability']}): cos min "
                      f"{emb['cosine_min']:.6f}, top-10 nbr overlap {emb['top10_neighbour_overlap']:.3f}")
+
+
+def _export_inductor(out: Path, args: argparse.Namespace, result: dict[str, Any], lines: list[str]) -> None:
+    """``--inductor``: encoder.pt2 compiled for this torch and device, parity-checked (export.inductor)."""
+    from export.inductor import export_inductor, summary_line
+
+    data = [d for d in args.parity_data.split(",") if d]
+    record = export_inductor(out, device=args.inductor_device, precision=args.inductor_precision, data=data,
+                             parity_images=args.parity_images, max_batch=args.batch_max)
+    result.setdefault("export", {})["inductor"] = record
+    lines.append(summary_line(record))
 
 
 def embed(args: argparse.Namespace) -> dict[str, Any]:

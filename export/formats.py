@@ -22,9 +22,12 @@ FILES = {
     "tensorrt": "encoder.plan",
     "tensorrt_sidecar": "encoder.plan.json",
     "tensorrt_timing_cache": "tensorrt.timing.cache",
+    "inductor": "encoder.pt2",
+    "inductor_sidecar": "encoder.pt2.json",
 }
 ONNX_PRECISIONS = ("fp32", "fp16", "int8")
 TENSORRT_PRECISIONS = ("fp16", "bf16", "fp32")
+INDUCTOR_PRECISIONS = ("fp32", "bf16")
 
 
 def onnx_key(precision: str) -> str:
@@ -65,19 +68,27 @@ class BackendSpec:
     loader: str
     files: tuple[str, ...]
     """FILES keys this backend runs from (none: it runs the artifact's own weights)."""
-    gpu_only: bool
     summary: str
 
 
 BACKENDS: dict[str, BackendSpec] = {
     spec.name: spec
-    for spec in (  # the order is auto's order: fastest first
-        BackendSpec("tensorrt", "export.tensorrt:TensorRTBackend", ("tensorrt",), True,
+    for spec in (
+        BackendSpec("tensorrt", "export.tensorrt:TensorRTBackend", ("tensorrt",),
                     "TensorRT engine built for this GPU and TensorRT version (mae export --tensorrt)"),
-        BackendSpec("onnx", "export.runtime:OnnxBackend", ("onnx", "onnx_fp16", "onnx_int8"), False,
+        BackendSpec("inductor", "export.inductor:InductorBackend", ("inductor",),
+                    "AOTInductor package compiled for this torch and device (mae export --inductor)"),
+        BackendSpec("onnx", "export.runtime:OnnxBackend", ("onnx", "onnx_fp16", "onnx_int8"),
                     "onnxruntime, CUDA provider on a GPU, else CPU (mae export --onnx / --fp16 / --int8)"),
-        BackendSpec("torch", "export.runtime:TorchBackend", (), False,
+        BackendSpec("torch", "export.runtime:TorchBackend", (),
                     "eager PyTorch on the artifact's weights: the reference every other backend is checked against"),
     )
 }
 BACKEND_CHOICES = ("auto", *BACKENDS)
+AUTO_ORDER = {
+    "cuda": ("tensorrt", "inductor", "onnx", "torch"),
+    # On CPUs onnxruntime beat the CPU package through the Embedder in 7 of 9 measurements (bench/device.py
+    # --dry-run, a small ViT), so it comes first there; a package still beats eager torch.
+    "cpu": ("onnx", "inductor", "torch"),
+}
+"""What ``backend="auto"`` tries, in order, on each kind of device: the first that can run wins."""

@@ -41,6 +41,9 @@ TOLERANCES: dict[str, dict[str, float]] = {
     "tensorrt_fp32": {"cosine": 0.9999, "top1_agreement": 0.99},
     "tensorrt_fp16": {"cosine": 0.999, "top1_agreement": 0.99},
     "tensorrt_bf16": {"cosine": 0.99, "top1_agreement": 0.99},
+    # inductor reorders reductions (and on GPUs may pick other matmul kernels), hence fp32's 0.9999
+    "inductor_fp32": {"cosine": 0.9999, "top1_agreement": 0.99},
+    "inductor_bf16": {"cosine": 0.99, "top1_agreement": 0.99},
 }
 """Per record key: minimum cosine with PyTorch fp32 (every image, every output) and the top-1 agreement of a
 head that the file must not be shown to fall below (see the module docstring)."""

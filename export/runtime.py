@@ -1,10 +1,11 @@
-"""``Embedder``: one interface over the backends that run an artifact (torch, onnxruntime, TensorRT, ...).
+"""``Embedder``: one interface over the backends that run an artifact (torch, onnxruntime, TensorRT, AOTInductor).
 
 Preprocessing comes from the artifact's config.json and is identical for every backend (decode, convert to
 the model's channels, resize, centre-crop, normalise), so only the graph executor differs. The backends are
-the rows of ``export.formats.BACKENDS``; ``backend="auto"`` takes the first that can run here, in the
-registry's order (a TensorRT engine built for this GPU, onnxruntime, eager torch). Every exported file carries
-the sha256 of the artifact it came from; a stale file (weights re-exported since) is refused rather than run.
+the rows of ``export.formats.BACKENDS``; ``backend="auto"`` takes the first that can run here, in the order
+``export.formats.AUTO_ORDER`` gives for this device (on a GPU: a TensorRT engine built for it, an AOTInductor
+package compiled for it, onnxruntime, eager torch; on a CPU: onnxruntime, a CPU package, torch). Every exported
+file carries the sha256 of the artifact it came from; a stale file (weights re-exported since) is refused.
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.formats import BACKEND_CHOICES, BACKENDS, ONNX_PRECISIONS, Backend, BackendUnavailable, onnx_file
+from export.formats import (
+    AUTO_ORDER,
+    BACKEND_CHOICES,
+    BACKENDS,
+    ONNX_PRECISIONS,
+    Backend,
+    BackendUnavailable,
+    onnx_file,
+)
 from mae import artifact as artifact_lib
 from mae.data import ImageError, Preprocessing, read_image, read_image_hashed
 
@@ -291,11 +300,10 @@ def backend_class(name: str) -> type:
 
 
 def _auto_backend(path: Path, config: dict[str, Any], device: str | None, precision: str | None) -> Backend:
-    """The first backend of the registry that can run here; each refusal is logged, a failed load is warned."""
+    """The first backend of ``AUTO_ORDER`` that can run here; each refusal is logged, a failed load is warned."""
     reasons = []
-    for name, spec in BACKENDS.items():
-        if spec.gpu_only and device is not None and not device.startswith("cuda"):
-            continue
+    on_gpu = device.startswith("cuda") if device is not None else torch.cuda.is_available()
+    for name in AUTO_ORDER["cuda" if on_gpu else "cpu"]:
         cls = backend_class(name)
         reason = cls.unavailable(path, config, device, precision)
         if reason:

@@ -490,10 +490,20 @@ def test_demo_serve_stage_prints_a_curl_line_that_works_and_stops_its_server(set
             proc.wait()
 
 
-@pytest.mark.gpu
-def test_the_encoder_runs_on_the_gpu_when_there_is_one(setup):
-    torch = pytest.importorskip("torch")
+def _gpu_serving_reason() -> str | None:
+    """Checked before the fixtures run: the module's servers and index take a minute to set up for nothing."""
+    import importlib.util
+
+    import torch
+
     if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU")
+        return "no CUDA GPU"
+    missing = [m for m in ("bentoml", "faiss") if importlib.util.find_spec(m) is None]
+    return f"needs {' and '.join(missing)} (the module's servers and index)" if missing else None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpu_serving_reason() is not None, reason=str(_gpu_serving_reason()))
+def test_the_encoder_runs_on_the_gpu_when_there_is_one(setup):
     info = json.loads(request(setup["main"].url + "/info")[1])
     assert any(word in info["backend"]["backend"].lower() for word in ("cuda", "tensorrt", "trt")), info["backend"]
