@@ -20,7 +20,7 @@ import os
 import random
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -659,3 +659,69 @@ def collate_skipping_bad(batch: list[tuple[torch.Tensor | JpegCrop, int] | None]
         xs = [x.float() / 255.0 if x.dtype == torch.uint8 else x.float() for x in xs]
     return torch.stack(xs), labels, skipped
 
+
+
+# ----------------------------------------------------------------------------------------------- shard streams
+
+
+class ShardTrainStream(torch.utils.data.IterableDataset):
+    """A training split in WebDataset shards: each DataLoader worker streams its slot endlessly (``mae.shards``),
+    yielding (pixels, label) or None for a bad sample, exactly as ``ImageDataset`` does.
+
+    Set ``start_batches`` (micro-batches the run has consumed) before iterating to resume exactly.
+    """
+
+    def __init__(self, shards: Any, transform: Transform, seed: int, rank: int, world: int, buffer: int,
+                 batch_size: int):
+        self.shards, self.transform, self.seed = shards, transform, seed
+        self.rank, self.world, self.buffer, self.batch_size = rank, world, buffer, batch_size
+        self.start_batches = 0
+
+    def __len__(self) -> int:
+        return self.shards.total
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | JpegCrop, int] | None]:
+        from mae.shards import stream_slot, worker_batches
+
+        info = torch.utils.data.get_worker_info()
+        w, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        start = worker_batches(self.start_batches, w, workers) * self.batch_size
+        stream = stream_slot(self.shards, self.rank * workers + w, self.world * workers, self.seed, self.buffer,
+                             start)
+        for epoch, sample, error in stream:
+            yield _transformed(sample, error, lambda item, s=sample, e=epoch: self.transform(
+                item, sample_rng(self.seed, e, s.seed_key)))
+
+
+class ShardEvalStream(torch.utils.data.IterableDataset):
+    """A split in shards, in order, through an eval ``Preprocessing``: (pixels, label) or None per sample; the
+    shards are divided between DataLoader workers (and ``world`` processes when given)."""
+
+    def __init__(self, shards: Any, preprocessing: Preprocessing, max_pixels: int | None = MAX_IMAGE_PIXELS,
+                 rank: int = 0, world: int = 1):
+        self.shards, self.preprocessing, self.max_pixels = shards, preprocessing, max_pixels
+        self.rank, self.world = rank, world
+
+    def __len__(self) -> int:
+        return self.shards.total
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int] | None]:
+        from mae.shards import slot_samples
+
+        info = torch.utils.data.get_worker_info()
+        w, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for _, sample, error in slot_samples(self.shards, self.rank * workers + w, self.world * workers):
+            yield _transformed(sample, error, lambda item: self.preprocessing.load(item, self.max_pixels))
+
+
+def _transformed(sample: Any, error: str | None, fn: Callable[[EncodedImage], Any]
+                 ) -> tuple[torch.Tensor | JpegCrop, int] | None:
+    if sample is None:
+        warnings.warn(f"skipping unreadable image: {error}", stacklevel=3)
+        return None
+    try:
+        x = fn(sample.image())
+    except (ImageError, OSError) as e:
+        warnings.warn(f"skipping unreadable image: {e}", stacklevel=3)
+        return None
+    return (x if isinstance(x, JpegCrop) else torch.from_numpy(x)), sample.label

@@ -121,8 +121,10 @@ def decode_npy(data: bytes, name: str = "array", max_pixels: int | None = None) 
     """
     f = io.BytesIO(data)
     try:
-        version = np.lib.format.read_magic(f)
-        shape = np.lib.format._read_array_header(f, version)[0]  # (shape, fortran_order, dtype)
+        fmt = np.lib.format
+        version = fmt.read_magic(f)
+        read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape = read_header(f)[0]  # (shape, fortran_order, dtype)
     except Exception as e:
         raise ImageError(f"{name}: not a readable .npy array ({e})") from e
     if len(shape) not in (2, 3):
