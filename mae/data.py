@@ -552,7 +552,7 @@ class FinetuneTransform:
         with _global_rngs_from(rng):
             im = self.randaug(Image.fromarray(arr[..., 0] if self.channels == 1 else arr))
         out = np.asarray(im)
-        return np.ascontiguousarray(out[None] if out.ndim == 2 else out.transpose(2, 0, 1))
+        return np.array(out[None] if out.ndim == 2 else out.transpose(2, 0, 1), order="C")  # (C, H, W), writable
 
     def normalizer(self) -> Normalize:
         return Normalize(self.mean, self.std, self.size, self.interpolation)

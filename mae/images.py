@@ -379,10 +379,10 @@ def _pil_path(im: Image.Image, box_fn: Callable[[int, int], Box], size: tuple[in
         out = out.convert("L")
     if flip:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    arr = np.asarray(out)
+    arr = np.asarray(out)  # read-only, PIL's memory: copied below into a writable (C, H, W)
     if arr.ndim == 2:
-        return np.ascontiguousarray(np.broadcast_to(arr, (channels, *arr.shape)))  # (C, H, W)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))  # (H, W, 3) -> (3, H, W)
+        return np.array(np.broadcast_to(arr, (channels, *arr.shape)))  # (H, W) -> (C, H, W)
+    return np.array(arr.transpose(2, 0, 1), order="C")  # (H, W, 3) -> (3, H, W)
 
 
 def _general_path(arr: np.ndarray, box_fn: Callable[[int, int], Box], size: tuple[int, int], channels: int,

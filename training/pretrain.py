@@ -72,7 +72,7 @@ class Pretrainer(Trainer):
         return total / count if count else None
 
     def periodic(self, step: int, final: bool) -> dict[str, float]:
-        if not self.dist.is_main:
+        if not (self.dist.is_main or self.fsdp):  # a sharded model's forward needs every rank
             return {}
         val = self.val_loss()
         row: dict[str, Any] = {"val_skipped_images": self.val_skipped}
@@ -86,10 +86,11 @@ class Pretrainer(Trainer):
             with self._autocast():
                 grid = reconstruction_grid(self.model, images, self.preprocessing.mean, self.preprocessing.std,
                                            noise=noise.to(self.dist.device))
-            out = self.run.path / "reconstructions"
-            out.mkdir(exist_ok=True)
-            grid.save(out / f"step_{step:07d}.png")
-        return row
+            if self.dist.is_main:
+                out = self.run.path / "reconstructions"
+                out.mkdir(exist_ok=True)
+                grid.save(out / f"step_{step:07d}.png")
+        return row if self.dist.is_main else {}
 
 
 def pretrain(cfg: Config, out: str | Path, data: str, resume: bool = False) -> dict[str, Any]:
