@@ -725,3 +725,20 @@ def _transformed(sample: Any, error: str | None, fn: Callable[[EncodedImage], An
         warnings.warn(f"skipping unreadable image: {e}", stacklevel=3)
         return None
     return (x if isinstance(x, JpegCrop) else torch.from_numpy(x)), sample.label
+
+
+def head_source(shards: Any, n: int, classes: Sequence[str] = ()) -> Source:
+    """The first ``n`` samples of a shard set as an in-memory ``Source`` (encoded bytes: a few hundred
+    validation images, decoded when used)."""
+    from mae.shards import slot_samples
+
+    items, labels, ids = [], [], []
+    for _, sample, _ in slot_samples(shards, 0, 1):
+        if len(items) >= n:
+            break
+        if sample is None or sample.data is None:
+            continue
+        items.append(sample.image())
+        labels.append(sample.label)
+        ids.append(sample.name)
+    return Source(shards.name, items, np.asarray(labels, np.int64), list(classes), ids)

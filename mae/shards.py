@@ -28,7 +28,7 @@ import os
 import re
 import tarfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -492,29 +492,26 @@ class _ShardWriter:
             self.tar = None
 
 
-def pack(source: Any, out: str | Path, *, shard_size: int, val_fraction: float, split_seed: int,
-         splits: Sequence[str] = ("train", "val"), progress: bool = True) -> dict[str, Any]:
-    """Write ``source`` (a ``mae.data.Source``) as shards in ``out``: its seeded stratified split (the one every
-    stage computes for it) as ``train-*.tar`` / ``val-*.tar``, and index.json. Returns the index."""
+def pack(source: Any, out: str | Path, splits: dict[str, np.ndarray], *, shard_size: int,
+         split_info: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Write ``source`` (a ``mae.data.Source``) as shards in ``out``: each split (name -> item indices, e.g. the
+    seeded stratified train/val split every stage computes for the source) as ``NAME-NNNNNN.tar``, and
+    index.json (``split_info``: how the split was made). Returns the index."""
     from tqdm.auto import tqdm
 
-    from mae.data import stratified_split
     from mae.files import write_json_atomic
 
     out = Path(out)
     if (out / INDEX).exists():
         raise FileExistsError(f"{out / INDEX} exists: pack into an empty folder")
     out.mkdir(parents=True, exist_ok=True)
-    train_idx, val_idx = stratified_split(source.labels, val_fraction, split_seed)
-    chosen = {"train": train_idx, "val": val_idx, "all": np.arange(len(source))}
     index: dict[str, Any] = {"kind": INDEX_KIND, "format": INDEX_FORMAT, "source": source.name,
-                             "classes": list(source.classes), "val_fraction": val_fraction,
-                             "split_seed": split_seed, "splits": {}, "skipped": []}
-    total = sum(len(chosen[s]) for s in splits)
+                             "classes": list(source.classes), **(split_info or {}), "splits": {}, "skipped": []}
+    total = sum(len(v) for v in splits.values())
     with tqdm(total=total, desc="packing", unit="img", disable=not progress or None, leave=False) as bar:
-        for split in splits:
+        for split, chosen in splits.items():
             writer = _ShardWriter(out, split, shard_size)
-            for i in chosen[split]:
+            for i in chosen:
                 i = int(i)
                 try:
                     data, ext = encode_item(source.items[i])
@@ -533,19 +530,3 @@ def pack(source: Any, out: str | Path, *, shard_size: int, val_fraction: float, 
     write_json_atomic(out / INDEX, index)
     return index
 
-
-def head_source(shards: ShardSet, n: int, classes: Sequence[str] = ()) -> Any:
-    """The first ``n`` samples of a shard set as an in-memory ``mae.data.Source`` (encoded bytes: a few hundred
-    validation images, decoded when used)."""
-    from mae.data import Source
-
-    items, labels, ids = [], [], []
-    for _, sample, _ in slot_samples(shards, 0, 1):
-        if len(items) >= n:
-            break
-        if sample is None or sample.data is None:
-            continue
-        items.append(sample.image())
-        labels.append(sample.label)
-        ids.append(sample.name)
-    return Source(shards.name, items, np.asarray(labels, np.int64), list(classes), ids)

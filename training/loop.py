@@ -599,10 +599,11 @@ def training_data(spec: str | Path | Any, cfg: Config, dist: Dist, transform: An
         Preprocessing,
         ShardEvalStream,
         ShardTrainStream,
+        head_source,
         load_source,
         stratified_split,
     )
-    from mae.shards import head_source, is_shard_spec, open_shards
+    from mae.shards import is_shard_spec, open_shards
 
     d, seed = cfg.data, cfg.run.seed
     preprocessing = Preprocessing.from_config(cfg)
