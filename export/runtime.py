@@ -177,6 +177,45 @@ class EmbeddedFiles:
     def images_per_s(self) -> float:
         return round(len(self.positions) / self.seconds, 1) if self.seconds > 0 else 0.0
 
+    def save(self, folder: str | Path) -> Path:
+        """Write this (one rank's part) as ``vectors.npy`` + ``part.json``, atomically, for ``load``/``concat``."""
+        from mae.files import atomic_path, write_json_atomic
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / "vectors.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(self.vectors, np.float32))
+        write_json_atomic(folder / "part.json", {"positions": self.positions, "sha256": self.sha256,
+                                                 "names": self.names, "labels": self.labels,
+                                                 "skipped": self.skipped, "seconds": self.seconds})
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> EmbeddedFiles:
+        """A part written by ``save``; a missing one names the likely cause (parts travel by filesystem)."""
+        import json
+
+        folder = Path(folder)
+        if not (folder / "part.json").exists():
+            raise FileNotFoundError(f"{folder} is missing: each rank writes its part beside --out, so --out must be "
+                                    "on a filesystem every node shares (NFS, Lustre, ...)")
+        part = json.loads((folder / "part.json").read_text())
+        return cls(np.load(folder / "vectors.npy"), part["positions"], part["sha256"], part["skipped"],
+                   part["seconds"], part["names"], part["labels"])
+
+    @classmethod
+    def concat(cls, parts: Sequence[EmbeddedFiles]) -> EmbeddedFiles:
+        """Parts of one collection (the ranks' shares) as one, rows in collection order; ``seconds``: the
+        slowest part's."""
+        rows = sorted((p, k, i) for k, part in enumerate(parts) for i, p in enumerate(part.positions))
+        dim = parts[0].vectors.shape[1] if parts else 0
+        vectors = (np.stack([parts[k].vectors[i] for _, k, i in rows]) if rows
+                   else np.zeros((0, dim), np.float32))
+        pick = [(k, i) for _, k, i in rows]
+        return cls(vectors, [p for p, _, _ in rows], [parts[k].sha256[i] for k, i in pick],
+                   [s for part in parts for s in part.skipped], max((p.seconds for p in parts), default=0.0),
+                   [parts[k].names[i] for k, i in pick], [parts[k].labels[i] for k, i in pick])
+
 
 class Embedder:
     """Embeddings and class predictions from an artifact, whichever backend runs it."""

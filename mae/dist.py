@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -93,3 +94,15 @@ def broadcast_object(value: Any, dist: Dist, src: int = 0) -> Any:
     box = [value if dist.rank == src else None]
     torch_dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def rank_slice(n: int, rank: int, world: int) -> tuple[int, int]:
+    """The contiguous run [a, b) of ``n`` items that rank ``rank`` of ``world`` takes (sizes differ by <= 1)."""
+    return n * rank // world, n * (rank + 1) // world
+
+
+def work_folder(out: str | Path, what: str) -> Path:
+    """Where the ranks of a torchrun job leave their parts for rank 0: beside ``out`` (the filesystem the result
+    goes to, which every node must see), under a name every rank derives alike (torchrun's run id)."""
+    out = Path(out).resolve()
+    return out.parent / f".{out.name}.{what}-{os.environ.get('TORCHELASTIC_RUN_ID', 'ranks')}"

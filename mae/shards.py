@@ -320,17 +320,17 @@ def worker_batches(batches: int, worker: int, workers: int) -> int:
     return max(0, -(-(batches - worker) // workers))
 
 
-def check_slots(shards: ShardSet, slots: int, batch_size: int) -> None:
-    """Refuse a layout where some worker slot would get fewer samples per epoch than one batch."""
-    counts = sorted(s.count for s in shards.shards)
-    if len(counts) >= slots:
-        least = sum(counts[: len(counts) // slots])
-    else:
-        least = sum(counts) // slots
-    if least < batch_size:
-        raise ValueError(f"{shards.name}: {len(counts)} shard(s) of {sum(counts)} samples over {slots} reader(s) "
-                         f"(processes x data.num_workers) leave one reader fewer than a batch of {batch_size} per "
-                         "epoch; pack smaller shards (mae data pack --shard-size) or use fewer data.num_workers")
+def check_slots(shards: ShardSet, slots: int) -> None:
+    """Refuse a layout where some worker slot could get no sample in a data epoch (its stream would never yield).
+
+    Uneven shards are fine (a pack's last shard is smaller): a slot that finishes its shards starts its next
+    data epoch, with other shards, so every stream keeps flowing."""
+    counts = [s.count for s in shards.shards]
+    if not counts or sum(counts) == 0:
+        raise ValueError(f"{shards.name}: the shards hold no sample")
+    if (len(counts) >= slots and min(counts) == 0) or (len(counts) < slots and sum(counts) < slots):
+        raise ValueError(f"{shards.name}: {len(counts)} shard(s) of {sum(counts)} samples cannot give each of "
+                         f"{slots} readers (processes x data.num_workers) a sample; use fewer data.num_workers")
 
 
 def stream_slot(shards: ShardSet, slot: int, slots: int, seed: int, buffer: int, start: int = 0

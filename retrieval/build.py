@@ -20,7 +20,6 @@ HNSW index (small collections) is built by rank 0 from all the vectors.
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import logging
 import multiprocessing
 import os
@@ -34,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from export.runtime import EmbeddedFiles, Embedder
-from mae.files import sha256_file, write_json_atomic
+from mae.files import sha256_file
 from mae.shards import ShardSource, is_shard_spec, open_shards
 from retrieval import index as index_lib
 from retrieval import tuning
@@ -84,21 +83,16 @@ def collection_label(path: Path, roots: Sequence[str]) -> str | None:
 
 
 def embed_items(embedder: Embedder, files: Sequence[Path] | ShardSource, labels: Sequence[str | None] = (), *,
-                batch_size: int = 64, workers: int = 2, progress: bool = True, desc: str = "embedding",
-                first: int = 0, rank: int = 0, world: int = 1) -> tuple[EmbeddedFiles, list[Item]]:
+                batch_size: int = 64, workers: int = 2, progress: bool = True, desc: str = "embedding"
+                ) -> tuple[EmbeddedFiles, list[Item]]:
     """Stream ``files`` (or the samples of shards) through the embedder (``Embedder.embed_files`` /
-    ``embed_shards``); the catalogue item of each row. ``first``: the collection position of ``files[0]``;
-    ``rank`` of ``world``: which share of shards to embed."""
+    ``embed_shards``); the catalogue item of each row."""
     embedder.batch_size = batch_size
     if isinstance(files, ShardSource):
-        done = embedder.embed_shards(files.train, rank=rank, world=world, workers=workers, progress=progress,
-                                     desc=desc)
-        classes = files.classes
-        labels_of = [classes[y] if 0 <= y < len(classes) else None for y in done.labels]
-        return done, [Item(n, sha, lab) for n, sha, lab in zip(done.names, done.sha256, labels_of)]
-    done = embedder.embed_files(files, workers=workers, progress=progress, desc=desc, first=first)
-    items = [Item(str(files[p - first]), sha, labels[p - first]) for p, sha in zip(done.positions, done.sha256)]
-    return done, items
+        done = embedder.embed_shards(files.train, workers=workers, progress=progress, desc=desc)
+        return done, items_of(done, files)
+    done = embedder.embed_files(files, workers=workers, progress=progress, desc=desc)
+    return done, items_of(done, (list(files), list(labels)))
 
 
 # ----------------------------------------------------------------------------------------------- build / add
@@ -354,51 +348,29 @@ def _fill_shard(artifact: str, files: list[str], labels: list[str | None], first
 # ----------------------------------------------------------------------------------------------- torchrun
 
 
-def rank_slice(n: int, rank: int, world: int) -> tuple[int, int]:
-    """The contiguous run of ``n`` files rank ``rank`` of ``world`` embeds: [a, b)."""
-    bounds = np.linspace(0, n, world + 1).round().astype(int)
-    return int(bounds[rank]), int(bounds[rank + 1])
-
-
-def work_folder(out: str | Path, what: str) -> Path:
-    """Where the ranks of a torchrun job leave their parts: beside ``out`` (so on the filesystem the result goes
-    to, which every node must see), under a name every rank derives alike."""
-    out = Path(out).resolve()
-    return out.parent / f".{out.name}.{what}-{os.environ.get('TORCHELASTIC_RUN_ID', 'ranks')}"
-
-
 def embed_part(embedder: Embedder, collection_: ShardSource | tuple[list[Path], list[str | None]], rank: int,
-               world: int, *, batch_size: int, workers: int, progress: bool) -> tuple[EmbeddedFiles, list[Item]]:
+               world: int, *, batch_size: int, workers: int, progress: bool) -> EmbeddedFiles:
     """This rank's share of a collection, embedded: whole shards, or a contiguous run of files."""
+    from mae.dist import rank_slice
+
+    embedder.batch_size = batch_size
+    desc = f"embedding (rank {rank})"
     if isinstance(collection_, ShardSource):
-        return embed_items(embedder, collection_, batch_size=batch_size, workers=workers, progress=progress,
-                           rank=rank, world=world, desc=f"embedding (rank {rank})")
-    files, labels = collection_
+        return embedder.embed_shards(collection_.train, rank=rank, world=world, workers=workers, progress=progress,
+                                     desc=desc)
+    files, _ = collection_
     a, b = rank_slice(len(files), rank, world)
-    return embed_items(embedder, files[a:b], labels[a:b], batch_size=batch_size, workers=workers,
-                       progress=progress, first=a, desc=f"embedding (rank {rank})")
+    return embedder.embed_files(files[a:b], workers=workers, progress=progress, desc=desc, first=a)
 
 
-def write_part(folder: Path, emb: EmbeddedFiles, items: list[Item]) -> None:
-    """A rank's part: vectors.npy and part.json (positions, items, skipped, seconds), written atomically."""
-    from mae.files import atomic_path
-
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / "vectors.npy") as tmp, open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(emb.vectors, np.float32))
-    write_json_atomic(folder / "part.json", {
-        "positions": emb.positions, "items": [[it.path, it.sha256, it.label] for it in items],
-        "skipped": emb.skipped, "seconds": emb.seconds})
-
-
-def read_part(folder: Path) -> dict[str, Any]:
-    if not (folder / "part.json").exists():
-        raise FileNotFoundError(f"{folder} is missing: every rank writes its part beside --out, so --out must be "
-                                "on a filesystem all nodes share (NFS, Lustre, ...)")
-    part = json.loads((folder / "part.json").read_text())
-    part["items"] = [Item(p, sha, lab) for p, sha, lab in part["items"]]
-    part["vectors"] = str(folder / "vectors.npy")
-    return part
+def items_of(done: EmbeddedFiles, collection_: ShardSource | tuple[list[Path], list[str | None]]) -> list[Item]:
+    """The catalogue item of each row: its path (or SHARD#KEY), sha256 and class label."""
+    if isinstance(collection_, ShardSource):
+        classes = collection_.classes
+        return [Item(n, sha, classes[y] if 0 <= y < len(classes) else None)
+                for n, sha, y in zip(done.names, done.sha256, done.labels)]
+    files, labels = collection_
+    return [Item(str(files[p]), sha, labels[p]) for p, sha in zip(done.positions, done.sha256)]
 
 
 def _build_distributed(artifact: str | Path, collection_: ShardSource | tuple[list[Path], list[str | None]],
@@ -407,9 +379,16 @@ def _build_distributed(artifact: str | Path, collection_: ShardSource | tuple[li
                        extra: dict[str, Any], progress: bool) -> dict[str, Any]:
     """``mae index build`` under torchrun: every rank embeds its share, rank 0 builds (see the module docstring).
 
-    An error on any rank (a missing part: --out not on a shared filesystem) reaches every rank as one message.
+    An error rank 0 meets (a part it cannot see: --out not on a shared filesystem) reaches every rank.
     """
-    from mae.dist import all_gather_objects, barrier, broadcast_object, init_distributed, shutdown_distributed
+    from mae.dist import (
+        all_gather_objects,
+        barrier,
+        broadcast_object,
+        init_distributed,
+        shutdown_distributed,
+        work_folder,
+    )
 
     dist = init_distributed(device, timeout_minutes=24 * 60)  # ranks wait for each other's whole share
     try:
@@ -419,12 +398,10 @@ def _build_distributed(artifact: str | Path, collection_: ShardSource | tuple[li
             device = str(dist.device)
         embedder = Embedder.load(artifact, backend=backend, device=device, batch_size=batch_size)
         work = work_folder(out, "index")
-        mine = work / f"rank{dist.rank}"
         started = time.perf_counter()
-        emb, items = embed_part(embedder, collection_, dist.rank, dist.world, batch_size=batch_size, workers=workers,
-                                progress=progress and dist.is_main)
-        ids = [p + 1 for p in emb.positions]  # ids by collection position: ranks never need to agree on them
-        write_part(mine, emb, items)
+        done = embed_part(embedder, collection_, dist.rank, dist.world, batch_size=batch_size, workers=workers,
+                          progress=progress and dist.is_main)
+        done.save(work / f"rank{dist.rank}")
         barrier(dist)
         plan: dict[str, Any] = {}
         if dist.is_main:
@@ -435,14 +412,15 @@ def _build_distributed(artifact: str | Path, collection_: ShardSource | tuple[li
         plan = broadcast_object(plan, dist)
         if "error" in plan:
             raise RuntimeError(f"index build across {dist.world} ranks: {plan['error']}")
-        if plan["ivf"]:
-            index_lib.fill_shard(plan["trained"], emb.vectors, np.asarray(ids, np.int64), mine / "index.faiss")
+        if plan["ivf"]:  # ids by collection position, so the ranks never need to agree on them
+            ids = np.asarray([p + 1 for p in done.positions], np.int64)
+            index_lib.fill_shard(plan["trained"], done.vectors, ids, work / f"rank{dist.rank}" / "index.faiss")
         barrier(dist)
-        counts = all_gather_objects(len(ids), dist)
-        summary: dict[str, Any] = {"rank": dist.rank, "world_size": dist.world, "images_embedded": len(ids)}
+        counts = all_gather_objects(len(done.positions), dist)
+        summary: dict[str, Any] = {"rank": dist.rank, "world_size": dist.world, "images_embedded": counts[dist.rank]}
         if dist.is_main:
             try:
-                summary = _finish_distributed(work, plan, embedder, out, extra, factory=factory,
+                summary = _finish_distributed(work, plan, embedder, collection_, out, extra, factory=factory,
                                               max_memory=max_memory, target_recall=target_recall, seed=seed,
                                               overwrite=overwrite, started=started, world=dist.world)
                 summary["images_per_rank"] = counts
@@ -458,8 +436,8 @@ def _plan_distributed(work: Path, world: int, dim: int, factory: str, max_memory
                       ) -> dict[str, Any]:
     """Rank 0, once every part is written: the factory for the whole collection, and for an IVF the trained
     (empty) index, trained on a sample of all the parts' vectors."""
-    parts = [read_part(work / f"rank{r}") for r in range(world)]
-    n = sum(len(p["positions"]) for p in parts)
+    parts = [EmbeddedFiles.load(work / f"rank{r}") for r in range(world)]
+    n = sum(len(p.positions) for p in parts)
     choice = (tuning.choose_factory(n, dim, max_memory=max_memory) if factory == "auto"
               else tuning.FactoryChoice(factory, "given with --factory"))
     trained = tuning.make_index(choice.factory, dim)
@@ -469,10 +447,9 @@ def _plan_distributed(work: Path, world: int, dim: int, factory: str, max_memory
     picks = np.sort(rng.choice(n, tuning.train_size(trained, n), replace=False))
     sample, start = [], 0
     for p in parts:
-        x = np.load(p["vectors"], mmap_mode="r")
-        local = picks[(picks >= start) & (picks < start + len(x))] - start
-        sample.append(np.asarray(x[local]))
-        start += len(x)
+        local = picks[(picks >= start) & (picks < start + len(p.vectors))] - start
+        sample.append(p.vectors[local])
+        start += len(p.vectors)
     train_seconds = tuning.train(trained, np.concatenate(sample), None)
     path = work / "trained.faiss"
     index_lib.write_index(trained, path)
@@ -480,38 +457,36 @@ def _plan_distributed(work: Path, world: int, dim: int, factory: str, max_memory
             "train_vectors": int(len(picks)), "train_seconds": round(train_seconds, 2)}
 
 
-def _finish_distributed(work: Path, plan: dict[str, Any], embedder: Embedder, out: str | Path,
+def _finish_distributed(work: Path, plan: dict[str, Any], embedder: Embedder,
+                        collection_: ShardSource | tuple[list[Path], list[str | None]], out: str | Path,
                         extra: dict[str, Any], *, factory: str, max_memory: int | None, target_recall: float,
                         seed: int, overwrite: bool, started: float, world: int) -> dict[str, Any]:
     """Rank 0: the parts merged into INDEX/ (on disk for an IVF, in memory otherwise)."""
-    parts = [read_part(work / f"rank{r}") for r in range(world)]
+    parts = [EmbeddedFiles.load(work / f"rank{r}") for r in range(world)]
     extra = dict(extra, embed_backend=embedder.backend_name, world_size=world)
-    seen = sum(len(p["positions"]) + len(p["skipped"]) for p in parts)
+    seen = sum(len(p.positions) + len(p.skipped) for p in parts)
     if plan["ivf"]:
-        results = [{**p, "ids": [q + 1 for q in p["positions"]], "index": str(work / f"rank{r}" / "index.faiss")}
-                   for r, p in enumerate(parts)]
-        choice = tuning.FactoryChoice(plan["factory"], plan["reason"])
+        results = [{"ids": [q + 1 for q in p.positions], "items": items_of(p, collection_), "skipped": p.skipped,
+                    "seconds": p.seconds, "vectors": str(work / f"rank{r}" / "vectors.npy"),
+                    "index": str(work / f"rank{r}" / "index.faiss")} for r, p in enumerate(parts)]
         import faiss
 
         trained = faiss.read_index(plan["trained"])
         figures = {"images_seen": seen, "ranks": world, "train_vectors": plan["train_vectors"],
                    "train_seconds": plan["train_seconds"], "fill_seconds": round(time.perf_counter() - started, 2)}
-        idx, figures = _merge_shards(results, trained, choice, out, figures, factory=factory,
-                                     artifact_sha256=embedder.sha256, target_recall=target_recall,
-                                     overwrite=overwrite, rng=np.random.default_rng(seed), extra=extra,
-                                     dim=embedder.dim)
+        idx, figures = _merge_shards(results, trained, tuning.FactoryChoice(plan["factory"], plan["reason"]), out,
+                                     figures, factory=factory, artifact_sha256=embedder.sha256,
+                                     target_recall=target_recall, overwrite=overwrite,
+                                     rng=np.random.default_rng(seed), extra=extra, dim=embedder.dim)
     else:
-        order = sorted((q, r, i) for r, p in enumerate(parts) for i, q in enumerate(p["positions"]))
-        arrays = [np.load(p["vectors"]) for p in parts]
-        vectors = np.stack([arrays[r][i] for _, r, i in order]) if order else np.zeros((0, embedder.dim), np.float32)
-        items = [parts[r]["items"][i] for _, r, i in order]
-        skipped = [s for p in parts for s in p["skipped"]]
+        done = EmbeddedFiles.concat(parts)
+        items = items_of(done, collection_)
         seconds = time.perf_counter() - started
-        figures = {"images_seen": seen, "images_embedded": len(items), "skipped": skipped, "ranks": world,
-                   "embed_seconds": round(max(p["seconds"] for p in parts), 2),
+        figures = {"images_seen": seen, "images_embedded": len(items), "skipped": done.skipped, "ranks": world,
+                   "embed_seconds": round(done.seconds, 2),
                    "images_per_s": round(len(items) / seconds, 1) if seconds else 0.0}
         extra["build"] = dict(figures)
-        idx = index_lib.build(out, vectors, items, artifact_sha256=embedder.sha256, factory=factory,
+        idx = index_lib.build(out, done.vectors, items, artifact_sha256=embedder.sha256, factory=factory,
                               max_memory=max_memory, target_recall=target_recall, seed=seed, extra=extra,
                               overwrite=overwrite)
     figures["seconds"] = round(time.perf_counter() - started, 2)

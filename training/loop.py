@@ -224,7 +224,7 @@ class Trainer:
         else:
             from mae.shards import check_slots
 
-            check_slots(train_set.shards, dist.world * max(cfg.data.num_workers, 1), o.batch_size)
+            check_slots(train_set.shards, dist.world * max(cfg.data.num_workers, 1))
             samples_per_rank = len(train_set) // dist.world
         micro_per_epoch = samples_per_rank // o.batch_size
         self.steps_per_epoch = micro_per_epoch // o.accum_iter
