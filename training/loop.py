@@ -301,6 +301,10 @@ class Trainer:
             return self.model.state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        # A forward without backward (validation) leaves the root unit's parameters gathered; shard them back so
+        # that the module holds the parameters the optimizer steps.
+        self.model.reshard()
+
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def state(self) -> dict[str, Any]:
@@ -308,8 +312,10 @@ class Trainer:
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+            self.model.reshard()  # see model_state
             full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            optimizer = optimizer_state_by_index(get_optimizer_state_dict(self.model, self.optimizer, options=full))
+            gathered = get_optimizer_state_dict(self.model, self.optimizer, options=full)  # {} except on rank 0
+            optimizer = optimizer_state_by_index(gathered) if gathered else {}
         else:
             optimizer = self.optimizer.state_dict()
         return {
@@ -406,6 +412,9 @@ class Trainer:
             warnings.warn(f"step {step}: evaluation and pictures failed ({message}); training continues",
                           stacklevel=2)
             return {"periodic_error": message}
+        finally:
+            if self.fsdp:
+                self.model.reshard()  # evaluation forwards leave the root unit's parameters gathered
 
     def fit(self) -> dict[str, Any]:
         """Run to ``total_steps``; returns the last logged metrics."""
