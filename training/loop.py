@@ -63,16 +63,14 @@ def make_loader(dataset: Dataset, batch_size: int, dist: Dist, seed: int, worker
                 ) -> tuple[DataLoader, ResumableSampler | None]:
     """The training loader: a resumable DistributedSampler over a map-style dataset, or a shard stream (which
     splits itself by rank and worker and has no sampler)."""
+    # Its own generator: starting an iterator must not draw from the global RNG that masks are seeded from.
     common = {"batch_size": batch_size, "num_workers": workers, "collate_fn": collate_skipping_bad,
-              "pin_memory": dist.device.type == "cuda", "prefetch_factor": 4 if workers > 0 else None}
+              "pin_memory": dist.device.type == "cuda", "prefetch_factor": 4 if workers > 0 else None,
+              "generator": torch.Generator().manual_seed(seed)}
     if isinstance(dataset, IterableDataset):
         return DataLoader(dataset, **common), None
     sampler = ResumableSampler(dataset, dist, seed, shuffle=shuffle)
-    loader = DataLoader(
-        dataset, sampler=sampler, drop_last=True, persistent_workers=workers > 0,
-        # Its own generator: starting an epoch must not draw from the global RNG that masks are seeded from.
-        generator=torch.Generator().manual_seed(seed), **common,
-    )
+    loader = DataLoader(dataset, sampler=sampler, drop_last=True, persistent_workers=workers > 0, **common)
     return loader, sampler
 
 
