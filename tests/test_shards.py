@@ -154,29 +154,28 @@ def test_shard_training_resumes_exactly(packed, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_round_trip_pack_then_evaluate_and_index(packed, tiny_pretrain_run, tmp_path):
+def test_round_trip_pack_then_evaluate_and_index(packed, tiny_pretrain_run, tmp_path, capsys):
     """The same images through a folder and through its shards: the same split sizes, labels and figures."""
+    from cli.main import main as cli
+
+    def run(*argv: str) -> dict:
+        assert cli([*argv, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
     folder, out = packed
     ckpt = tiny_pretrain_run / "checkpoint.pt"
-    figures = []
-    for data in (folder, out):
-        proc = run_cli("evaluate", "--checkpoint", str(ckpt), "--data", str(data), "--out",
-                       str(tmp_path / data.name), "--json")
-        figures.append(json.loads(proc.stdout))
-    a, b = figures
+    a, b = (run("evaluate", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(tmp_path / data.name))
+            for data in (folder, out))
     assert (a["train_images"], a["val_images"]) == (b["train_images"], b["val_images"]) == (32, 8)
     assert a["knn_top1"] == b["knn_top1"] and a["probe_top1"] == pytest.approx(b["probe_top1"])
     art = tmp_path / "art"
-    run_cli("export", "--checkpoint", str(ckpt), "--out", str(art))
-    built = json.loads(run_cli("index", "build", "--artifact", str(art), "--images", str(out), "--out",
-                               str(tmp_path / "index"), "--json").stdout)
+    run("export", "--checkpoint", str(ckpt), "--out", str(art))
+    built = run("index", "build", "--artifact", str(art), "--images", str(out), "--out", str(tmp_path / "index"))
     assert built["count"] == 40 and built["labels"] == {"c0": 20, "c1": 20}
-    query = folder / "c1" / "005.jpg"
-    hits = json.loads(run_cli("search", "--index", str(tmp_path / "index"), str(query), "-k", "1", "--backend",
-                              "torch", "--json").stdout)["neighbours"]
+    hits = run("search", "--index", str(tmp_path / "index"), str(folder / "c1" / "005.jpg"), "-k", "1")["neighbours"]
     assert hits[0]["label"] == "c1" and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
     vectors = tmp_path / "v.npy"
-    run_cli("embed", "--artifact", str(art), str(out), "--out", str(vectors), "--workers", "2", "--backend", "torch")
+    run("embed", "--artifact", str(art), str(out), "--out", str(vectors), "--workers", "2")
     rows = json.loads(vectors.with_suffix(".json").read_text())["paths"]
     index = json.loads((out / "index.json").read_text())
     expected = []
