@@ -328,7 +328,9 @@ def load_pixels(item: ImageItem, box: Callable[[int, int], Box], size: tuple[int
             return _pil_path(im, box, size, channels, interpolation, flip, draft and im.format == "JPEG")
         im.seek(0)
         im.load()
-        arr = pil_to_array(ImageOps.exif_transpose(im))
+        arr = pil_to_array(ImageOps.exif_transpose(im))  # 16-bit and float images: to 8 bits first, as ever
+    if fast and _fast_array(arr, channels):
+        return _pil_path(Image.fromarray(arr), box, size, channels, interpolation, flip, False)
     return _general_path(arr, box, size, channels, interpolation, flip)
 
 
@@ -451,9 +453,9 @@ class Preprocessing:
     """Evaluation preprocessing; travels with the weights in every artifact (timm's ``pretrained_cfg``).
 
     The geometry is timm's eval transform (short side to size / crop_pct, centre crop), done as one box: PIL
-    resizes only the pixels that survive the crop, from a JPEG decoded at the smallest scale that still covers
-    them, in uint8. ``load`` gives the pixels before normalisation (what workers ship); ``__call__`` and
-    ``pixels`` give the normalised float input of the model.
+    resizes only the pixels that survive the crop, in uint8. ``load`` gives the pixels before normalisation
+    (what workers ship); ``__call__`` and ``pixels`` give the normalised float input of the model. A file, its
+    bytes and its decoded array give the same pixels.
     """
 
     input_size: tuple[int, int, int]
@@ -505,9 +507,13 @@ class Preprocessing:
         sy, sx = ih / rh, iw / rw
         return Box(top * sy, left * sx, h * sy, w * sx)
 
-    def load(self, item: ImageItem, max_pixels: int | None = MAX_IMAGE_PIXELS, draft: bool = True,
+    def load(self, item: ImageItem, max_pixels: int | None = MAX_IMAGE_PIXELS, draft: bool = False,
              fast: bool = True) -> np.ndarray:
-        """An image item -> uint8 (C, H, W) (fast path) or float32 (C, H, W) in [0, 1] (general path)."""
+        """An image item -> uint8 (C, H, W) (fast path) or float32 (C, H, W) in [0, 1] (general path).
+
+        ``draft`` (a JPEG decoded at reduced scale) is off by default: the server decodes uploads at full scale,
+        and an image embedded offline must get the vector the server gives it, to the last bit.
+        """
         return load_pixels(item, self.box, self.size, self.channels, interpolation=self.interpolation,
                            max_pixels=max_pixels, draft=draft, fast=fast)
 

@@ -208,13 +208,34 @@ def test_jpeg_draft_decodes_at_reduced_scale_only_when_the_box_allows(monkeypatc
 
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
     pre = Preprocessing((3, 32, 32), (0.5,) * 3, (0.5,) * 3, "bicubic", 1.0)
-    big = pre.load(EncodedImage(_jpeg(_photo(1000, 1500)), "big.jpg"))
+    big = pre.load(EncodedImage(_jpeg(_photo(1000, 1500)), "big.jpg"), draft=True)
     assert calls and calls[-1] is not None, "a 1000 px JPEG cropped to 32 px must be decoded at 1/8 scale"
     calls.clear()
-    pre.load(EncodedImage(_jpeg(_photo(40, 50)), "small.jpg"))
+    pre.load(EncodedImage(_jpeg(_photo(40, 50)), "small.jpg"), draft=True)
     assert not calls, "a JPEG barely larger than the output must be decoded at full scale"
-    exact = pre.load(EncodedImage(_jpeg(_photo(1000, 1500)), "big.jpg"), draft=False)
+    exact = pre.load(EncodedImage(_jpeg(_photo(1000, 1500)), "big.jpg"))  # eval default: full scale, as serving
+    assert not calls
     assert np.abs(big.astype(int) - exact.astype(int)).mean() < 2.0  # the DCT-scaled decode is a fine prefilter
+
+
+@pytest.mark.parametrize("mode,fmt", [("RGB", "JPEG"), ("L", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("CMYK", "JPEG"),
+                                      ("I;16", "PNG"), ("LA", "PNG"), ("RGB", "WEBP")])
+def test_eval_pixels_of_a_file_equal_those_of_its_decoded_array(tmp_path, mode, fmt):
+    """What mae embed reads from a file is what the server computes from the decoded upload, bit for bit."""
+    from mae.data import EncodedImage
+
+    base = Image.fromarray(_photo(70, 90))
+    grey16 = np.asarray(base.convert("L")).astype(np.uint16) * 257
+    im = base.convert(mode) if mode != "I;16" else Image.fromarray(grey16)
+    data = _encode(im, fmt)
+    path = tmp_path / f"x.{fmt.lower()}"
+    path.write_bytes(data)
+    for channels in (3, 1):
+        pre = Preprocessing((channels, 32, 32), (0.5,) * channels, (0.25,) * channels, "bicubic", 0.875)
+        from_file = pre.load(path)
+        assert from_file.dtype == np.uint8
+        assert np.array_equal(from_file, pre.load(EncodedImage(data, "x")))
+        assert np.array_equal(pre.normalize(from_file), pre(decode_image(data)).numpy())
 
 
 def test_uint8_transport_and_device_normalisation_match_the_eval_preprocessing():
