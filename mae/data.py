@@ -494,7 +494,7 @@ class PretrainTransform:
             if crop is not None:
                 return crop
         return load_pixels(item, box, self.size, self.channels, interpolation=self.interpolation, flip=flip,
-                           max_pixels=self.max_pixels)
+                           max_pixels=self.max_pixels, engine="torch")
 
     def normalizer(self) -> Normalize:
         return Normalize(self.mean, self.std, self.size, self.interpolation)
@@ -543,7 +543,7 @@ class FinetuneTransform:
             return random_resized_crop_box(h, w, self.scale, RRC_RATIO, rng)
 
         x = load_pixels(item, box, self.size, self.channels, interpolation=self.interpolation, flip=flip,
-                        max_pixels=self.max_pixels)
+                        max_pixels=self.max_pixels, engine="torch")
         if self.randaug is None:
             return x
         if x.dtype != np.uint8:  # the general path: RandAugment is an 8-bit PIL policy

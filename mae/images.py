@@ -304,18 +304,20 @@ def random_resized_crop_box(height: int, width: int, scale: tuple[float, float],
 
 def load_pixels(item: ImageItem, box: Callable[[int, int], Box], size: tuple[int, int], channels: int, *,
                 interpolation: str = "bicubic", flip: bool = False, max_pixels: int | None = MAX_IMAGE_PIXELS,
-                draft: bool = True, fast: bool = True) -> np.ndarray:
+                draft: bool = True, fast: bool = True, engine: str = "pil") -> np.ndarray:
     """An image item -> its ``box`` (chosen from the upright size) resized to ``size`` = (H, W), maybe flipped.
 
     Returns uint8 (channels, H, W) on the fast path, float32 (channels, H, W) in [0, 1] on the general path
     (see the module docstring); ``fast=False`` forces the general path (benchmarks, equality tests). ``draft``
-    lets libjpeg decode at a reduced scale when the box allows it.
+    lets libjpeg decode at a reduced scale when the box allows it. ``engine``: who resizes on the fast path,
+    ``pil`` (exact boxes; no torch import) or ``torch`` (its uint8 antialiased kernels: the training
+    transforms, whose boxes are whole pixels and whose workers hold torch anyway).
     """
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
     if isinstance(item, np.ndarray):
         if fast and _fast_array(item, channels):
-            return _pil_path(Image.fromarray(item), box, size, channels, interpolation, flip, False)
+            return _pil_path(Image.fromarray(item), box, size, channels, interpolation, flip, False, engine)
         return _general_path(item, box, size, channels, interpolation, flip)
     name = str(item.name if isinstance(item, EncodedImage) else item)
     data = item.data if isinstance(item, EncodedImage) else None
@@ -325,12 +327,12 @@ def load_pixels(item: ImageItem, box: Callable[[int, int], Box], size: tuple[int
         return _general_path(decode_npy(data, name, max_pixels), box, size, channels, interpolation, flip)
     with _opened(data if data is not None else str(item), name, max_pixels) as im:
         if fast and im.mode not in _WIDE_MODES and channels in (1, 3):
-            return _pil_path(im, box, size, channels, interpolation, flip, draft and im.format == "JPEG")
+            return _pil_path(im, box, size, channels, interpolation, flip, draft and im.format == "JPEG", engine)
         im.seek(0)
         im.load()
         arr = pil_to_array(ImageOps.exif_transpose(im))  # 16-bit and float images: to 8 bits first, as ever
     if fast and _fast_array(arr, channels):
-        return _pil_path(Image.fromarray(arr), box, size, channels, interpolation, flip, False)
+        return _pil_path(Image.fromarray(arr), box, size, channels, interpolation, flip, False, engine)
     return _general_path(arr, box, size, channels, interpolation, flip)
 
 
@@ -342,6 +344,8 @@ def _fast_array(arr: np.ndarray, channels: int) -> bool:
 
 def orientation(im: Image.Image) -> int:
     """The EXIF orientation tag (1 = upright; 5-8 swap width and height)."""
+    if im.format == "JPEG" and "exif" not in im.info:  # a JPEG's EXIF block precedes its pixels: absent is absent
+        return 1
     try:
         return int(im.getexif().get(_ORIENTATION, 1) or 1)
     except Exception:  # a broken EXIF block must not cost the image: decode it as stored
@@ -354,7 +358,7 @@ def upright_size(im: Image.Image) -> tuple[int, int]:
 
 
 def _pil_path(im: Image.Image, box_fn: Callable[[int, int], Box], size: tuple[int, int], channels: int,
-              interpolation: str, flip: bool, draft: bool) -> np.ndarray:
+              interpolation: str, flip: bool, draft: bool, engine: str = "pil") -> np.ndarray:
     turn = orientation(im)
     height, width = (im.width, im.height) if turn in (5, 6, 7, 8) else (im.height, im.width)
     top, left, bh, bw = box_fn(height, width)
@@ -376,6 +380,13 @@ def _pil_path(im: Image.Image, box_fn: Callable[[int, int], Box], size: tuple[in
         im = ImageOps.exif_transpose(im)
     im = _eight_bit(im, keep_alpha=False)
     region = (left * scale, top * scale, (left + bw) * scale, (top + bh) * scale)
+    if engine == "torch":
+        arr = _torch_resize(im, region, size, interpolation)  # (C, H, W) uint8
+        if flip:
+            arr = arr[:, :, ::-1]
+        if channels == 1 and arr.shape[0] == 3:
+            return np.asarray(Image.fromarray(np.ascontiguousarray(arr.transpose(1, 2, 0))).convert("L"))[None]
+        return np.array(np.broadcast_to(arr, (channels, *arr.shape[1:])), order="C")
     out = im.resize((out_w, out_h), _RESAMPLE[interpolation], box=region)
     if channels == 1 and out.mode != "L":
         out = out.convert("L")
@@ -385,6 +396,31 @@ def _pil_path(im: Image.Image, box_fn: Callable[[int, int], Box], size: tuple[in
     if arr.ndim == 2:
         return np.array(np.broadcast_to(arr, (channels, *arr.shape)))  # (H, W) -> (C, H, W)
     return np.array(arr.transpose(2, 0, 1), order="C")  # (H, W, 3) -> (3, H, W)
+
+
+def _torch_resize(im: Image.Image, region: tuple[float, float, float, float], size: tuple[int, int],
+                  interpolation: str) -> np.ndarray:
+    """torch's antialiased uint8 resize of a region of an 8-bit L or RGB image -> (C, *size) uint8.
+
+    The same filters as PIL's (bicubic a = -0.5, triangle) within a level or two of 255, and several times
+    faster on AVX2 (0.5 ms against 2.6 ms for a 300x250 -> 224 bicubic crop here). The region is rounded to
+    whole pixels (it is whole already unless a reduced-scale JPEG decode divided it) and cut out by PIL first,
+    so only its pixels are copied out of PIL's memory.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    left, top = min(int(round(region[0])), im.width - 1), min(int(round(region[1])), im.height - 1)
+    right, bottom = max(int(round(region[2])), left + 1), max(int(round(region[3])), top + 1)
+    crop = im.crop((left, top, right, bottom))
+    bands = len(crop.getbands())
+    x = torch.frombuffer(bytearray(crop.tobytes()), dtype=torch.uint8).view(crop.height, crop.width, bands)
+    x = x.permute(2, 0, 1).unsqueeze(0)  # (1, C, h, w), channels-last in memory: what the uint8 kernels like
+    if interpolation == "nearest":
+        out = F.interpolate(x, size=size, mode="nearest")
+    else:
+        out = F.interpolate(x, size=size, mode=interpolation, antialias=True)
+    return out[0].numpy()
 
 
 def _general_path(arr: np.ndarray, box_fn: Callable[[int, int], Box], size: tuple[int, int], channels: int,

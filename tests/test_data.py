@@ -390,3 +390,24 @@ def test_list_file_source(tmp_path):
     (tmp_path / "mixed.txt").write_text("0.png\tcat\n1.png\n")
     with pytest.raises(ValueError, match="label every line or none"):
         load_source(tmp_path / "mixed.txt")
+
+
+def test_exif_rotation_is_applied_before_the_box_is_chosen():
+    """A phone photo stored sideways (EXIF orientation 6): the fast path chooses its box on the upright image, as
+    the general path (decode, rotate, then crop) does."""
+    from mae.data import EncodedImage, load_pixels
+
+    upright = _photo(60, 90)  # (H, W) = (60, 90) as people see it
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # stored 90 x 60
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    item = EncodedImage(_encode(stored, "JPEG", quality=95, exif=exif.tobytes()), "phone.jpg")
+    assert decode_image(item.data).shape == (60, 90, 3)
+
+    def box(h, w):
+        assert (h, w) == (60, 90)
+        return (10, 20, 40, 60)
+
+    fast = load_pixels(item, box, (16, 16), 3, engine="torch")
+    general = load_pixels(item, box, (16, 16), 3, fast=False)
+    assert np.abs(fast / 255.0 - general).mean() < 3 / 255
