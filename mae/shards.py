@@ -228,7 +228,7 @@ def iter_samples(url: str, wanted: Any = None) -> Iterator[tuple[int, Sample]]:
 def tar_members(stream: IO[bytes]) -> Iterator[tuple[str, int, Any]]:
     """(name, size, read) of each regular file of a tar stream; ``read(True)`` returns its bytes, ``read(False)``
     passes over them (a seek when the stream allows). Plain, ustar, GNU long names and pax ``path`` records are
-    understood; gzip-compressed shards are decompressed on the fly.
+    understood; gzip-compressed local shards are decompressed on the fly.
 
     Python's ``tarfile`` parses each header through several layers of objects: 50-75 us a member here, as much
     as decoding a small image. This reads the 512-byte headers directly.

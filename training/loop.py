@@ -501,7 +501,7 @@ def check_gpu_decode(device: torch.device) -> None:
                          f"{device.type}; set data.decode=cpu")
     from torchvision.io import decode_jpeg
 
-    probe = torch.frombuffer(bytearray(_TINY_JPEG), dtype=torch.uint8)
+    probe = torch.frombuffer(bytearray(_tiny_jpeg()), dtype=torch.uint8)
     try:
         decode_jpeg([probe], device=device)
     except Exception as e:  # a torchvision built without nvjpeg
@@ -517,9 +517,6 @@ def _tiny_jpeg() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (120, 30, 200)).save(buf, format="JPEG")
     return buf.getvalue()
-
-
-_TINY_JPEG = _tiny_jpeg()
 
 
 # ----------------------------------------------------------------------------------------------- FSDP2
