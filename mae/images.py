@@ -191,7 +191,7 @@ class _opened:
         if isinstance(e, UnidentifiedImageError):
             allowed = f" (accepted: {', '.join(self.formats)})" if self.formats is not None else ""
             raise ImageError(f"{self.name}: not a recognised image format{allowed}") from e
-        if isinstance(e, OSError) and not isinstance(e, (EOFError,)) and e.errno is not None:
+        if isinstance(e, OSError) and e.errno is not None:  # the file itself: missing, a loop, no permission
             raise ImageError(f"{self.name}: cannot read ({e.strerror or e})") from e
         if isinstance(e, (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, MemoryError)):
             raise ImageError(f"{self.name}: corrupt or truncated image ({e})") from e
