@@ -14,14 +14,17 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 EXIT_USER_ERROR = 1
+DATA_HELP = ("mnist5k | digits | photos | a folder of images (class subfolders optional) | a .txt list of image "
+             "paths (PATH<TAB>LABEL for labels) | WebDataset shards: a folder written by mae data pack, or "
+             "'DIR/train-{000000..000127}.tar' (any URL or pipe: that webdataset opens)")
 
 
 def _add_config_args(p: argparse.ArgumentParser, preset_default: str | None, required: bool = True) -> None:
-    p.add_argument("--data", required=required,
-                   help="mnist5k | digits | photos | a folder of images (class subfolders optional)")
+    p.add_argument("--data", required=required, help=DATA_HELP)
     p.add_argument("--preset", default=preset_default, help="a preset name (mae pretrain --list-presets)")
     p.add_argument("--out", required=required, help="run folder: checkpoint.pt, config.json, metrics.jsonl, pictures")
     length = p.add_mutually_exclusive_group()
@@ -54,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     # -- finetune / evaluate (issue 3) ----------------------------------------------------------------
     p = sub.add_parser("finetune", help="finetune (or linear-probe) a pretrained encoder for classification")
     p.add_argument("--init", required=True, help="RUN/checkpoint.pt of a pretraining run, or official MAE weights")
-    p.add_argument("--data", required=True, help="a labelled source: mnist5k | digits | a folder with class subfolders")
+    p.add_argument("--data", required=True, help="a labelled source: mnist5k | digits | a folder with class "
+                                                 "subfolders | a labelled .txt list | shards packed from one")
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, best.pt, config.json, metrics.jsonl")
     p.add_argument("--linear-probe", action="store_true",
                    help="frozen encoder, class token (finetune.probe_pool), BatchNorm1d(affine=False) + Linear, "
@@ -71,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", help="a pretraining / finetuning / probe checkpoint, or official weights")
     what.add_argument("--artifact", help="an artifact folder written by mae export")
-    p.add_argument("--data", required=True, help="a labelled source: mnist5k | digits | a folder with class subfolders")
+    p.add_argument("--data", required=True, help="a labelled source: mnist5k | digits | a folder with class "
+                                                 "subfolders | a labelled .txt list | shards packed by mae data pack")
     p.add_argument("--pooling", choices=("token", "avg"), help="embedding pooling of a pretrained --checkpoint")
     p.add_argument("--out", help="folder for the embeddings cache, eval.json and confusion_matrix.png "
                                  "(default: RUN/eval or ARTIFACT/eval)")
@@ -120,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("embed", help="embed images with an artifact (any backend) into a .npy file")
     p.add_argument("--artifact", required=True, help="artifact folder (mae export)")
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders (recursive)")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
+                   help="image files, folders (recursive), .txt lists of paths, or WebDataset shards (one spec)")
     p.add_argument("--out", required=True, help="vectors.npy: (N, D) float32, L2-normalised, rows in input order")
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"),
@@ -128,13 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images (0: in-process)")
     _json_flag(p)
-    p.set_defaults(handler="export.command:embed")
+    p.set_defaults(handler="export.command:embed")  # torchrun --nnodes N ... -m cli embed: ranks share the work
     # -- retrieval: mae index build|add|remove|info, mae search (retrieval/command.py)
     p = sub.add_parser("index", help="build and change a FAISS similarity index over an image collection")
     isub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
     i = isub.add_parser("build", help="embed a collection with an artifact and index it")
     i.add_argument("--artifact", required=True, help="artifact folder (mae export)")
-    i.add_argument("--images", required=True, nargs="+", help="folders (class subfolders become labels) or files")
+    i.add_argument("--images", required=True, nargs="+",
+                   help="folders (class subfolders become labels), files, .txt lists, or WebDataset shards (one spec)")
     i.add_argument("--out", required=True, help="index folder to write")
     i.add_argument("--factory", default="auto",
                    help="auto (exact, HNSW, IVF or IVF-PQ by collection size) or any faiss factory string")
@@ -183,8 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     _json_flag(p)
     p.set_defaults(handler="serving.command:main")
 
-    p = sub.add_parser("data", help="bundled datasets")
+    p = sub.add_parser("data", help="bundled datasets and WebDataset shards")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    d = dsub.add_parser("pack", help="write any source as WebDataset shards (train-*.tar, val-*.tar, index.json)")
+    d.add_argument("--data", required=True, help="mnist5k | digits | photos | a folder | a .txt list")
+    d.add_argument("--out", required=True, help="folder for the shards and their index.json")
+    d.add_argument("--shard-size", default="512MB", help="bytes per shard before a new one starts (512MB, 1GiB)")
+    d.add_argument("--val-fraction", type=float, help="share held out as val-*.tar (default: data.val_fraction, "
+                                                      "the split every stage computes for this source)")
+    d.add_argument("--split-seed", type=int, help="seed of the stratified split (default: data.split_seed)")
+    _json_flag(d)
+    d.set_defaults(handler="cli.main:data_pack")
     d = dsub.add_parser("export", help="write a bundled dataset as PNG files (class subfolders) to index or serve")
     d.add_argument("--data", required=True, help="mnist5k | digits | photos")
     d.add_argument("--out", required=True)
@@ -264,6 +280,33 @@ def data_export(args: argparse.Namespace) -> dict[str, Any]:
     paths = export_source(source, args.out, indices)
     return {"out": args.out, "images": len(paths), "classes": source.classes,
             "text": f"wrote {len(paths)} {args.data} images ({args.split}) to {args.out}"}
+
+
+def data_pack(args: argparse.Namespace) -> dict[str, Any]:
+    from mae.config import DataConfig
+    from mae.data import load_source, stratified_split
+    from mae.shards import pack, parse_size
+
+    d = DataConfig()
+    val_fraction = d.val_fraction if args.val_fraction is None else args.val_fraction
+    seed = d.split_seed if args.split_seed is None else args.split_seed
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    source = load_source(args.data)
+    train, val = stratified_split(source.labels, val_fraction, seed)
+    splits = {"train": train, "val": val} if len(val) else {"train": train}
+    index = pack(source, args.out, splits, shard_size=parse_size(args.shard_size),
+                 split_info={"val_fraction": val_fraction, "split_seed": seed})
+    counts = {k: sum(e["count"] for e in v) for k, v in index["splits"].items()}
+    shards = {k: len(v) for k, v in index["splits"].items()}
+    lines = [f"packed {args.data} into {args.out}: " + ", ".join(f"{k} {counts[k]} images in {shards[k]} shard(s)"
+                                                                 for k in counts)]
+    if index["skipped"]:
+        lines.append(f"  skipped {len(index['skipped'])} unreadable file(s): " + "; ".join(index["skipped"][:5]))
+    lines.append(f"  train with --data {args.out}  (or a pattern such as "
+                 f"'{Path(args.out) / 'train'}-{{000000..{shards['train'] - 1:06d}}}.tar')")
+    return {"out": args.out, "counts": counts, "shards": shards, "classes": index["classes"],
+            "skipped": index["skipped"], "text": "\n".join(lines)}
 
 
 if __name__ == "__main__":

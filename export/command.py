@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from mae import artifact
-from mae.files import write_json_atomic
+from mae.files import atomic_path, write_json_atomic
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -82,30 +82,79 @@ def _export_inductor(out: Path, args: argparse.Namespace, result: dict[str, Any]
     lines.append(summary_line(record))
 
 
-def embed(args: argparse.Namespace) -> dict[str, Any]:
-    """``mae embed``: stream images through the artifact; write vectors.npy and the row -> path list beside it."""
-    from export.runtime import Embedder
-    from mae.data import list_images
+def embed(args: argparse.Namespace) -> dict[str, Any] | int:
+    """``mae embed``: stream images through the artifact; write vectors.npy and the row -> path list beside it.
 
-    files, _ = list_images(args.inputs)
+    Inputs are image files, folders, ``.txt`` lists, or WebDataset shards. Under torchrun every rank embeds its
+    share (whole shards, or a contiguous run of files) into a work folder beside ``--out`` (which must be on a
+    filesystem every node sees) and rank 0 writes the result, rows in input order.
+    """
+    import os
+
+    from export.runtime import EmbeddedFiles, Embedder
+    from mae.dist import barrier, init_distributed, rank_slice, shutdown_distributed, work_folder
+    from mae.shards import is_shard_spec, open_shards
+
     out = Path(args.out)
     if out.suffix != ".npy":
         raise ValueError(f"--out must be a .npy file, got {out}")
-    embedder = Embedder.load(args.artifact, backend=args.backend, batch_size=args.batch_size,
-                             precision=args.precision)
-    done = embedder.embed_files(files, workers=args.workers)
+    shard_specs = [i for i in args.inputs if is_shard_spec(i)]
+    if shard_specs and len(args.inputs) > 1:
+        raise ValueError("give WebDataset shards as the only input (a packed folder, or a pattern such as "
+                         "'DIR/train-{000000..000127}.tar')")
+    shards, files = None, []
+    if shard_specs:
+        source = open_shards(shard_specs[0])
+        shards = type(source.train)(source.name, source.train.shards + (source.val.shards if source.val else []))
+        total = shards.total
+    else:
+        from mae.data import list_images
+
+        files, _ = list_images(args.inputs)
+        total = len(files)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    dist = init_distributed(getattr(args, "device", None), timeout_minutes=24 * 60) if distributed else None
+    try:
+        rank, world = (dist.rank, dist.world) if dist else (0, 1)
+        device = str(dist.device) if dist and dist.device.type == "cuda" else None
+        embedder = Embedder.load(args.artifact, backend=args.backend, batch_size=args.batch_size,
+                                 precision=args.precision, device=device)
+        if shards is not None:
+            done = embedder.embed_shards(shards, rank=rank, world=world, workers=args.workers, progress=rank == 0)
+        else:
+            a, b = rank_slice(len(files), rank, world)
+            done = embedder.embed_files(files[a:b], workers=args.workers, progress=rank == 0, first=a)
+        if dist:
+            work = work_folder(out, "embed")
+            done.save(work / f"rank{rank}")
+            barrier(dist)
+            if rank == 0:
+                try:
+                    done = EmbeddedFiles.concat([EmbeddedFiles.load(work / f"rank{r}") for r in range(world)])
+                finally:
+                    import shutil
+
+                    shutil.rmtree(work, ignore_errors=True)
+            barrier(dist)
+            if rank != 0:
+                return 0  # under torchrun only rank 0 writes and reports
+    finally:
+        if dist:
+            shutdown_distributed()
     errors = [s["error"] for s in done.skipped]
     if not done.positions:
-        raise ValueError(f"none of the {len(files)} images could be decoded; first error: {errors[0]}")
-    kept = [files[p] for p in done.positions]
+        raise ValueError(f"none of the {total} images could be decoded; first error: {errors[0] if errors else '-'}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, done.vectors)
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        np.save(f, done.vectors)
     paths_file = out.with_suffix(".json")
+    names = [str(Path(n).resolve()) if shards is None else n for n in done.names]
     write_json_atomic(paths_file, {"artifact_sha256": embedder.sha256, "backend": embedder.backend_name,
-                                   "dim": embedder.dim, "paths": [str(p.resolve()) for p in kept], "skipped": errors})
-    text = (f"embedded {len(kept)} images with {embedder.backend_name} -> {out} {tuple(done.vectors.shape)}; "
-            f"row paths in {paths_file}")
+                                   "dim": embedder.dim, "paths": names, "skipped": errors,
+                                   "world_size": world})
+    text = (f"embedded {len(names)} images with {embedder.backend_name} -> {out} {tuple(done.vectors.shape)}"
+            + (f" on {world} ranks" if world > 1 else "") + f"; row paths in {paths_file}")
     if errors:
         text += f"\nskipped {len(errors)} unreadable: " + "; ".join(errors[:5])
-    return {"out": str(out), "paths": str(paths_file), "count": len(kept), "dim": embedder.dim,
-            "backend": embedder.backend_name, "skipped": errors, "text": text}
+    return {"out": str(out), "paths": str(paths_file), "count": len(names), "dim": embedder.dim,
+            "backend": embedder.backend_name, "skipped": errors, "world_size": world, "text": text}

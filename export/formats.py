@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from mae.artifact_config import ArtifactError
+
 # File names inside ARTIFACT/ (beside config.json and model.safetensors). A key is also the entry under
 # config.json's ``export`` that records how the file was made and how close it came to PyTorch.
 FILES = {
@@ -26,6 +28,9 @@ FILES = {
     "inductor_sidecar": "encoder.pt2.json",
 }
 ONNX_PRECISIONS = ("fp32", "fp16", "int8")
+# Metadata every exported file carries: the sha256 of the artifact it was made from, and its precision.
+META_SHA = "mae.artifact_sha256"
+META_PRECISION = "mae.precision"
 TENSORRT_PRECISIONS = ("fp16", "bf16", "fp32")
 INDUCTOR_PRECISIONS = ("fp32", "bf16")
 
@@ -92,3 +97,11 @@ AUTO_ORDER = {
     "cpu": ("onnx", "inductor", "torch"),
 }
 """What ``backend="auto"`` tries, in order, on each kind of device: the first that can run wins."""
+
+
+def require_made_from(recorded: str | None, config: dict[str, Any], file: Path, remedy: str) -> None:
+    """Refuse an exported file that was not made from these weights (stale after a re-export)."""
+    if recorded != config["sha256"]:
+        raise ArtifactError(
+            f"{file} was exported from other weights (artifact sha256 {str(recorded)[:12]}, this artifact is "
+            f"{config['sha256'][:12]}); {remedy}")

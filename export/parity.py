@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from export.formats import META_PRECISION, META_SHA, require_made_from  # noqa: F401  (stamps: torch-free)
 from mae import artifact as artifact_lib
 from mae.artifact import Artifact
 from mae.data import Preprocessing, load_source
@@ -47,10 +48,6 @@ TOLERANCES: dict[str, dict[str, float]] = {
 }
 """Per record key: minimum cosine with PyTorch fp32 (every image, every output) and the top-1 agreement of a
 head that the file must not be shown to fall below (see the module docstring)."""
-
-META_SHA = "mae.artifact_sha256"
-META_PRECISION = "mae.precision"
-
 
 class ParityError(RuntimeError):
     """An exported file whose outputs differ from PyTorch by more than its tolerance."""
@@ -236,14 +233,6 @@ def read_onnx_stamp(path: str | Path) -> dict[str, str]:
         raise artifact_lib.ArtifactError(f"{path} is not a readable ONNX file ({type(e).__name__}); "
                                          "re-run mae export for this artifact") from e
     return {p.key: p.value for p in model.metadata_props}
-
-
-def require_made_from(recorded: str | None, config: dict[str, Any], file: Path, remedy: str) -> None:
-    """Refuse an exported file that was not made from these weights (stale after a re-export)."""
-    if recorded != config["sha256"]:
-        raise artifact_lib.ArtifactError(
-            f"{file} was exported from other weights (artifact sha256 {str(recorded)[:12]}, this artifact is "
-            f"{config['sha256'][:12]}); {remedy}")
 
 
 def check_onnx_stamp(file: Path, config: dict[str, Any]) -> None:

@@ -16,8 +16,6 @@ An embedding is the pooled feature (``forward_head(pre_logits=True)``), L2-norma
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import platform
 from dataclasses import dataclass
 from functools import partial
@@ -29,13 +27,19 @@ import torch.nn.functional as F
 from torch import nn
 
 import mae
+from mae.artifact_config import (  # noqa: F401  (re-exported: the names consumers import from mae.artifact)
+    CONFIG,
+    FORMAT,
+    WEIGHTS,
+    ArtifactError,
+    content_sha256,
+    read_config,
+    write_config,
+)
 from mae.config import Config
 from mae.data import Preprocessing
-from mae.files import sha256_file, write_json_atomic
+from mae.files import sha256_file
 
-FORMAT = 1
-CONFIG = "config.json"
-WEIGHTS = "model.safetensors"
 POOLINGS = ("token", "avg")
 # A pretrained (not finetuned) encoder's embedding: the mean of the final-normed patch tokens. The MAE loss never
 # reaches the class token except through the decoder's attention, which has the patch tokens too, while every
@@ -43,10 +47,6 @@ POOLINGS = ("token", "avg")
 # probing (bench/quality.py measures both; README "Finetune, linear probe, evaluate" has the figures).
 # ``mae export --pooling token`` picks the other.
 DEFAULT_PRETRAINED_POOLING = "avg"
-
-
-class ArtifactError(ValueError):
-    """An artifact folder that is missing, incomplete, or whose files disagree."""
 
 
 class Encoder(nn.Module):
@@ -184,41 +184,6 @@ def save(
     config["sha256"] = content_sha256(out / WEIGHTS, config)
     write_config(out, config)
     return out
-
-
-def content_sha256(weights: Path, config: dict[str, Any]) -> str:
-    """Identity of an artifact: its weights and everything that changes what the weights compute."""
-    h = hashlib.sha256()
-    sha256_file(weights, h)
-    meaning = {k: config.get(k) for k in ("model", "preprocessing", "pooling", "fc_norm", "labels")}
-    h.update(json.dumps(meaning, sort_keys=True).encode())
-    return h.hexdigest()
-
-
-def write_config(path: str | Path, config: dict[str, Any]) -> None:
-    """Rewrite config.json atomically (export stages add their figures under ``export``)."""
-    write_json_atomic(Path(path) / CONFIG, config)
-
-
-def read_config(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.exists():
-        raise ArtifactError(f"no artifact at {path}")
-    if not path.is_dir():
-        raise ArtifactError(f"{path} is a file; an artifact is a folder with {CONFIG} and {WEIGHTS}")
-    for name in (CONFIG, WEIGHTS):
-        if not (path / name).exists():
-            raise ArtifactError(f"{path} is not a complete artifact: {name} is missing")
-    try:
-        config = json.loads((path / CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path / CONFIG} is not valid JSON ({e})") from e
-    if config.get("format", 0) > FORMAT:
-        raise ArtifactError(f"{path} has artifact format {config['format']}; this version reads up to {FORMAT}")
-    for key in ("model", "timm", "preprocessing", "pooling", "embed_dim", "sha256"):
-        if key not in config:
-            raise ArtifactError(f"{path / CONFIG} lacks {key!r}")
-    return config
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> Artifact:

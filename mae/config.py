@@ -94,6 +94,15 @@ class DataConfig:
     """Seed of the train/val split; fixed so that every stage sees the same split."""
     num_workers: int = 2
     """DataLoader worker processes (0 loads in the training process)."""
+    max_image_pixels: int = 40_000_000
+    """Largest image (width x height, read from the header before decoding) a run decodes; bigger ones are skipped
+    and counted like unreadable ones. The same default as serving (``mae.images.MAX_IMAGE_PIXELS``)."""
+    decode: str = "cpu"
+    """Where JPEGs are decoded: cpu (workers: crop box from the header, reduced-scale decode, uint8 resize) or gpu
+    (workers read bytes and draw the crop; nvjpeg decodes each batch on the training GPU; for when the CPUs of a
+    machine cannot keep its GPUs busy)."""
+    shuffle_buffer: int = 2000
+    """WebDataset shards: samples held by each worker to shuffle within (shards are shuffled too, per epoch)."""
 
     def channel_stats(self, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Mean and std with one value per channel, broadcasting or averaging the configured ones as needed."""
@@ -107,6 +116,12 @@ class DataConfig:
             raise ValueError(f"data.mean/std have {len(values)} values but the model has {channels} channels")
 
         return fit(self.mean), fit(self.std)
+
+    def validate(self) -> None:
+        if self.decode not in ("cpu", "gpu"):
+            raise ValueError(f"data.decode must be cpu or gpu, got {self.decode!r}")
+        if self.max_image_pixels < 1 or self.shuffle_buffer < 1 or self.num_workers < 0:
+            raise ValueError("data.max_image_pixels and data.shuffle_buffer must be >= 1, data.num_workers >= 0")
 
 
 @dataclass(frozen=True)
@@ -156,6 +171,12 @@ class RunConfig:
     """Mixed precision: auto (bf16 on CUDA and on CPUs with native bf16 matmuls, else fp32), bf16, fp16 or off."""
     compile: bool = False
     """torch.compile the model (slower start, faster steps)."""
+    grad_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward pass instead of keeping them (timm's
+    ``set_grad_checkpointing``): about a third more compute for a fraction of the activation memory."""
+    fsdp: bool = False
+    """Under torchrun, shard parameters, gradients and optimiser state over the processes (FSDP2, one unit per
+    block) instead of replicating them (DDP): for ViT-H and larger batches. Checkpoints hold full state dicts."""
 
 
 @dataclass(frozen=True)
@@ -262,6 +283,7 @@ class Config:
                 raise ValueError(f"--set expects key=value, got {item!r}")
             cfg = _assign(cfg, key.strip().split("."), raw.strip(), key.strip())
         cfg.model.validate()
+        cfg.data.validate()
         cfg.finetune.validate()
         return cfg
 

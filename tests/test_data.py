@@ -143,8 +143,8 @@ def test_corrupt_file_is_skipped_and_counted(tmp_path):
         batch = [ds[i] for i in range(len(ds))]
     images, labels, skipped = collate_skipping_bad(batch)
     assert images.shape == (3, 1, 8, 8) and skipped == 1
-    with pytest.raises(ImageError, match="every image"):
-        collate_skipping_bad([None, None])
+    images, labels, skipped = collate_skipping_bad([None, None])  # an all-bad batch is empty (the loop decides)
+    assert len(images) == 0 and len(labels) == 0 and skipped == 2
 
 
 def test_augmentation_is_seeded_per_sample_and_epoch():
@@ -155,3 +155,259 @@ def test_augmentation_is_seeded_per_sample_and_epoch():
     ds = ImageDataset(s, range(10), PretrainTransform(get_preset("mae_vit_tiny_patch4_32")), seed=3)
     a, b, c = ds[(4, 0)][0], ds[(4, 0)][0], ds[(4, 1)][0]
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ----------------------------------------------------------------------------------------------- the uint8 fast path
+
+
+def _jpeg(arr: np.ndarray, quality: int = 90) -> bytes:
+    return _encode(Image.fromarray(arr), "JPEG", quality=quality)
+
+
+def _photo(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A smooth, photo-like RGB image (JPEG and resampling errors on noise would say nothing)."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    rng = np.random.default_rng(seed)
+    chans = [np.sin(x / rng.uniform(20, 60) + rng.uniform(0, 6)) + np.cos(y / rng.uniform(20, 60)) for _ in range(3)]
+    return ((np.stack(chans, -1) + 2) / 4 * 255).clip(0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_fast_path_equals_general_path_on_the_same_box(channels):
+    """uint8 crop + resize (with a reduced-scale JPEG decode) vs the whole image in float: the same box gives the
+    same pixels within a few levels of 255."""
+    import random
+
+    from mae.data import EncodedImage, load_pixels, random_resized_crop_box
+
+    item = EncodedImage(_jpeg(_photo(600, 800)), "photo.jpg")
+    for seed in range(4):
+        def box(h, w, seed=seed):
+            return random_resized_crop_box(h, w, (0.2, 1.0), (3 / 4, 4 / 3), random.Random(seed))
+
+        fast = load_pixels(item, box, (64, 64), channels, flip=seed % 2 == 1)
+        general = load_pixels(item, box, (64, 64), channels, flip=seed % 2 == 1, fast=False)
+        assert fast.dtype == np.uint8 and fast.shape == (channels, 64, 64)
+        assert general.dtype == np.float32 and general.shape == (channels, 64, 64)
+        diff = np.abs(fast / 255.0 - general)
+        assert diff.mean() < 1.5 / 255 and diff.max() < 12 / 255, (seed, diff.mean() * 255, diff.max() * 255)
+
+
+def test_jpeg_draft_decodes_at_reduced_scale_only_when_the_box_allows(monkeypatch):
+    from PIL import JpegImagePlugin
+
+    from mae.data import EncodedImage, Preprocessing
+
+    calls = []
+    original = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        got = original(self, mode, size)
+        calls.append(got[1][2] / self.size[0] if got else None)  # after draft: scale of the stored image
+        return got
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    pre = Preprocessing((3, 32, 32), (0.5,) * 3, (0.5,) * 3, "bicubic", 1.0)
+    big = pre.load(EncodedImage(_jpeg(_photo(1000, 1500)), "big.jpg"), draft=True)
+    assert calls and calls[-1] is not None, "a 1000 px JPEG cropped to 32 px must be decoded at 1/8 scale"
+    calls.clear()
+    pre.load(EncodedImage(_jpeg(_photo(40, 50)), "small.jpg"), draft=True)
+    assert not calls, "a JPEG barely larger than the output must be decoded at full scale"
+    exact = pre.load(EncodedImage(_jpeg(_photo(1000, 1500)), "big.jpg"))  # eval default: full scale, as serving
+    assert not calls
+    assert np.abs(big.astype(int) - exact.astype(int)).mean() < 2.0  # the DCT-scaled decode is a fine prefilter
+
+
+@pytest.mark.parametrize("mode,fmt", [("RGB", "JPEG"), ("L", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("CMYK", "JPEG"),
+                                      ("I;16", "PNG"), ("LA", "PNG"), ("RGB", "WEBP")])
+def test_eval_pixels_of_a_file_equal_those_of_its_decoded_array(tmp_path, mode, fmt):
+    """What mae embed reads from a file is what the server computes from the decoded upload, bit for bit."""
+    from mae.data import EncodedImage
+
+    base = Image.fromarray(_photo(70, 90))
+    grey16 = np.asarray(base.convert("L")).astype(np.uint16) * 257
+    im = base.convert(mode) if mode != "I;16" else Image.fromarray(grey16)
+    data = _encode(im, fmt)
+    path = tmp_path / f"x.{fmt.lower()}"
+    path.write_bytes(data)
+    for channels in (3, 1):
+        pre = Preprocessing((channels, 32, 32), (0.5,) * channels, (0.25,) * channels, "bicubic", 0.875)
+        from_file = pre.load(path)
+        assert from_file.dtype == np.uint8
+        assert np.array_equal(from_file, pre.load(EncodedImage(data, "x")))
+        assert np.array_equal(pre.normalize(from_file), pre(decode_image(data)).numpy())
+
+
+def test_uint8_transport_and_device_normalisation_match_the_eval_preprocessing():
+    """Workers ship uint8; Normalize on the device gives bit-for-bit what Preprocessing (CPU, numpy) gives."""
+    from mae.data import Normalize
+
+    pre = Preprocessing((3, 24, 24), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic", 0.875)
+    s = load_source("photos")
+    ds = ImageDataset(s, range(4), pre)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate_skipping_bad)
+    images, _, skipped = next(iter(loader))
+    assert images.dtype == torch.uint8 and images.shape == (4, 3, 24, 24) and skipped == 0
+    on_device = Normalize(pre.mean, pre.std)(images, "cpu")
+    expected = torch.stack([pre(s.read(i)) for i in range(4)])
+    assert torch.equal(on_device, expected)
+    assert np.array_equal(pre.pixels([s.read(i) for i in range(4)]), expected.numpy())
+
+
+def test_crops_are_the_same_for_any_worker_count():
+    from mae.config import get_preset
+    from mae.data import PretrainTransform
+
+    ds = ImageDataset(load_source("digits"), range(16), PretrainTransform(get_preset("mae_vit_tiny_patch4_32")),
+                      seed=5)
+    keys = [(i, 3) for i in range(16)]
+
+    def batches(workers):
+        loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=keys, num_workers=workers,
+                                             collate_fn=collate_skipping_bad)
+        return torch.cat([b[0] for b in loader])
+
+    one, two = batches(0), batches(2)
+    assert one.dtype == torch.uint8 and torch.equal(one, two)
+    assert not torch.equal(one, torch.stack([ds[(i, 4)][0] for i in range(16)]))  # another epoch, other crops
+
+
+def test_gpu_decode_code_runs_on_a_cpu_and_matches_the_cpu_path(tmp_path):
+    """data.decode=gpu: workers draw the same boxes and ship JPEG bytes; decode_on_device (nvjpeg on CUDA) is
+    exercised here on the CPU and agrees with the CPU path; PNGs fall back to CPU decoding in the worker."""
+    import random
+
+    from mae.config import get_preset
+    from mae.data import JpegCrop, Normalize, PendingDecode, PretrainTransform, decode_on_device
+
+    cfg = get_preset("mae_vit_tiny_patch4_32")
+    (tmp_path / "a.jpg").write_bytes(_jpeg(_photo(120, 160)))
+    Image.fromarray(_photo(90, 70, 1)).save(tmp_path / "b.png")
+    cpu, gpu = PretrainTransform(cfg), PretrainTransform(cfg.override(["data.decode=gpu"]))
+    crop = gpu(tmp_path / "a.jpg", random.Random(1))
+    assert isinstance(crop, JpegCrop)
+    png = gpu(tmp_path / "b.png", random.Random(2))
+    assert isinstance(png, np.ndarray) and png.dtype == np.uint8
+    batch, _, _ = collate_skipping_bad([(crop, 0), (torch.from_numpy(png), 1)])
+    assert isinstance(batch, PendingDecode)
+    decoded = decode_on_device(batch.items, (32, 32), 3, "bicubic", torch.device("cpu"))
+    reference = torch.from_numpy(cpu(tmp_path / "a.jpg", random.Random(1))).float() / 255
+    assert decoded.shape == (2, 3, 32, 32)
+    assert (decoded[0] - reference).abs().mean() < 2 / 255 and (decoded[0] - reference).abs().max() < 16 / 255
+    assert torch.equal(decoded[1], torch.from_numpy(png).float() / 255)
+    x = Normalize(cpu.mean, cpu.std, (32, 32))(batch, "cpu")
+    assert x.shape == (2, 3, 32, 32) and x.dtype == torch.float32
+
+
+def test_gpu_decode_is_refused_without_a_gpu(tmp_path):
+    from tests.conftest import run_cli, tiny_sets
+
+    proc = run_cli("pretrain", "--data", "digits", "--out", str(tmp_path / "r"), "--steps", "1",
+                   *tiny_sets("data.decode=gpu"), check=False)
+    assert proc.returncode == 1 and "data.decode=gpu" in proc.stderr and "set data.decode=cpu" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------- bad images
+
+
+def test_pixel_limit_applies_to_training_decoding(tmp_path):
+    """The serving default (40 MP) bounds every decoder, from the header, for images and .npy arrays alike."""
+    from mae.data import MAX_IMAGE_PIXELS, EncodedImage, ImageTooLargeError, load_pixels
+
+    assert MAX_IMAGE_PIXELS == 40_000_000
+    big = EncodedImage(_encode(Image.new("L", (3000, 2000)), "PNG"), "big.png")
+    box = Preprocessing((1, 8, 8), (0.0,), (1.0,), crop_pct=1.0).box
+    with pytest.raises(ImageTooLargeError, match="big.png: 3000x2000 pixels is over the limit of 5000000"):
+        load_pixels(big, box, (8, 8), 1, max_pixels=5_000_000)
+    np.save(tmp_path / "wide.npy", np.zeros((3000, 2000, 2), np.float32))
+    with pytest.raises(ImageTooLargeError, match="wide.npy"):
+        read_image(tmp_path / "wide.npy", max_pixels=5_000_000)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_arrays_are_bad_images(tmp_path, value):
+    arr = np.random.default_rng(0).random((8, 8, 3)).astype(np.float32)
+    arr[2, 3, 1] = value
+    np.save(tmp_path / "bad.npy", arr)
+    with pytest.raises(ImageError, match=r"bad.npy: 1 non-finite value\(s\)"):
+        read_image(tmp_path / "bad.npy")
+
+
+def test_symlink_loop_is_listed_and_skipped(tmp_path):
+    import os
+    import warnings as w
+
+    (tmp_path / "a").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), i * 50, np.uint8)).save(tmp_path / "a" / f"{i}.png")
+    os.symlink("loop.png", tmp_path / "a" / "loop.png")  # a file symlink to itself
+    os.symlink("..", tmp_path / "a" / "up")  # a folder symlink back up the tree
+    with w.catch_warnings(record=True) as caught:
+        w.simplefilter("always")
+        s = load_source(tmp_path)
+    assert [p.name for p in s.items] == ["0.png", "1.png", "2.png", "loop.png"]
+    assert any("a/up" in str(c.message) for c in caught)
+    ds = ImageDataset(s, range(len(s)), Preprocessing((1, 8, 8), (0.0,), (1.0,), crop_pct=1.0))
+    with pytest.warns(UserWarning, match="loop.png: cannot read"):
+        images, _, skipped = collate_skipping_bad([ds[i] for i in range(len(ds))])
+    assert len(images) == 3 and skipped == 1
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+
+def test_folder_listing_is_cached_until_a_folder_changes(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from mae.data import folder_listing
+
+    monkeypatch.setenv("MAE_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "data"
+    for c in ("x", "y"):
+        (root / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.zeros((4, 4), np.uint8)).save(root / c / f"{i}.png")
+    old = time.time() - 60  # a listing of folders modified just now is not trusted (coarse mtime clocks)
+    for d in (root, root / "x", root / "y"):
+        os.utime(d, (old, old))
+    first = folder_listing(root)
+    assert not first.cached and len(first.files) == 4 and first.labels == ["x", "x", "y", "y"]
+    again = folder_listing(root)
+    assert again.cached and again.files == first.files
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(root / "y" / "2.png")  # y's mtime moves
+    changed = folder_listing(root)
+    assert not changed.cached and len(changed.files) == 5
+
+
+def test_list_file_source(tmp_path):
+    for i in range(4):
+        Image.fromarray(np.full((6, 6), i * 60, np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "list.txt").write_text("# two classes\n0.png\tcat\n1.png\tdog\n\n" + f"{tmp_path / '2.png'}\tcat\n")
+    s = load_source(tmp_path / "list.txt")
+    assert len(s) == 3 and s.classes == ["cat", "dog"] and s.labels.tolist() == [0, 1, 0] and s.labelled
+    (tmp_path / "mixed.txt").write_text("0.png\tcat\n1.png\n")
+    with pytest.raises(ValueError, match="label every line or none"):
+        load_source(tmp_path / "mixed.txt")
+
+
+def test_exif_rotation_is_applied_before_the_box_is_chosen():
+    """A phone photo stored sideways (EXIF orientation 6): the fast path chooses its box on the upright image, as
+    the general path (decode, rotate, then crop) does."""
+    from mae.data import EncodedImage, load_pixels
+
+    upright = _photo(60, 90)  # (H, W) = (60, 90) as people see it
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # stored 90 x 60
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    item = EncodedImage(_encode(stored, "JPEG", quality=95, exif=exif.tobytes()), "phone.jpg")
+    assert decode_image(item.data).shape == (60, 90, 3)
+
+    def box(h, w):
+        assert (h, w) == (60, 90)
+        return (10, 20, 40, 60)
+
+    fast = load_pixels(item, box, (16, 16), 3, engine="torch")
+    general = load_pixels(item, box, (16, 16), 3, fast=False)
+    assert np.abs(fast / 255.0 - general).mean() < 3 / 255

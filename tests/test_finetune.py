@@ -200,26 +200,29 @@ def test_unlabelled_data_is_refused(tmp_path, capsys):
 
 
 def test_finetune_transform_is_seeded_and_shaped():
+    """Workers crop, flip and RandAugment in uint8 from the sample's own generator; normalisation and random
+    erasing run on the batch, on the device."""
+    import random
+
     from mae.data import FinetuneTransform
 
     cfg = config16(reprob=1.0)
     t = FinetuneTransform(cfg)
     img = (np.random.default_rng(0).random((20, 20)) * 255).astype(np.uint8)
-    torch.manual_seed(3)
-    a = t(img)
-    torch.manual_seed(3)
-    b = t(img)
-    assert a.shape == (1, 16, 16) and torch.equal(a, b)
-    for seed in range(100):
-        torch.manual_seed(seed)
-        assert torch.isfinite(t(img)).all()
+    a, b = t(img, random.Random(3)), t(img, random.Random(3))
+    assert a.shape == (1, 16, 16) and a.dtype == np.uint8 and np.array_equal(a, b)
+    batch = torch.from_numpy(np.stack([t(img, random.Random(s)) for s in range(100)]))
+    x = t.normalizer()(batch, "cpu")
+    torch.manual_seed(0)
+    erased = t.erasing("cpu")(x.clone())
+    assert torch.isfinite(erased).all() and (erased != x).flatten(1).any(1).all()  # reprob 1: a box in each
     from PIL import Image
 
     for op in t.randaug.ops:  # every op at the top magnitude (the official policy then asks for 0-bit posterize)
         op.prob, op.magnitude, op.magnitude_std = 1.0, 10.0, 0.0
         assert op(Image.fromarray(img)).size == (20, 20), op.name
     rgb = FinetuneTransform(cfg.override(["model.in_chans=3", "data.mean=0.5,0.5,0.5", "data.std=0.5,0.5,0.5"]))
-    assert rgb(img).shape == (3, 16, 16)
+    assert rgb(img, random.Random(0)).shape == (3, 16, 16)
     with pytest.raises(ValueError, match="randaug"):
         FinetuneTransform(cfg.override(["model.in_chans=5"]))
 

@@ -110,24 +110,15 @@ def test_resume_after_kill_is_bit_exact(tmp_path):
     assert [r["step"] for r in rows] == list(range(4, steps + 1, 4)), "metrics must not repeat steps after a resume"
 
 
-def test_torchrun_two_processes_on_cpu(tmp_path):
+def test_torchrun_two_agents_on_cpu(tmp_path):
+    """DDP as two machines run it: two torchrun agents of one process each (--nnodes 2), gloo over loopback."""
+    from tests.test_distributed import two_agents
+
     out = tmp_path / "ddp"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
-           "-m", "cli", "pretrain", "--data", "digits", "--out", str(out), "--steps", "4", "--json", *tiny_sets()]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    two_agents("pretrain", "--data", "digits", "--out", str(out), "--steps", "4", "--json", *tiny_sets())
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["effective_batch"] == 32 and summary["steps"] == 4
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_corrupt_images_are_skipped_and_counted(tmp_path):
@@ -202,3 +193,47 @@ def test_weight_decay_groups_and_schedule():
     assert lrs[0] == 0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
     assert lrs[55] == pytest.approx(0.5) and lrs[100] == pytest.approx(0.0, abs=1e-12)
     assert all(x >= y for x, y in zip(lrs[10:], lrs[11:]))
+
+
+def test_bad_images_in_the_validation_split_are_skipped_and_the_run_finishes(tmp_path):
+    """All but one held-out image unreadable: pretraining still ends with its checkpoint, metrics and summary,
+    and counts them (it used to die at the end with a TypeError and keep nothing)."""
+    from mae.data import load_source, stratified_split
+
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (data / cls).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(data / cls / f"{i}.png")
+    source = load_source(data)
+    _, val = stratified_split(source.labels, 0.25, 0)
+    for i in val[1:]:
+        source.items[i].write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    out = tmp_path / "run"
+    proc = run_cli("pretrain", "--data", str(data), "--out", str(out), "--steps", "3", "--json",
+                   *tiny_sets("optim.batch_size=8", "data.val_fraction=0.25", "run.vis_every=2"))
+    summary = json.loads(proc.stdout)
+    assert summary["steps"] == 3 and summary["val_skipped_images"] == len(val) - 1 and summary["skipped_images"] == 0
+    assert math.isfinite(summary["val_loss"]) and torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["val_skipped_images"] == len(val) - 1 and (out / "summary.json").exists()
+    assert str(source.items[val[1]]) in proc.stderr
+
+
+def test_a_non_finite_array_is_a_bad_image_not_a_divergence(tmp_path):
+    """One NaN .npy among the training images: skipped, counted and named, and the run trains on (it used to stop
+    at step 0 advising a lower learning rate)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        np.save(data / f"{i:02d}.npy", rng.random((16, 16, 3)).astype(np.float32))
+    bad = rng.random((16, 16, 3)).astype(np.float32)
+    bad[3, 4, 0] = np.nan
+    np.save(data / "nan.npy", bad)
+    proc = run_cli("pretrain", "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "4", "--json",
+                   *tiny_sets("optim.batch_size=8", "data.val_fraction=0"))
+    summary = json.loads(proc.stdout)
+    assert summary["steps"] == 4 and math.isfinite(summary["loss"]) and summary["skipped_images"] >= 1
+    assert "nan.npy: 1 non-finite value(s)" in proc.stderr

@@ -31,9 +31,10 @@ from torch import nn
 
 from mae import artifact as artifact_lib
 from mae.config import ModelConfig
-from mae.data import ImageDataset, Preprocessing, Source, load_source, stratified_split
+from mae.data import ImageDataset, Normalize, Preprocessing, ShardEvalStream, Source, load_source, stratified_split
 from mae.files import atomic_path, write_json_atomic
 from mae.model import MaskedAutoencoder
+from mae.shards import ShardSource, is_shard_spec, open_shards
 from training.loop import eval_loader
 
 KNN_K = 20
@@ -51,32 +52,41 @@ class Embedded:
     """(N,) int64 class indices of the source."""
     logits: np.ndarray | None = None
     """(N, K) float32 when the encoder has a classification head."""
+    skipped: int = 0
+    """Images of the split that could not be read (named in the warnings), left out of the figures."""
 
 
 # ----------------------------------------------------------------------------------------------- embedding
 
 
 @torch.no_grad()
-def embed_dataset(encoder: nn.Module, dataset: ImageDataset, batch_size: int = 256, workers: int = 0,
-                  device: str | torch.device = "cpu") -> Embedded:
+def embed_dataset(encoder: nn.Module, dataset: ImageDataset | ShardEvalStream, batch_size: int = 256,
+                  workers: int = 0, device: str | torch.device = "cpu") -> Embedded:
     """Run ``encoder`` (an artifact ``Encoder``: pixels -> (embedding, logits?)) over every image of ``dataset``.
 
-    An unreadable image is an error here, not a skip: an evaluation over a silently smaller set would not be
-    comparable with another one.
+    Workers ship uint8 pixels; they are normalised on ``device``. An unreadable image is skipped, named in a
+    warning and counted (``Embedded.skipped``, reported beside the figures), so that one bad file costs one image,
+    not the evaluation.
     """
     encoder = encoder.eval().to(device)
+    prep = dataset.transform if isinstance(dataset, ImageDataset) else dataset.preprocessing
+    normalize = Normalize(prep.mean, prep.std)
     embs, logits, labels = [], [], []
-    for images, y, skipped in eval_loader(dataset, batch_size, workers):
-        if skipped:
-            raise ValueError(f"{skipped} image(s) of {dataset.source.name} could not be read; fix or remove them "
-                             "before evaluating")
-        out = encoder(images.to(device))
+    skipped = 0
+    for images, y, bad in eval_loader(dataset, batch_size, workers):
+        skipped += bad
+        if len(images) == 0:
+            continue
+        out = encoder(normalize(images, device))
         embs.append(out[0].float().cpu())
         if len(out) > 1:
             logits.append(out[1].float().cpu())
         labels.append(y)
+    if not embs:
+        raise ValueError(f"none of the images of {getattr(dataset, 'name', 'the split')} could be read "
+                         f"({skipped} skipped; the warnings name them)")
     return Embedded(torch.cat(embs).numpy(), torch.cat(labels).numpy(),
-                    torch.cat(logits).numpy() if logits else None)
+                    torch.cat(logits).numpy() if logits else None, skipped)
 
 
 class RawPixels(nn.Module):
@@ -209,7 +219,7 @@ def save_confusion_png(cm: np.ndarray, names: Sequence[str], path: str | Path, t
 
 @dataclass
 class Split:
-    """The labelled train/val split an evaluation runs on."""
+    """The labelled train/val split an evaluation runs on (a bundled set, folder or list of files)."""
 
     source: Source
     train_idx: np.ndarray
@@ -217,15 +227,19 @@ class Split:
 
     @classmethod
     def of(cls, source: Source, val_fraction: float = 0.2, seed: int = 0) -> Split:
-        if not source.labelled:
-            raise ValueError(f"{source.name} has no class labels: evaluation needs a bundled labelled set "
-                             "(mnist5k, digits) or a folder with one subfolder per class")
-        if len(source.classes) < 2:
-            raise ValueError(f"{source.name} has {len(source.classes)} class; evaluation needs at least two")
+        _check_labelled(source.name, source.labelled, source.classes)
         train, val = stratified_split(source.labels, val_fraction, seed)
         if len(val) == 0:
             raise ValueError(f"{source.name}: the validation split is empty (val_fraction {val_fraction})")
         return cls(source, train, val)
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def classes(self) -> list[str]:
+        return self.source.classes
 
     @property
     def num_classes(self) -> int:
@@ -237,8 +251,64 @@ class Split:
         h.update(self.val_idx.tobytes())
         return h.hexdigest()[:16]
 
+    def datasets(self, preprocessing: Preprocessing) -> tuple[ImageDataset, ImageDataset]:
+        return (ImageDataset(self.source, self.train_idx, preprocessing),
+                ImageDataset(self.source, self.val_idx, preprocessing))
 
-def embed_split(encoder: nn.Module, preprocessing: Preprocessing, split: Split, identity: str | None = None,
+
+@dataclass
+class ShardSplit:
+    """The split of shards written by ``mae data pack``: its train shards and its val shards, streamed."""
+
+    source: ShardSource
+
+    @classmethod
+    def of(cls, source: ShardSource) -> ShardSplit:
+        _check_labelled(source.name, source.labelled, source.classes)
+        if source.val is None or source.val.total == 0:
+            raise ValueError(f"{source.name}: these shards have no validation split; pack the source with "
+                             "mae data pack (it writes val-*.tar) and pass the packed folder")
+        return cls(source)
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def classes(self) -> list[str]:
+        return self.source.classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.source.classes)
+
+    def key(self) -> str:
+        h = hashlib.sha256(self.source.name.encode())
+        for part in (self.source.train, self.source.val):
+            h.update(json.dumps([[Path(s.url).name, s.count] for s in part.shards]).encode())
+        return h.hexdigest()[:16]
+
+    def datasets(self, preprocessing: Preprocessing) -> tuple[ShardEvalStream, ShardEvalStream]:
+        return ShardEvalStream(self.source.train, preprocessing), ShardEvalStream(self.source.val, preprocessing)
+
+
+def split_of(data: str, val_fraction: float = 0.2, seed: int = 0) -> Split | ShardSplit:
+    """``--data`` as an evaluation split: the seeded stratified split of a source, or a packed shard split."""
+    if is_shard_spec(data):
+        return ShardSplit.of(open_shards(data))
+    return Split.of(load_source(data), val_fraction, seed)
+
+
+def _check_labelled(name: str, labelled: bool, classes: list[str]) -> None:
+    if not labelled:
+        raise ValueError(f"{name} has no class labels: evaluation needs a bundled labelled set "
+                         "(mnist5k, digits), a folder with one subfolder per class, or shards packed from one")
+    if len(classes) < 2:
+        raise ValueError(f"{name} has {len(classes)} class; evaluation needs at least two")
+
+
+def embed_split(encoder: nn.Module, preprocessing: Preprocessing, split: Split | ShardSplit,
+                identity: str | None = None,
                 cache_dir: str | Path | None = None, batch_size: int = 256, workers: int = 0,
                 device: str | torch.device = "cpu") -> tuple[Embedded, Embedded, bool]:
     """Embed the train and val images once; with ``cache_dir`` and an ``identity`` (weights + pooling hash) the
@@ -253,16 +323,16 @@ def embed_split(encoder: nn.Module, preprocessing: Preprocessing, split: Split, 
         path = Path(cache_dir) / f"embeddings-{key}.npz"
         if path.exists():
             with np.load(path, allow_pickle=False) as z:
-                parts = [Embedded(z[f"{s}_embedding"], z[f"{s}_labels"],
-                                  z.get(f"{s}_logits")) for s in ("train", "val")]
+                parts = [Embedded(z[f"{s}_embedding"], z[f"{s}_labels"], z.get(f"{s}_logits"),
+                                  int(z[f"{s}_skipped"]) if f"{s}_skipped" in z else 0) for s in ("train", "val")]
             return parts[0], parts[1], True
-    parts = [embed_dataset(encoder, ImageDataset(split.source, idx, preprocessing), batch_size, workers, device)
-             for idx in (split.train_idx, split.val_idx)]
+    parts = [embed_dataset(encoder, ds, batch_size, workers, device) for ds in split.datasets(preprocessing)]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {}
         for name, e in zip(("train", "val"), parts):
             arrays[f"{name}_embedding"], arrays[f"{name}_labels"] = e.embedding, e.labels
+            arrays[f"{name}_skipped"] = np.asarray(e.skipped)
             if e.logits is not None:
                 arrays[f"{name}_logits"] = e.logits
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -280,27 +350,28 @@ def score(train: Embedded, val: Embedded, num_classes: int, probe_epochs: int = 
     return out
 
 
-def evaluate_encoder(encoder: nn.Module, preprocessing: Preprocessing, split: Split, *,
+def evaluate_encoder(encoder: nn.Module, preprocessing: Preprocessing, split: Split | ShardSplit, *,
                      labels: Sequence[str] | None = None, identity: str | None = None,
                      cache_dir: str | Path | None = None, confusion_png: str | Path | None = None,
                      probe_epochs: int = 100, workers: int = 0, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Every figure for one encoder on one split. ``labels``: the head's class names, which must match the
     source's classes (a head trained on other classes cannot be scored on these)."""
-    if labels is not None and list(labels) != list(split.source.classes):
-        raise ValueError(f"the model's head predicts {list(labels)[:12]}, but {split.source.name} has classes "
-                         f"{split.source.classes[:12]}; evaluate a head on the classes it was trained for")
+    if labels is not None and list(labels) != list(split.classes):
+        raise ValueError(f"the model's head predicts {list(labels)[:12]}, but {split.name} has classes "
+                         f"{split.classes[:12]}; evaluate a head on the classes it was trained for")
     started = time.perf_counter()
     train, val, cached = embed_split(encoder, preprocessing, split, identity, cache_dir, workers=workers,
                                      device=device)
     embed_seconds = time.perf_counter() - started
     result: dict[str, Any] = score(train, val, split.num_classes, probe_epochs)
     result.update({"train_images": len(train.labels), "val_images": len(val.labels),
+                   "train_skipped_images": train.skipped, "val_skipped_images": val.skipped,
                    "embed_dim": int(train.embedding.shape[1]), "embeddings_cached": cached,
                    "embed_seconds": round(embed_seconds, 2)})
     if val.logits is not None and confusion_png is not None:
         cm = confusion_matrix(val.logits.argmax(1), val.labels, split.num_classes)
-        result["confusion_matrix"] = str(save_confusion_png(cm, split.source.classes, confusion_png,
-                                                            f"{split.source.name} val: top-1 {result['top1']:.4f}"))
+        result["confusion_matrix"] = str(save_confusion_png(cm, split.classes, confusion_png,
+                                                            f"{split.name} val: top-1 {result['top1']:.4f}"))
     return result
 
 
@@ -329,13 +400,15 @@ def main(args) -> dict[str, Any]:
         what = f"checkpoint {args.checkpoint} ({info.pooling} pooling)"
         if info.config and "data" in info.config:
             data_cfg = Config.from_dict({"data": info.config["data"]}).data
-    split = Split.of(load_source(args.data), data_cfg.val_fraction, data_cfg.split_seed)
+    split = split_of(args.data, data_cfg.val_fraction, data_cfg.split_seed)
     result = evaluate_encoder(encoder, preprocessing, split, labels=labels, identity=identity, cache_dir=cache_dir,
                               confusion_png=cache_dir / "confusion_matrix.png", workers=args.workers,
                               device=device)
     result = {"model": what, "data": args.data, **result}
     write_json_atomic(cache_dir / "eval.json", result)
-    lines = [f"{what} on {args.data} ({result['train_images']} train / {result['val_images']} val images)",
+    skipped = result["train_skipped_images"] + result["val_skipped_images"]
+    lines = [f"{what} on {args.data} ({result['train_images']} train / {result['val_images']} val images"
+             + (f"; {skipped} unreadable skipped" if skipped else "") + ")",
              f"  kNN top-1 (k={KNN_K}, cosine)  {result['knn_top1']:.4f}",
              f"  linear-probe top-1         {result['probe_top1']:.4f}"]
     if "top1" in result:

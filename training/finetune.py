@@ -31,7 +31,7 @@ from torch import nn
 from mae import artifact as artifact_lib
 from mae.checkpoint import load_checkpoint, load_weights_and_meta, save_checkpoint
 from mae.config import PRESETS, Config, DataConfig, FinetuneConfig, OptimConfig, length_overrides
-from mae.data import FinetuneTransform, ImageDataset, Preprocessing, Source, load_source, stratified_split
+from mae.data import FinetuneTransform, Preprocessing, Source
 from mae.files import write_json_atomic
 from mae.model import DECODER_PREFIXES, infer_model_config
 from training.loop import (
@@ -42,6 +42,7 @@ from training.loop import (
     init_distributed,
     resume_config,
     shutdown_distributed,
+    training_data,
 )
 
 FINETUNE_HEAD_STD = 2e-5  # official main_finetune.py: trunc_normal_(model.head.weight, std=2e-5)
@@ -183,21 +184,21 @@ def layer_decay_groups(vit: nn.Module, weight_decay: float, layer_decay: float) 
 class Finetuner(Trainer):
     """Classification on top of the encoder; every epoch: top-1 on the val split, best weights to best.pt."""
 
-    def __init__(self, cfg: Config, run: RunDir, dist: Dist, source: Source, state: dict[str, torch.Tensor],
+    def __init__(self, cfg: Config, run: RunDir, dist: Dist, data: str | Source, state: dict[str, torch.Tensor],
                  source_grid: tuple[int, int] | None, linear_probe: bool):
         from timm.data import Mixup
         from timm.loss import SoftTargetCrossEntropy
 
-        if not source.labelled:
-            raise ValueError(f"{source.name} has no class labels: finetuning needs a labelled set (mnist5k, digits) "
-                             "or a folder with one subfolder per class")
         self.linear_probe = linear_probe
         self.pooling = cfg.finetune.probe_pool if linear_probe else cfg.finetune.global_pool
-        self.labels = list(source.classes)
         ft = cfg.finetune
-        train_idx, val_idx = stratified_split(source.labels, cfg.data.val_fraction, cfg.data.split_seed)
-        if len(val_idx) == 0:
-            raise ValueError("the validation split is empty: raise data.val_fraction")
+        transform = FinetuneTransform(cfg, linear_probe)
+        optim, epochs = recipe(cfg, linear_probe)
+        sets = training_data(data, cfg, dist, transform, optim.batch_size)
+        if not sets.labelled:
+            raise ValueError(f"{sets.name} has no class labels: finetuning needs a labelled set (mnist5k, digits), "
+                             "a folder with one subfolder per class, or shards packed from one")
+        self.labels = list(sets.classes)
         torch.manual_seed(cfg.run.seed)
         vit = build_classifier(cfg, len(self.labels), linear_probe)
         self.fresh_keys = load_encoder(vit, state, source_grid)
@@ -219,13 +220,14 @@ class Finetuner(Trainer):
                 self.criterion = SoftTargetCrossEntropy()
             else:
                 self.criterion = nn.CrossEntropyLoss(label_smoothing=ft.smoothing)
-        train_set = ImageDataset(source, train_idx, FinetuneTransform(cfg, linear_probe), cfg.run.seed)
-        optim, epochs = recipe(cfg, linear_probe)
-        super().__init__(cfg, run, dist, vit, train_set, optimizer_groups=groups, optim=optim, epochs=epochs)
+        super().__init__(cfg, run, dist, vit, sets.train, optimizer_groups=groups, optim=optim, epochs=epochs,
+                         normalize=transform.normalizer())
         self.log_name = "linear probe" if linear_probe else "finetune"
         self.periodic_every = self.steps_per_epoch * EVAL_EVERY_EPOCHS
         self.preprocessing = Preprocessing.from_config(cfg)
-        self.val_set = ImageDataset(source, val_idx, self.preprocessing)
+        self.val_set = sets.val
+        self.val_skipped = 0
+        self.erase = transform.erasing(dist.device)
         self.best: dict[str, Any] = {"top1": -1.0, "step": 0}
 
     @property
@@ -244,6 +246,8 @@ class Finetuner(Trainer):
         return torch.optim.SGD(groups, lr=self.base_lr, momentum=0.9, weight_decay=0.0)
 
     def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        if self.erase is not None:  # per image, after normalisation (timm's order), on the device
+            images = self.erase(images)
         if self.mixup is not None:
             if images.shape[0] % 2:  # an unreadable image was skipped; mixup pairs the batch with its reverse
                 images, labels = images[:-1], labels[:-1]
@@ -256,28 +260,34 @@ class Finetuner(Trainer):
     def val_top1(self) -> tuple[float, float]:
         """(top-1, mean cross-entropy) on the val split."""
         self.model.eval()
-        correct, loss, count = 0, 0.0, 0
-        for images, labels, _ in eval_loader(self.val_set, 256, 0):
-            images, labels = images.to(self.dist.device), labels.to(self.dist.device)
+        correct, loss, count, skipped = 0, 0.0, 0, 0
+        for images, labels, bad in eval_loader(self.val_set, 256, 0):
+            skipped += bad
+            if len(images) == 0:
+                continue
+            images, labels = self.normalize(images, self.dist.device), labels.to(self.dist.device)
             with self._autocast():
                 logits = self.model(images).float()
             correct += int((logits.argmax(1) == labels).sum())
             loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
             count += len(labels)
         self.model.train()
+        self.val_skipped = skipped
         return correct / max(count, 1), loss / max(count, 1)
 
     def periodic(self, step: int, final: bool) -> dict[str, float]:
-        if not self.dist.is_main:
+        if not (self.dist.is_main or self.fsdp):  # a sharded model's forward needs every rank
             return {}
         top1, loss = self.val_top1()
         if top1 > self.best["top1"]:
             self.best = {"top1": top1, "step": step, "epoch": round(step / self.steps_per_epoch, 3)}
-            save_checkpoint(self.best_path, {"model": self.model.state_dict(), "step": step,
-                                             "epoch": step // self.steps_per_epoch, "config": self.cfg.to_dict(),
-                                             **self.checkpoint_extra()})
+            weights = self.model_state()
+            if self.dist.is_main:
+                save_checkpoint(self.best_path, {"model": weights, "step": step,
+                                                 "epoch": step // self.steps_per_epoch, "config": self.cfg.to_dict(),
+                                                 **self.checkpoint_extra()})
         return {"epoch": round(step / self.steps_per_epoch, 3), "val_top1": top1, "val_loss": loss,
-                "best_val_top1": self.best["top1"]}
+                "best_val_top1": self.best["top1"], "val_skipped_images": self.val_skipped}
 
     def checkpoint_extra(self) -> dict[str, Any]:
         """What an artifact needs besides the weights: class names, and the pooling the head was trained on
@@ -303,8 +313,7 @@ def finetune(cfg: Config, init: str | Path, out: str | Path, data: str, state: d
         if run.checkpoint.exists() and not resume:
             raise FileExistsError(f"{run.checkpoint} exists: pass --resume to continue that run, "
                                   "or choose another --out")
-        source = load_source(data)
-        trainer = Finetuner(cfg, run, dist, source, state, source_grid, linear_probe)
+        trainer = Finetuner(cfg, run, dist, data, state, source_grid, linear_probe)
         resumed_from = None
         if resume and run.checkpoint.exists():
             trainer.resume()
@@ -333,6 +342,7 @@ def finetune(cfg: Config, init: str | Path, out: str | Path, data: str, state: d
             "best_step": trainer.best["step"],
             "loss": last.get("loss"),
             "skipped_images": trainer.skipped_images,
+            "val_skipped_images": trainer.val_skipped,
             "seconds": round(seconds, 1),
             "world_size": dist.world,
             "device": str(dist.device),

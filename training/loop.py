@@ -12,10 +12,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,69 +23,19 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from mae.checkpoint import load_checkpoint, save_checkpoint
 from mae.config import Config, OptimConfig
-from mae.data import collate_skipping_bad
+from mae.data import ImageError, Normalize, PendingDecode, collate_skipping_bad
+from mae.dist import Dist, all_reduce_sum, init_distributed, shutdown_distributed
 from mae.files import write_bytes_atomic, write_json_atomic
 from mae.hardware import has_native_bf16
 
 # ----------------------------------------------------------------------------------------------- distributed
 
-
-@dataclass(frozen=True)
-class Dist:
-    """Where this process runs: rank, world size and device."""
-
-    rank: int
-    world: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-
-def init_distributed(device: str | None = None) -> Dist:
-    """Join the torchrun process group when launched by torchrun; otherwise a single process.
-
-    CUDA when available (one GPU per local rank, NCCL), else CPU with gloo.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    want_cuda = torch.cuda.is_available() if device in (None, "auto") else device.startswith("cuda")
-    if want_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast (e.g. the loss) use TF32
-        torch.backends.cudnn.allow_tf32 = True
-    else:
-        dev = torch.device("cpu")
-    if world > 1 and not torch_dist.is_initialized():
-        torch_dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return Dist(rank, world, local_rank, dev)
-
-
-def shutdown_distributed() -> None:
-    if torch_dist.is_initialized():
-        torch_dist.destroy_process_group()
-
-
-def all_reduce_sum(values: list[float], dist: Dist) -> list[float]:
-    if not dist.enabled:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=dist.device)
-    torch_dist.all_reduce(t)
-    return t.tolist()
+__all__ = ["Dist", "all_reduce_sum", "init_distributed", "shutdown_distributed"]  # mae.dist, for the stages
 
 
 # ----------------------------------------------------------------------------------------------- data order
@@ -110,25 +60,23 @@ class ResumableSampler(DistributedSampler):
 
 
 def make_loader(dataset: Dataset, batch_size: int, dist: Dist, seed: int, workers: int, shuffle: bool = True
-                ) -> tuple[DataLoader, ResumableSampler]:
+                ) -> tuple[DataLoader, ResumableSampler | None]:
+    """The training loader: a resumable DistributedSampler over a map-style dataset, or a shard stream (which
+    splits itself by rank and worker and has no sampler)."""
+    # Its own generator: starting an iterator must not draw from the global RNG that masks are seeded from.
+    common = {"batch_size": batch_size, "num_workers": workers, "collate_fn": collate_skipping_bad,
+              "pin_memory": dist.device.type == "cuda", "prefetch_factor": 4 if workers > 0 else None,
+              "generator": torch.Generator().manual_seed(seed)}
+    if isinstance(dataset, IterableDataset):
+        return DataLoader(dataset, **common), None
     sampler = ResumableSampler(dataset, dist, seed, shuffle=shuffle)
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=workers,
-        collate_fn=collate_skipping_bad,
-        pin_memory=dist.device.type == "cuda",
-        drop_last=True,
-        persistent_workers=workers > 0,
-        # Its own generator: starting an epoch must not draw from the global RNG that masks are seeded from.
-        generator=torch.Generator().manual_seed(seed),
-    )
+    loader = DataLoader(dataset, sampler=sampler, drop_last=True, persistent_workers=workers > 0, **common)
     return loader, sampler
 
 
 def eval_loader(dataset: Dataset, batch_size: int, workers: int) -> DataLoader:
-    """In-order loader for evaluation (no sampler games; every image once)."""
+    """In-order loader for evaluation (no sampler games; every image once; a shard stream divides its shards
+    between the workers itself)."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                       collate_fn=collate_skipping_bad)
 
@@ -244,24 +192,39 @@ class Trainer:
     Subclass hooks: ``loss(model, images, labels) -> (loss, {metric: float})``, ``periodic(step, final)``
     (pictures, evaluation; every ``periodic_every`` steps), ``checkpoint_extra()`` / ``restore_extra(ckpt)`` (more
     primitives to keep in the checkpoint) and ``make_optimizer(groups)`` (AdamW unless overridden).
+
+    Batches arrive as workers ship them (uint8, or float in [0, 1], or JPEGs for the GPU) and become the model's
+    float input inside the step, on the device (``normalize``).
     """
 
     log_name = "train"
 
     def __init__(self, cfg: Config, run: RunDir, dist: Dist, model: nn.Module, train_set: Dataset,
                  optimizer_groups: list[dict[str, Any]] | None = None, optim: OptimConfig | None = None,
-                 epochs: int | None = None):
+                 epochs: int | None = None, normalize: Normalize | None = None):
         """``optim`` and ``epochs`` default to ``cfg.optim`` and ``cfg.run.epochs`` (a finetune run passes the
-        ones its recipe defines); ``cfg.run.steps``, when set, overrides the length in epochs."""
+        ones its recipe defines); ``cfg.run.steps``, when set, overrides the length in epochs. ``train_set`` is a
+        map-style dataset (``ImageDataset``) or a shard stream (``ShardTrainStream``)."""
         self.cfg = cfg
         self.run = run
         self.dist = dist
-        self.model = model.to(dist.device)
         self.optim = o = optim or cfg.optim
         r = cfg.run
         epochs = r.epochs if epochs is None else epochs
+        if cfg.data.decode == "gpu":
+            check_gpu_decode(dist.device)
+        mean, std = cfg.data.channel_stats(cfg.model.in_chans)
+        self.normalize = normalize or Normalize(mean, std, tuple(cfg.model.img_size), cfg.data.interpolation)
+        self.train_set = train_set
         self.loader, self.sampler = make_loader(train_set, o.batch_size, dist, r.seed, cfg.data.num_workers)
-        micro_per_epoch = len(self.sampler) // o.batch_size
+        if self.sampler is not None:
+            samples_per_rank = len(self.sampler)
+        else:
+            from mae.shards import check_slots
+
+            check_slots(train_set.shards, dist.world * max(cfg.data.num_workers, 1))
+            samples_per_rank = len(train_set) // dist.world
+        micro_per_epoch = samples_per_rank // o.batch_size
         self.steps_per_epoch = micro_per_epoch // o.accum_iter
         self.effective_batch = o.batch_size * o.accum_iter * dist.world
         if self.steps_per_epoch < 1:
@@ -273,19 +236,37 @@ class Trainer:
         self.total_steps = r.steps if r.steps is not None else epochs * self.steps_per_epoch
         self.warmup_steps = min(round(o.warmup_epochs * self.steps_per_epoch), self.total_steps)
         self.base_lr = o.effective_lr(self.effective_batch)
-        groups = optimizer_groups if optimizer_groups is not None else param_groups(self.model, o.weight_decay)
+        self.amp_dtype = autocast_dtype(r.amp, dist.device)
+        self.fsdp = r.fsdp and dist.enabled
+        if self.fsdp and self.amp_dtype == torch.float16:
+            raise ValueError("run.fsdp with run.amp=fp16 is not supported (the loss scaler does not shard): "
+                             "use run.amp=bf16")
+        if r.grad_checkpointing:
+            if not hasattr(model, "set_grad_checkpointing"):
+                raise ValueError(f"run.grad_checkpointing: {type(model).__name__} has no set_grad_checkpointing()")
+            model.set_grad_checkpointing(True)
+        self.model = model.to(dist.device)
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        if optimizer_groups is not None:  # by name: sharding replaces the parameter objects
+            optimizer_groups = [{**g, "params": [names[id(p)] for p in g["params"]]} for g in optimizer_groups]
+        wrapped = self.model
+        if self.fsdp:
+            shard_model(self.model, dist)
+        elif dist.enabled:
+            wrapped = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None
+            )
+        params = dict(self.model.named_parameters())
+        if optimizer_groups is not None:
+            groups = [{**g, "params": [params[n] for n in g["params"]]} for g in optimizer_groups]
+        else:
+            groups = param_groups(self.model, o.weight_decay)
         self.optimizer = self.make_optimizer(groups)
         self.periodic_every = r.vis_every
-        self.amp_dtype = autocast_dtype(r.amp, dist.device)
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.amp_dtype == torch.float16)
         self.step = 0
         self.skipped_images = 0
         self.last_checkpoint_step: int | None = None
-        wrapped = self.model
-        if dist.enabled:
-            wrapped = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None
-            )
         self.ddp_model = wrapped
         self.forward_model = torch.compile(wrapped) if r.compile else wrapped
 
@@ -312,10 +293,32 @@ class Trainer:
 
     # -------------------------------------------------------------- state
 
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The full (unsharded) model state dict; under FSDP every rank must call it (it gathers the shards)."""
+        if not self.fsdp:
+            return self.model.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # A forward without backward (validation) leaves the root unit's parameters gathered; shard them back so
+        # that the module holds the parameters the optimizer steps.
+        self.model.reshard()
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
     def state(self) -> dict[str, Any]:
+        """The checkpoint: full state dicts (a sharded run's too), so one process can open and resume it."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            self.model.reshard()  # see model_state
+            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            gathered = get_optimizer_state_dict(self.model, self.optimizer, options=full)  # {} except on rank 0
+            optimizer = optimizer_state_by_index(gathered) if gathered else {}
+        else:
+            optimizer = self.optimizer.state_dict()
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": self.model_state(),
+            "optimizer": optimizer,
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "epoch": self.step // self.steps_per_epoch,
@@ -325,22 +328,36 @@ class Trainer:
         }
 
     def save(self) -> None:
+        state = self.state() if self.dist.is_main or self.fsdp else None  # FSDP: every rank gathers
         if self.dist.is_main:
-            save_checkpoint(self.run.checkpoint, self.state())
+            save_checkpoint(self.run.checkpoint, state)
         self.last_checkpoint_step = self.step
 
     def resume(self, path: str | Path | None = None) -> None:
         """Restore weights, optimiser, scaler and step from a checkpoint of this run."""
         path = path or self.run.checkpoint
-        ckpt = load_checkpoint(path, map_location=self.dist.device)
+        ckpt = load_checkpoint(path, map_location="cpu" if self.fsdp else self.dist.device)
         saved = Config.from_dict(ckpt["config"])
         if saved != self.cfg:
             diff = saved.differences(self.cfg)
             shown = "; ".join(diff[:5]) + (f"; and {len(diff) - 5} more" if len(diff) > 5 else "")
             raise ValueError(f"{path} belongs to a run with another config ({shown}): "
                              "resume it with its own config, or choose another --out")
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            full = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, ckpt["model"], options=full)
+            set_optimizer_state_dict(self.model, self.optimizer,
+                                     optimizer_state_by_name(ckpt["optimizer"], self.optimizer, self.model),
+                                     options=full)
+        else:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
@@ -354,9 +371,13 @@ class Trainer:
 
     # -------------------------------------------------------------- loop
 
-    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    def _batches(self) -> Iterator[tuple[torch.Tensor | PendingDecode, torch.Tensor, int]]:
         """Micro-batches from the current step on, across epoch boundaries, resuming mid-epoch exactly."""
         o = self.optim
+        if self.sampler is None:  # a shard stream: endless, positioned by the micro-batches consumed so far
+            self.train_set.start_batches = self.step * o.accum_iter
+            yield from iter(self.loader)
+            return
         step = self.step
         while True:
             epoch, in_epoch = divmod(step, self.steps_per_epoch)
@@ -371,6 +392,27 @@ class Trainer:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.dist.device.type, dtype=self.amp_dtype)
+
+    def _no_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) on micro-steps that only accumulate."""
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if sync or not self.dist.enabled else self.ddp_model.no_sync()
+
+    def _periodic(self, step: int, final: bool) -> dict[str, Any]:
+        """``periodic``, whose failure (a picture, a validation pass) is reported, never allowed to cost the
+        training: the step's metrics and checkpoint are still written."""
+        try:
+            return self.periodic(step, final)
+        except Exception as e:  # noqa: BLE001 (anything: the weights trained so far matter more)
+            message = f"{type(e).__name__}: {e}"
+            warnings.warn(f"step {step}: evaluation and pictures failed ({message}); training continues",
+                          stacklevel=2)
+            return {"periodic_error": message}
+        finally:
+            if self.fsdp:
+                self.model.reshard()  # evaluation forwards leave the root unit's parameters gathered
 
     def fit(self) -> dict[str, Any]:
         """Run to ``total_steps``; returns the last logged metrics."""
@@ -391,11 +433,12 @@ class Trainer:
                 for micro in range(o.accum_iter):
                     images, labels, skipped = next(batches)
                     self.skipped_images += skipped
-                    images = images.to(dist.device, non_blocking=True)
+                    if len(images) == 0:
+                        raise ImageError(f"every image of a batch of {skipped} failed to decode at step {self.step}; "
+                                         "is the data corrupt? (the warnings above name them)")
+                    images = self.normalize(images, dist.device)  # (N, C, H, W) float, on the device
                     labels = labels.to(dist.device, non_blocking=True)
-                    sync = micro == o.accum_iter - 1 or not dist.enabled
-                    no_sync = contextlib.nullcontext() if sync else self.ddp_model.no_sync()
-                    with no_sync:
+                    with self._no_sync(micro == o.accum_iter - 1):
                         with self._autocast():
                             loss, metrics = self.loss(self.forward_model, images, labels)
                         self.scaler.scale(loss / o.accum_iter).backward()
@@ -440,7 +483,7 @@ class Trainer:
                            "skipped_images": int(total_skipped), "time": round(time.time(), 3)}
                     window, window_images, window_start = {}, 0, time.perf_counter()
                 if self.step % self.periodic_every == 0 or final:
-                    row = {"step": self.step, **row, **self.periodic(self.step, final)}
+                    row = {"step": self.step, **row, **self._periodic(self.step, final)}
                 if row:
                     self.run.log(row)
                     last = row
@@ -451,8 +494,146 @@ class Trainer:
         return last
 
 
+def check_gpu_decode(device: torch.device) -> None:
+    """``data.decode=gpu`` needs nvjpeg on the training GPU; anywhere else it is refused before any work."""
+    if device.type != "cuda":
+        raise ValueError(f"data.decode=gpu decodes JPEGs with nvjpeg on the training GPU, but this run is on "
+                         f"{device.type}; set data.decode=cpu")
+    from torchvision.io import decode_jpeg
+
+    probe = torch.frombuffer(bytearray(_tiny_jpeg()), dtype=torch.uint8)
+    try:
+        decode_jpeg([probe], device=device)
+    except Exception as e:  # a torchvision built without nvjpeg
+        raise ValueError(f"data.decode=gpu: torchvision cannot decode JPEGs on {device} ({e}); "
+                         "set data.decode=cpu") from e
+
+
+def _tiny_jpeg() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (120, 30, 200)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------- FSDP2
+
+
+def _fully_shard() -> Any:
+    """``fully_shard`` (FSDP2): ``torch.distributed.fsdp`` from torch 2.6, the ``_composable`` path before."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        from torch.distributed._composable.fsdp import fully_shard
+    return fully_shard
+
+
+def shard_model(model: nn.Module, dist: Dist) -> None:
+    """FSDP2 in place: each transformer block is a unit (its parameters gathered just before it runs and freed
+    after), then the rest of the model (embeddings, norms, head) as the root unit."""
+    from timm.models.vision_transformer import Block
+    from torch.distributed.device_mesh import init_device_mesh
+
+    fully_shard = _fully_shard()
+    mesh = init_device_mesh(dist.device.type, (dist.world,))
+    for module in model.modules():
+        if isinstance(module, Block):
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def optimizer_state_by_index(state: dict[str, Any]) -> dict[str, Any]:
+    """A full optimizer state dict keyed by parameter names (what torch.distributed.checkpoint gathers) -> the
+    layout ``optimizer.state_dict()`` has on one process: parameters numbered in group order."""
+    ids: dict[str, int] = {}
+    groups = []
+    for group in state["param_groups"]:
+        for name in group["params"]:
+            ids.setdefault(name, len(ids))
+        groups.append({**group, "params": [ids[n] for n in group["params"]]})
+    return {"state": {ids[n]: s for n, s in state["state"].items()}, "param_groups": groups}
+
+
+def optimizer_state_by_name(state: dict[str, Any], optimizer: torch.optim.Optimizer, model: nn.Module
+                            ) -> dict[str, Any]:
+    """The inverse of ``optimizer_state_by_index`` for ``optimizer`` (numbers -> the names of its parameters)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    groups = [{**saved, "params": [order[i] for i in saved["params"]]} for saved in state["param_groups"]]
+    return {"state": {order[int(i)]: s for i, s in state["state"].items()}, "param_groups": groups}
+
+
 def _progress(total: int, initial: int, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True,
                 file=sys.stderr, mininterval=1.0)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class TrainingData:
+    """What a training run reads: a training set (map-style or a shard stream), a validation set, the classes."""
+
+    name: str
+    train: Dataset
+    val: Dataset
+    classes: list[str]
+    labelled: bool
+
+
+def training_data(spec: str | Path | Any, cfg: Config, dist: Dist, transform: Any, batch_size: int, *,
+                  val_limit: int | None = None, val_fallback: int = 0) -> TrainingData:
+    """``--data`` (or an already loaded ``mae.data.Source``) as training and validation sets.
+
+    A bundled set, folder or list is split with the seeded stratified split (data.val_fraction,
+    data.split_seed); shards come split by ``mae data pack`` (their val shards). ``batch_size`` is the loader's,
+    which positions a resumed shard stream. ``val_limit`` caps the validation set, which is then held in memory
+    (pretraining's fixed val_loss images); without it a shard validation split is streamed. ``val_fallback``:
+    with an empty validation split, validate on that many training images instead (pretraining's pictures)
+    rather than refuse.
+    """
+    from mae.data import (
+        ImageDataset,
+        Preprocessing,
+        ShardEvalStream,
+        ShardTrainStream,
+        head_source,
+        load_source,
+        stratified_split,
+    )
+    from mae.shards import is_shard_spec, open_shards
+
+    d, seed = cfg.data, cfg.run.seed
+    preprocessing = Preprocessing.from_config(cfg)
+    if isinstance(spec, (str, Path)) and is_shard_spec(spec):
+        shards = open_shards(spec)
+        train = ShardTrainStream(shards.train, transform, seed, dist.rank, dist.world, d.shuffle_buffer, batch_size)
+        if val_limit is not None:
+            held = head_source(shards.val or shards.train, val_limit if shards.val else min(val_limit, val_fallback),
+                               shards.classes)
+            val: Dataset = ImageDataset(held, range(len(held)), preprocessing, max_pixels=d.max_image_pixels)
+        elif shards.val is not None:
+            val = ShardEvalStream(shards.val, preprocessing, d.max_image_pixels)
+        else:
+            raise ValueError(f"{spec}: these shards have no validation split; pack the source with mae data pack "
+                             "(it writes val-*.tar beside train-*.tar) and pass the packed folder")
+        return TrainingData(shards.name, train, val, shards.classes, shards.labelled)
+    source = load_source(spec) if isinstance(spec, (str, Path)) else spec
+    for note in source.notes:
+        warnings.warn(f"{source.name}: {note}", stacklevel=2)
+    train_idx, val_idx = stratified_split(source.labels, d.val_fraction, d.split_seed)
+    if len(val_idx) == 0:
+        if not val_fallback:
+            raise ValueError("the validation split is empty: raise data.val_fraction")
+        val_idx = train_idx[:val_fallback]
+    if val_limit is not None:
+        val_idx = val_idx[:val_limit]
+    return TrainingData(source.name, ImageDataset(source, train_idx, transform, seed),
+                        ImageDataset(source, val_idx, preprocessing, max_pixels=d.max_image_pixels),
+                        source.classes, source.labelled)

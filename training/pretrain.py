@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mae.config import Config
-from mae.data import ImageDataset, Preprocessing, PretrainTransform, Source, load_source, stratified_split
+from mae.data import Preprocessing, PretrainTransform
 from mae.files import write_json_atomic
 from mae.model import MaskedAutoencoder
 from mae.visualize import loss_curve, reconstruction_grid
@@ -23,6 +23,7 @@ from training.loop import (
     init_distributed,
     resume_config,
     shutdown_distributed,
+    training_data,
 )
 
 VIS_IMAGES = 8
@@ -34,50 +35,62 @@ class Pretrainer(Trainer):
 
     log_name = "pretrain"
 
-    def __init__(self, cfg: Config, run: RunDir, dist: Dist, source: Source):
-        train_idx, val_idx = stratified_split(source.labels, cfg.data.val_fraction, cfg.data.split_seed)
-        if len(val_idx) == 0:
-            val_idx = train_idx[:VIS_IMAGES]
+    def __init__(self, cfg: Config, run: RunDir, dist: Dist, data: str | Any):
+        """``data``: a ``--data`` spec, or a ``mae.data.Source`` (split as a folder would be)."""
+        transform = PretrainTransform(cfg)
+        sets = training_data(data, cfg, dist, transform, cfg.optim.batch_size, val_limit=VAL_IMAGES,
+                             val_fallback=VIS_IMAGES)
         torch.manual_seed(cfg.run.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
         model = MaskedAutoencoder(cfg.model)
-        super().__init__(cfg, run, dist, model, ImageDataset(source, train_idx, PretrainTransform(cfg), cfg.run.seed))
+        super().__init__(cfg, run, dist, model, sets.train, normalize=transform.normalizer())
         self.preprocessing = Preprocessing.from_config(cfg)
-        self.val_set = ImageDataset(source, val_idx[:VAL_IMAGES], self.preprocessing)
-        self.source = source
+        self.val_set = sets.val
+        self.val_skipped = 0
 
     def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         loss, _, _ = model(images, mask_ratio=self.cfg.model.mask_ratio)
         return loss, {}
 
     @torch.no_grad()
-    def val_loss(self) -> float:
-        """Reconstruction loss on the held-out images with masks fixed by the seed (comparable across steps)."""
+    def val_loss(self) -> float | None:
+        """Reconstruction loss on the held-out images with masks fixed by the seed (comparable across steps);
+        None when no held-out image could be read (they are counted in ``val_skipped_images``)."""
         self.model.eval()
         gen = torch.Generator().manual_seed(self.cfg.run.seed)
-        total, count = 0.0, 0
-        for images, _, _ in eval_loader(self.val_set, self.cfg.optim.batch_size, 0):
-            noise = torch.rand(images.shape[0], self.cfg.model.num_patches, generator=gen).to(self.dist.device)
+        total, count, skipped = 0.0, 0, 0
+        for images, _, bad in eval_loader(self.val_set, self.cfg.optim.batch_size, 0):
+            skipped += bad
+            if len(images) == 0:
+                continue
+            noise = torch.rand(len(images), self.cfg.model.num_patches, generator=gen).to(self.dist.device)
             with self._autocast():
-                loss, _, _ = self.model(images.to(self.dist.device), noise=noise)
-            total += loss.item() * images.shape[0]
-            count += images.shape[0]
+                loss, _, _ = self.model(self.normalize(images, self.dist.device), noise=noise)
+            total += loss.item() * len(images)
+            count += len(images)
         self.model.train()
-        return total / max(count, 1)
+        self.val_skipped = skipped
+        return total / count if count else None
 
     def periodic(self, step: int, final: bool) -> dict[str, float]:
-        if not self.dist.is_main:
+        if not (self.dist.is_main or self.fsdp):  # a sharded model's forward needs every rank
             return {}
         val = self.val_loss()
+        row: dict[str, Any] = {"val_skipped_images": self.val_skipped}
+        if val is not None:
+            row["val_loss"] = val
         picks = np.linspace(0, len(self.val_set) - 1, min(VIS_IMAGES, len(self.val_set))).round().astype(int)
-        images = torch.stack([self.val_set[int(i)][0] for i in picks])  # spread over the classes
-        noise = torch.rand(images.shape[0], self.cfg.model.num_patches, generator=torch.Generator().manual_seed(0))
-        with self._autocast():
-            grid = reconstruction_grid(self.model, images.to(self.dist.device), self.preprocessing.mean,
-                                       self.preprocessing.std, noise=noise.to(self.dist.device))
-        out = self.run.path / "reconstructions"
-        out.mkdir(exist_ok=True)
-        grid.save(out / f"step_{step:07d}.png")
-        return {"val_loss": val}
+        good = [x for x in (self.val_set[int(i)] for i in picks) if x is not None]  # spread over the classes
+        if good:
+            images = self.normalize(torch.stack([g[0] for g in good]), self.dist.device)
+            noise = torch.rand(len(good), self.cfg.model.num_patches, generator=torch.Generator().manual_seed(0))
+            with self._autocast():
+                grid = reconstruction_grid(self.model, images, self.preprocessing.mean, self.preprocessing.std,
+                                           noise=noise.to(self.dist.device))
+            if self.dist.is_main:
+                out = self.run.path / "reconstructions"
+                out.mkdir(exist_ok=True)
+                grid.save(out / f"step_{step:07d}.png")
+        return row if self.dist.is_main else {}
 
 
 def pretrain(cfg: Config, out: str | Path, data: str, resume: bool = False) -> dict[str, Any]:
@@ -88,8 +101,7 @@ def pretrain(cfg: Config, out: str | Path, data: str, resume: bool = False) -> d
         if run.checkpoint.exists() and not resume:
             raise FileExistsError(
                 f"{run.checkpoint} exists: pass --resume to continue that run, or choose another --out")
-        source = load_source(data)
-        trainer = Pretrainer(cfg, run, dist, source)
+        trainer = Pretrainer(cfg, run, dist, data)
         resumed_from = None
         if resume and run.checkpoint.exists():
             trainer.resume()
@@ -111,6 +123,7 @@ def pretrain(cfg: Config, out: str | Path, data: str, resume: bool = False) -> d
             "loss": last.get("loss"),
             "val_loss": last.get("val_loss"),
             "skipped_images": trainer.skipped_images,
+            "val_skipped_images": trainer.val_skipped,
             "seconds": round(seconds, 1),
             "world_size": dist.world,
             "rank": dist.rank,
@@ -145,10 +158,16 @@ def main(args) -> dict[str, Any]:
     summary = pretrain(cfg, args.out, args.data, resume=args.resume)
     if summary["rank"] != 0:
         return 0  # under torchrun only rank 0 reports
+    skipped = summary["skipped_images"] + summary["val_skipped_images"]
     summary["text"] = (
         f"pretrained {summary['steps']} steps in {summary['seconds']} s on {summary['device']} "
-        f"(x{summary['world_size']}): loss {summary['loss']:.4f}, val_loss {summary['val_loss']:.4f}\n"
+        f"(x{summary['world_size']}): loss {_fmt(summary['loss'])}, val_loss {_fmt(summary['val_loss'])}"
+        + (f"; skipped {skipped} unreadable image(s) (named in the warnings above)" if skipped else "") + "\n"
         f"  checkpoint      {summary['checkpoint']}\n  metrics         {Path(summary['run']) / 'metrics.jsonl'}\n"
         f"  loss curve      {summary.get('loss_curve')}\n  reconstruction  {summary.get('reconstruction')}"
     )
     return summary
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
