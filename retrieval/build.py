@@ -32,6 +32,7 @@ from mae.files import sha256_file
 from retrieval import index as index_lib
 from retrieval import tuning
 from retrieval.catalog import Item
+from retrieval.metadata import annotate, read_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,13 @@ def build_index(artifact: str | Path, images: Sequence[str | Path], out: str | P
                 batch_size: int = 64, workers: int = 2, shards: int = 1, backend: str = "auto",
                 device: str | None = None, max_memory: int | None = None, gpu: bool | None = None,
                 target_recall: float = tuning.TARGET_RECALL, overwrite: bool = False, seed: int = 0,
-                progress: bool = True) -> dict[str, Any]:
-    """``mae index build``: embed the images with the artifact and write INDEX/. Returns a summary."""
+                progress: bool = True, metadata: str | Path | None = None) -> dict[str, Any]:
+    """``mae index build``: embed the images with the artifact and write INDEX/. Returns a summary.
+
+    ``metadata``: a sidecar of labels and tags by path (``retrieval.metadata``), applied once the index is built.
+    """
+    if metadata is not None:
+        read_sidecar(metadata, images)  # a bad sidecar stops the build before any image is embedded
     if shards < 1:
         raise ValueError(f"--shards must be >= 1, got {shards}")
     if batch_size < 1:
@@ -98,15 +104,21 @@ def build_index(artifact: str | Path, images: Sequence[str | Path], out: str | P
         idx = index_lib.build(out, emb.vectors, items, artifact_sha256=embedder.sha256, factory=factory,
                               max_memory=max_memory, target_recall=target_recall, gpu=gpu, seed=seed,
                               extra=extra, overwrite=overwrite)
+    if metadata is not None:
+        figures.update(annotate(idx, metadata, images))
     figures["seconds"] = round(time.perf_counter() - started, 2)
     return _summary(idx, figures)
 
 
 def add_images(index_path: str | Path, images: Sequence[str | Path], *, artifact: str | Path | None = None,
                batch_size: int = 64, workers: int = 2, backend: str = "auto", device: str | None = None,
-               progress: bool = True) -> dict[str, Any]:
-    """``mae index add``: hash first and embed only files whose bytes are not indexed yet."""
+               progress: bool = True, metadata: str | Path | None = None) -> dict[str, Any]:
+    """``mae index add``: hash first and embed only files whose bytes are not indexed yet.
+
+    ``metadata``: a sidecar of labels and tags by path for the added images (``retrieval.metadata``).
+    """
     idx = index_lib.Index.load(index_path, gpu=False)  # a write: no GPU copy to make
+    sidecar = read_sidecar(metadata, [*images, *idx.manifest.get("images", [])]) if metadata is not None else None
     embedder = load_embedder(idx, artifact, backend=backend, device=device, batch_size=batch_size)
     files, labels = collection(images)
     labels = [collection_label(f, idx.manifest.get("images", [])) or lab for f, lab in zip(files, labels)]
@@ -126,10 +138,15 @@ def add_images(index_path: str | Path, images: Sequence[str | Path], *, artifact
             todo.append(j)
     emb, items = embed_items(embedder, [files[j] for j in todo], [labels[j] for j in todo], batch_size=batch_size,
                              workers=workers, progress=progress)
-    result = idx.add(emb.vectors, items)
+    matched = 0
+    if sidecar is not None:
+        items, matched = sidecar.apply(items)
+    result = idx.add(emb.vectors, items, roots=images)
     summary = _summary(idx, {"added": len(result.ids), "duplicates": duplicates + result.duplicates,
                              "skipped": emb.skipped, "embed_seconds": round(emb.seconds, 2),
                              "images_per_s": emb.images_per_s})
+    if sidecar is not None:
+        summary.update(metadata=str(sidecar.source), metadata_records=sidecar.records, metadata_items=matched)
     summary["ids"] = result.ids
     return summary
 
@@ -161,6 +178,9 @@ def _summary(idx: index_lib.Index, figures: dict[str, Any]) -> dict[str, Any]:
                      f"against exact search on {t.get('queries')} held-out queries)")
     if figures.get("duplicates"):
         lines.append(f"  {len(figures['duplicates'])} duplicate(s) already indexed, skipped")
+    if "metadata_items" in figures:
+        lines.append(f"  metadata from {figures['metadata']}: {figures['metadata_records']} record(s), labels and "
+                     f"tags set on {figures['metadata_items']} item(s)")
     if skipped:
         lines.append(f"  skipped {len(skipped)} unreadable image(s):")
         lines += [f"    {s['error']}" for s in skipped[:20]]

@@ -53,9 +53,10 @@ _SCHEMA_2 = """
 CREATE TABLE IF NOT EXISTS tags (            -- the same tags, one row per (key, value), for filtering
     id     INTEGER NOT NULL,
     key    TEXT NOT NULL,
-    value  TEXT NOT NULL,
-    PRIMARY KEY (key, value, id)
-) WITHOUT ROWID;
+    value  TEXT NOT NULL
+);
+-- not a WITHOUT ROWID table: SQLite 3.40's quick_check reports false NULLs in those
+CREATE UNIQUE INDEX IF NOT EXISTS tags_key ON tags (key, value, id);
 CREATE INDEX IF NOT EXISTS tags_id ON tags (id);
 CREATE INDEX IF NOT EXISTS items_label ON items (label);
 CREATE INDEX IF NOT EXISTS items_added ON items (added);
@@ -328,6 +329,33 @@ class Catalog:
             c.executemany("INSERT OR IGNORE INTO tags (id, key, value) VALUES (?,?,?)",
                           ((i, k, v) for i, t in zip(out, tags) for k, v in (t or {}).items()))
         return out
+
+    @_guarded
+    def restore(self, rows: Sequence[Row]) -> None:
+        """Insert rows exactly as they were (ids, dates, generations, tags): ``mae index check --repair``."""
+        with self.transaction() as c:
+            c.executemany("INSERT INTO items (id, path, label, sha256, added, generation, removed, tags) "
+                          "VALUES (?,?,?,?,?,?,?,?)",
+                          ((r.id, r.path, r.label, r.sha256, r.added, r.generation, r.removed,
+                            json.dumps(r.tags, ensure_ascii=False, sort_keys=True) if r.tags else None)
+                           for r in rows))
+            c.executemany("INSERT OR IGNORE INTO tags (id, key, value) VALUES (?,?,?)",
+                          ((r.id, k, v) for r in rows for k, v in (r.tags or {}).items()))
+
+    @_guarded
+    def update_metadata(self, updates: Sequence[tuple[int, str | None, Mapping[str, Any] | None]]) -> int:
+        """Set (id, label, tags) of existing rows; tags replace the old ones. Returns the rows changed."""
+        n = 0
+        with self.transaction() as c:
+            for i, label, tags in updates:
+                clean = _clean_tags(tags)
+                n += c.execute("UPDATE items SET label = ?, tags = ? WHERE id = ?",
+                               (label, json.dumps(clean, ensure_ascii=False, sort_keys=True) if clean else None,
+                                int(i))).rowcount
+                c.execute("DELETE FROM tags WHERE id = ?", (int(i),))
+                c.executemany("INSERT OR IGNORE INTO tags (id, key, value) VALUES (?,?,?)",
+                              ((int(i), k, v) for k, v in (clean or {}).items()))
+        return n
 
     @_guarded
     def mark_removed(self, ids: Iterable[int], generation: int) -> None:

@@ -190,7 +190,7 @@ def make_selector(ids: np.ndarray) -> tuple[Any, np.ndarray | None]:
         bits = np.zeros(top + 1, bool)
         bits[ids] = True
         bitmap = np.packbits(bits, bitorder="little")
-        return faiss.IDSelectorBitmap(top + 1, faiss.swig_ptr(bitmap)), bitmap
+        return faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap)), bitmap  # n counts bytes
     return faiss.IDSelectorBatch(ids), None
 
 
@@ -431,6 +431,11 @@ class Index:
                 D, I = self._filtered(x, k, self.selection(conditions))
             else:
                 D, I = self._unfiltered(x, k)
+                short = (I >= 0).sum(axis=1) < min(k, self.count)
+                if short.any():  # tombstones crowded the graph's answer: score those queries exactly
+                    D2, I2 = self._exact(x[short], k, self.selection(()))
+                    D, I = D.copy(), I.copy()
+                    D[short], I[short] = D2[:, : D.shape[1]], I2[:, : I.shape[1]]
         if I.shape[1] < k:
             D = np.concatenate([D, empty[0][:, : k - I.shape[1]]], axis=1)
             I = np.concatenate([I, empty[1][:, : k - I.shape[1]]], axis=1)
@@ -697,6 +702,29 @@ class Index:
             result.paths = [rows[i].path for i in ids]
             return result
 
+    def annotate(self, metadata: dict[str, tuple[Any, dict[str, str] | None]]) -> int:
+        """Set labels and tags of live items by absolute path (``retrieval.metadata.Sidecar.entries``): a
+        metadata-only write, committed as a new generation without rewriting the FAISS index. Returns the
+        number of items changed. A label of ``metadata.UNSET`` keeps the item's label; tags merge over its own.
+        """
+        from retrieval.metadata import UNSET
+
+        with self._writing():
+            by_path = self.catalog.by_path(list(metadata), self.generation)
+            ids = [i for p in by_path for i in by_path[p]]
+            rows = self.catalog.get(ids, self.generation)
+            updates = []
+            for p, found in by_path.items():
+                label, tags = metadata[p]
+                for i in found:
+                    row = rows[i]
+                    updates.append((i, row.label if label is UNSET else label, {**(row.tags or {}), **(tags or {})}))
+            if not updates:
+                return 0
+            self.catalog.update_metadata(updates)
+            self._commit(self.generation + 1, index_changed=False)
+            return len(updates)
+
     def _rebuild(self, gen: int) -> None:
         """A fresh index of the same factory over the live vectors (reconstructed), dropping tombstones."""
         live = self.catalog.live_ids(gen)
@@ -759,17 +787,22 @@ class Index:
             finally:
                 self._refresh()
 
-    def _commit(self, gen: int) -> None:
-        """Phase 2 of a write whose catalogue rows (tagged ``gen``) are stored: index file, then manifest."""
+    def _commit(self, gen: int, index_changed: bool = True) -> None:
+        """Phase 2 of a write whose catalogue rows (tagged ``gen``) are stored: index file, then manifest.
+
+        ``index_changed`` False (a metadata-only write): the committed index file stays as it is.
+        """
         staged = self.path / f"index.{gen}.faiss"
-        write_index(self.index, staged)
+        if index_changed:
+            write_index(self.index, staged)
         manifest = dict(self.manifest)
         manifest.update(generation=gen, ntotal=int(self.index.ntotal), count=self.catalog.count(gen),
                         tombstones=0 if _supports_remove(self.index)
                         else len(self.catalog.tombstones(gen, self.manifest.get("compacted", 0))),
                         updated=_now())
         write_json_atomic(self.path / MANIFEST, manifest)  # the commit point
-        os.replace(staged, self.path / INDEX_FILE)
+        if index_changed:
+            os.replace(staged, self.path / INDEX_FILE)
         fsync_dir(self.path)
         self.manifest = manifest
         self._stat = _manifest_stat(self.path)

@@ -10,7 +10,8 @@ images it indexes, so that searches can filter on them (``--where tag.camera=X10
     2024/beach.jpg,beach,X100,2024-08                             every column but path and label is a tag
 
 A path is absolute, or relative to an indexed folder, to the folder above it (the form answers show), or to
-the sidecar itself. A label given here replaces the class-folder label; tags are text.
+the sidecar itself. A label given here replaces the class-folder label (an empty one keeps it, JSON null
+removes it); tags are text, merged over the item's own.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 from retrieval.catalog import Item, _clean_tags
 
-_UNSET = object()
+UNSET = object()  # a label the sidecar does not give: the item keeps its own
 
 
 @dataclass
@@ -46,8 +47,15 @@ class Sidecar:
             matched += 1
             label, tags = entry
             merged = dict(it.tags or {}, **(tags or {}))
-            out.append(replace(it, label=it.label if label is _UNSET else label, tags=merged or None))
+            out.append(replace(it, label=it.label if label is UNSET else label, tags=merged or None))
         return out, matched
+
+
+def annotate(index: Any, path: str | Path, roots: Sequence[str | Path]) -> dict[str, Any]:
+    """Apply a sidecar to an index's live items (``mae index build --metadata``); returns counts to report."""
+    sidecar = read_sidecar(path, roots)
+    changed = index.annotate(sidecar.entries)
+    return {"metadata": str(sidecar.source), "metadata_records": sidecar.records, "metadata_items": changed}
 
 
 def read_sidecar(path: str | Path, roots: Sequence[str | Path]) -> Sidecar:
@@ -63,11 +71,11 @@ def read_sidecar(path: str | Path, roots: Sequence[str | Path]) -> Sidecar:
         name = record.pop("path", None)
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"{path}:{where}: every record needs a 'path'")
-        label = record.pop("label", _UNSET)
-        if label is not _UNSET and label is not None and not isinstance(label, str):
+        label = record.pop("label", UNSET)
+        if label is not UNSET and label is not None and not isinstance(label, str):
             label = str(label)
-        if label == "":
-            label = None
+        if label == "":  # an empty CSV cell gives no label: the item keeps its own (JSON null clears it)
+            label = UNSET
         tags = record.pop("tags", None) or {}
         if isinstance(tags, str):
             try:
