@@ -587,8 +587,11 @@ class Index:
 
         block = 1024
         for i in range(0, len(ids), block):
-            chunk = ids[i : i + block]
             with self._lock:  # a block at a time: searches of other threads interleave
+                live = self.catalog.get(ids[i : i + block].tolist(), self.generation)  # a write may have come
+                chunk = np.asarray(sorted(live), np.int64)
+                if not len(chunk):
+                    continue
                 vectors = self._reconstruct(chunk)
                 D, I = self.search_ids(vectors, k + 1, min_score=threshold)
             for a, drow, irow in zip(chunk.tolist(), D, I):
