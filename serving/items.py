@@ -11,8 +11,8 @@ Routes (mounted beside the page; keys and CORS are ``serving.auth``)::
 
 **Writes** go through the same generation commits as ``mae index add|remove`` and take the same
 ``INDEX/.lock``: one writer at a time across the CLI and every worker of every server; a write that cannot get
-the lock within ``MAE_WRITE_WAIT_S`` seconds (10) answers 409 (nothing changed; try again). Images are embedded before the lock
-is taken, so the lock is held only for the commit. Uploaded files are stored in ``INDEX/uploads/`` under
+the lock within ``MAE_WRITE_WAIT_S`` seconds (10) answers 409 (nothing changed; try again). Images are embedded
+before the lock is taken, so the lock is held only for the commit. Uploaded files are stored in ``INDEX/uploads/`` under
 their sha256 (the catalogue points at them, thumbnails read them); a file the same bytes were already indexed
 under is not stored again, and the answer names the item that holds them.
 
