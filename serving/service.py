@@ -204,8 +204,11 @@ async def _page(_: Request) -> Response:
     return FileResponse(WEB / "index.html", media_type="text/html")
 
 
-async def _info(_: Request) -> Response:
-    return JSONResponse(await bentoml.get_current_service().info())
+async def _info(request: Request) -> Response:
+    service: MAEService = bentoml.get_current_service()
+    answer = await service.info()
+    answer["auth"]["scope"] = service.key_scope(request.headers.get("authorization"))  # what the page may offer
+    return JSONResponse(answer)
 
 
 async def _thumbnail(request: Request) -> Response:
@@ -415,7 +418,7 @@ class MAEService:
             "input_size": list(self.preprocessing.input_size),
             "backend": self._backend,
             "index": None if self.index is None else await self.items.read(self._index_info),
-            "auth": {"keys": bool(self._keys_configured), "public_read": SETTINGS.public_read},
+            "auth": {"keys": bool(self._keyring), "public_read": SETTINGS.public_read},
             "batching": {"enabled": SETTINGS.batching, "max_batch_size": SETTINGS.max_batch_size,
                          "max_latency_ms": SETTINGS.max_latency_ms},
             "limits": {"max_images": LIMITS.max_images, "max_image_bytes": LIMITS.max_image_bytes,
@@ -432,10 +435,16 @@ class MAEService:
                 "duplicate_threshold": DUPLICATE_THRESHOLD}
 
     @cached_property
-    def _keys_configured(self) -> bool:
+    def _keyring(self) -> Any:
         from serving.auth import KeyRing
 
-        return bool(KeyRing.load(SETTINGS.api_keys_file))
+        return KeyRing.load(SETTINGS.api_keys_file)
+
+    def key_scope(self, authorization: str | None) -> str | None:
+        """The scope of the key a request carries ("read", "write"), None without a valid one."""
+        kind, _, presented = (authorization or "").partition(" ")
+        key = self._keyring.scope_of(presented.strip()) if kind.lower() == "bearer" and presented.strip() else None
+        return key.scope if key is not None else None
 
     @cached_property
     def _thumbnail_cache(self) -> Any:
