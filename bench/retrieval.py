@@ -202,9 +202,12 @@ def run_filtered(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
         idx = index_lib.build(work / f"filtered-{len(rows)}", x, items, artifact_sha256="bench", factory=factory)
         print(f"   built in {time.perf_counter() - started:.0f} s; tuned {idx.manifest.get('search_params')}",
               flush=True)
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(args.search_threads)  # as a server's search thread, one query at a time
         for name, where, keep in SELECTIVITIES:
             rows.append(measure_filtered(idx, factory, name, where, keep(buckets), q, truth[name], args))
             print_filtered(rows[-1:])
+        faiss.omp_set_num_threads(threads)
         idx.close()
     print()
     print_filtered(rows)
@@ -389,6 +392,7 @@ def main() -> None:
     p.add_argument("--filtered", action="store_true", help="filtered search at 50/10/1/0.1%% selectivity instead")
     p.add_argument("--overfetch", type=int, default=10_000, help="--filtered: the baseline's unfiltered k")
     p.add_argument("--rounds", type=int, default=3, help="--filtered: interleaved timing rounds (medians reported)")
+    p.add_argument("--search-threads", type=int, default=1, help="--filtered: FAISS threads while searching")
     p.add_argument("--duplicates", action="store_true", help="near-duplicate grouping with --artifact instead")
     p.add_argument("--originals", type=int, default=200, help="--duplicates: images given edited copies")
     p.add_argument("--distractors", type=int, default=800, help="--duplicates: images without copies")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import fcntl
 import io
 import json
@@ -374,9 +375,15 @@ def test_sigkill_during_an_http_add_leaves_the_last_good_generation(setup):
 
     thread = threading.Thread(target=add)
     thread.start()
+    import psutil
+
+    tree = [psutil.Process(srv.proc.pid), *psutil.Process(srv.proc.pid).children(recursive=True)]
     time.sleep(float(np.random.default_rng().uniform(0.2, 1.5)))
-    os.killpg(srv.proc.pid, signal.SIGKILL)
+    for process in tree:  # BentoML's workers have process groups of their own: kill each, as a crash would
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signal.SIGKILL)
     srv.proc.wait(30)
+    psutil.wait_procs(tree[1:], timeout=30)
     thread.join(60)
     idx = Index.load(index)
     assert idx.count in (before, before + 64), idx.count
