@@ -350,12 +350,13 @@ class Index:
     def reload(self) -> bool:
         """Pick up a generation another process committed; True when something changed.
 
-        Costs one ``stat`` of the manifest when nothing did (every commit replaces the file), so a server calls
-        it before every read: a read that starts after a write's commit sees that write.
+        Costs a ``stat`` of the manifest and one of the catalogue when nothing did (every commit replaces the
+        manifest), so a server calls it before every read: a read that starts after a write's commit sees that
+        write, and a catalogue deleted or replaced under a running server is noticed by the next read.
         """
         with self._lock:
             stat = _manifest_stat(self.path)
-            if stat == self._stat and stat is not None:
+            if stat == self._stat and stat is not None and self._catalog_same():
                 return False
             if stat is None:
                 raise _damaged(self.path, f"{self.path / MANIFEST} is missing")

@@ -157,6 +157,17 @@ class Items:
         return {"removed": result.ids, "count": index.count, "generation": index.generation}
 
 
+def damaged_message(e: Exception) -> str:
+    """What a client is told about a damaged index: the part and the way out, not the server's paths (those go
+    to the log, once)."""
+    import logging
+
+    logging.getLogger("mae.serving").error("%s", e)
+    text = str(e).split("; run `mae index check")[0]
+    text = re.sub(r"(/[^\s;:,()']+)+/([^/\s;:,()']+)", r"\2", text)  # /srv/index/items.sqlite -> items.sqlite
+    return f"the index cannot be used: {text}; the operator must run `mae index check` on the server (--repair)"
+
+
 # ----------------------------------------------------------------------------------------------- parsing
 
 
@@ -286,7 +297,7 @@ async def _answer(work: Any) -> Response:
     except IndexBusyError as e:
         return JSONResponse({"error": str(e)}, status_code=HTTPStatus.CONFLICT)
     except IndexDamagedError as e:
-        return JSONResponse({"error": f"the index cannot be used: {e}"}, status_code=HTTPStatus.SERVICE_UNAVAILABLE)
+        return JSONResponse({"error": damaged_message(e)}, status_code=HTTPStatus.SERVICE_UNAVAILABLE)
     except KeyError as e:
         return JSONResponse({"error": str(e.args[0]) if e.args else "no such item"}, status_code=404)
 

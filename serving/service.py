@@ -40,7 +40,7 @@ from starlette.staticfiles import StaticFiles
 from serving.auth import Guard
 from serving.images import Upload, error, parse_request, to_pixels
 from serving.items import ROUTES as ITEM_ROUTES
-from serving.items import ItemError, Items, parse_min_score, parse_where
+from serving.items import ItemError, Items, damaged_message, parse_min_score, parse_where
 from serving.settings import Limits, Settings, var
 
 log = logging.getLogger("mae.serving")
@@ -206,7 +206,10 @@ async def _page(_: Request) -> Response:
 
 async def _info(request: Request) -> Response:
     service: MAEService = bentoml.get_current_service()
-    answer = await service.info()
+    try:
+        answer = await service.info()
+    except RuntimeError as e:
+        return _damaged_index(e)
     answer["auth"]["scope"] = service.key_scope(request.headers.get("authorization"))  # what the page may offer
     return JSONResponse(answer)
 
@@ -221,7 +224,18 @@ async def _thumbnail(request: Request) -> Response:
         png = await service.thumbnail(item_id)
     except LookupError as e:
         return JSONResponse({"error": str(e)}, status_code=404)
+    except RuntimeError as e:
+        return _damaged_index(e)
     return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+
+def _damaged_index(e: RuntimeError) -> Response:
+    """503 naming the problem when the index was damaged while serving; anything else stays an error (500)."""
+    from retrieval.index import IndexDamagedError
+
+    if not isinstance(e, IndexDamagedError):
+        raise e
+    return JSONResponse({"error": damaged_message(e)}, status_code=503)
 
 
 async def _docs(_: Request) -> Response:
@@ -390,8 +404,8 @@ class MAEService:
         try:
             hits = await asyncio.get_running_loop().run_in_executor(self._index_thread, self._search, vectors, k,
                                                                     where or [], min_score)
-        except IndexDamagedError as e:
-            raise error(f"the index cannot be used: {e}", HTTPStatus.SERVICE_UNAVAILABLE) from None
+        except IndexDamagedError as e:  # BentoML shows 5xx answers as "unexpected error": the reason is logged
+            raise error(damaged_message(e), HTTPStatus.SERVICE_UNAVAILABLE) from None
         neighbours = [[Neighbour(**self.items.hit_json(h)) for h in row] for row in hits]
         return SearchOutput(neighbours=neighbours, model=self.sha256, index_count=self.index.count,
                             generation=self.index.generation)

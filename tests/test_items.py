@@ -359,6 +359,26 @@ def test_concurrent_cli_and_http_adds_keep_the_index_consistent(setup, tmp_path)
     assert checked.returncode == 0 and json.loads(checked.stdout)["ok"], checked.stdout
 
 
+def test_an_index_damaged_while_serving_is_refused_then_served_again(setup, tmp_path):
+    srv = setup["keyed"]
+    index = setup["indexes"]["keyed"]
+    query = setup["digits"][2]
+    q, qtype = upload([(query.name, query.read_bytes())])
+    (index / "items.sqlite").rename(tmp_path / "items.sqlite")
+    try:
+        assert call(srv, "/search", q, qtype, key=READ_KEY)[0] == 503  # BentoML words its own 5xx; the log names it
+        for path in ("/items/2", "/info", "/items/2/similar", "/thumbnail/2"):
+            status, answer, _ = call(srv, path, key=READ_KEY)
+            assert status == 503 and "items.sqlite is missing" in answer["error"], (path, answer)
+            assert "mae index check" in answer["error"] and str(index) not in answer["error"], "no server paths"
+        status, answer, _ = call(srv, "/items", *upload([("x.png", png(77))]), key=WRITE_KEY)
+        assert status == 503 and "items.sqlite" in answer["error"]
+        assert f"{index}/items.sqlite is missing" in srv.tail(), "the operator's log names the file"
+    finally:
+        (tmp_path / "items.sqlite").rename(index / "items.sqlite")
+    assert call(srv, "/search", q, qtype, key=READ_KEY)[0] == 200
+
+
 def test_sigkill_during_an_http_add_leaves_the_last_good_generation(setup):
     """The last test of the public server: it is killed (every process) while it adds 64 images."""
     srv = setup["public"]
