@@ -74,6 +74,8 @@ def index_info(args: argparse.Namespace) -> dict[str, Any]:
         f"dim        {info['dim']}, {info['metric']} on L2-normalised vectors",
         f"on disk    {info['bytes'] / 2**20:.1f} MiB" + (", memory-mapped inverted lists" if info["on_disk"] else ""),
         "labels     " + (", ".join(f"{k or '(none)'}: {v}" for k, v in list(labels.items())[:12]) or "none"),
+        "tags       " + (", ".join(f"{k}: {v}" for k, v in list(info["tags"].items())[:12]) or "none"),
+        "folders    " + (", ".join(info["roots"][:-1]) or "none recorded"),
     ]
     if info["auto_factory_now"] != info["factory"] and info["count"]:
         lines.append(f"note       auto would now choose {info['auto_factory_now']} for {info['count']} items "

@@ -690,18 +690,22 @@ class Index:
         HNSW and on-disk lists keep the vectors as tombstones, filtered at search; once they pass
         REBUILD_FRACTION of the collection an in-memory index is rebuilt without them.
         """
-        ids_asked, paths_asked = [], []
+        ids_asked, paths_asked = [], {}  # path as given -> the absolute paths it may mean
         for key in keys:
             if isinstance(key, (int, np.integer)) or isinstance(key, str) and key.isdigit():
                 ids_asked.append(int(key))
             else:
-                paths_asked.append(str(Path(key).expanduser().resolve()))
+                given = str(Path(key).expanduser().resolve())
+                # also as answers show paths: relative to the indexed folders
+                shown = [] if Path(key).is_absolute() else self.path_prefixes(Path(key).as_posix())
+                paths_asked[given] = [given, *shown]
         with self._writing():
             result = RemoveResult()
             live = self.catalog.get(ids_asked, self.generation)
-            by_path = self.catalog.by_path(paths_asked, self.generation)
-            ids = [i for i in ids_asked if i in live] + [i for p in paths_asked for i in by_path.get(p, [])]
-            result.missing = [str(i) for i in ids_asked if i not in live] + [p for p in paths_asked if p not in by_path]
+            by_path = self.catalog.by_path([p for c in paths_asked.values() for p in c], self.generation)
+            found = {given: [i for p in c for i in by_path.get(p, [])] for given, c in paths_asked.items()}
+            ids = [i for i in ids_asked if i in live] + [i for f in found.values() for i in f]
+            result.missing = [str(i) for i in ids_asked if i not in live] + [p for p, f in found.items() if not f]
             ids = sorted(set(ids))
             if not ids:
                 return result

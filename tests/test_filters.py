@@ -199,6 +199,14 @@ def test_answers_show_paths_relative_to_the_indexed_folders(collection):
     assert idx.relative("/elsewhere/secret/x.png") == "x.png", "outside every root: the name only"
 
 
+def test_remove_takes_paths_as_answers_show_them(tmp_path):
+    x = lowrank(5, 48)
+    idx = build(tmp_path / "i", x, [Item(f"/data/photos/{i}.png", f"s{i}") for i in range(5)], artifact_sha256=SHA,
+                extra={"images": ["/data/photos"]})
+    removed = idx.remove(["photos/2.png", "/data/photos/3.png", "photos/nope.png"])
+    assert removed.ids == [3, 4] and len(removed.missing) == 1 and removed.missing[0].endswith("photos/nope.png")
+
+
 def test_metadata_sidecar_and_annotate(tmp_path, collection):
     folder = tmp_path / "copy"
     shutil.copytree(collection[0], folder)
