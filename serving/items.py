@@ -59,8 +59,9 @@ class ItemError(Exception):
 class Items:
     """The item routes' state in one front worker: the index (shared with /search), a writer thread, caches."""
 
-    def __init__(self, service: Any, absolute_paths: bool = False, write_wait_s: float = 10.0) -> None:
+    def __init__(self, service: Any, limits: Any, absolute_paths: bool = False, write_wait_s: float = 10.0) -> None:
         self.service = service
+        self.limits = limits  # serving.settings.Limits: what one request may carry
         self.absolute_paths = absolute_paths
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mae-index-write")
         self._slow = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mae-duplicates")
@@ -356,12 +357,10 @@ async def add_items(request: Request) -> Response:
     async def work() -> Response:
         import bentoml
 
-        from serving.service import LIMITS
-
         service = bentoml.get_current_service()
         items = service.items
         items.index  # noqa: B018 - 400 before reading the body when there is no index
-        parsed = await parse_request(request, LIMITS, allow_k=False, extra=("label", "tags"))
+        parsed = await parse_request(request, items.limits, allow_k=False, extra=("label", "tags"))
         n = len(parsed.uploads)
         labels = per_image("label", parsed.fields.get("label"), n, _label)
         tags = per_image("tags", parsed.fields.get("tags"), n, _tags)

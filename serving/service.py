@@ -345,7 +345,7 @@ class MAEService:
             self.index = self._index_thread.submit(Index.load, SETTINGS.index, artifact_sha256=self.sha256).result()
         self._decode_limiter = anyio.CapacityLimiter(max(2, SETTINGS.model_threads))
         self._backend: dict[str, Any] | None = None
-        self.items = Items(self, absolute_paths=SETTINGS.absolute_paths, write_wait_s=SETTINGS.write_wait_s)
+        self.items = Items(self, LIMITS, absolute_paths=SETTINGS.absolute_paths, write_wait_s=SETTINGS.write_wait_s)
         _keep_one_session(self.encoder)
 
     # ------------------------------------------------------------------ shared steps
