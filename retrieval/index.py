@@ -459,9 +459,7 @@ class Index:
                 D, I = self._unfiltered(x, k)
                 short = (I >= 0).sum(axis=1) < min(k, self.count)
                 if short.any():  # tombstones crowded the graph's answer: score those queries exactly
-                    D2, I2 = self._exact(x[short], k, self.selection(()))
-                    D, I = D.copy(), I.copy()
-                    D[short], I[short] = D2[:, : D.shape[1]], I2[:, : I.shape[1]]
+                    D, I = _replace_rows(D, I, short, *self._exact(x[short], k, self.selection(())))
         if I.shape[1] < k:
             D = np.concatenate([D, empty[0][:, : k - I.shape[1]]], axis=1)
             I = np.concatenate([I, empty[1][:, : k - I.shape[1]]], axis=1)
@@ -498,9 +496,7 @@ class Index:
         D, I = self.index.search(x, min(k, self.index.ntotal), params=params)
         short = (I >= 0).sum(axis=1) < min(k, m)
         if short.any():  # the widened search still missed some: those queries are scored exactly
-            D2, I2 = self._exact(x[short], k, sel)
-            D, I = D.copy(), I.copy()
-            D[short], I[short] = D2[:, : D.shape[1]], I2[:, : I.shape[1]]
+            D, I = _replace_rows(D, I, short, *self._exact(x[short], k, sel))
         return D, I
 
     def exact_for(self, selected: int) -> bool:
@@ -884,6 +880,17 @@ class Index:
             "created": m.get("created"), "updated": m.get("updated"), "bytes": _folder_bytes(self.path),
             "auto_factory_now": suggestion, "roots": [str(r) for r in self.roots],
         }
+
+
+def _replace_rows(D: np.ndarray, I: np.ndarray, rows: np.ndarray, D2: np.ndarray, I2: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """D, I with the ``rows`` (a mask) replaced by D2, I2, which may have fewer columns (padded with no-hit)."""
+    D, I = D.copy(), I.copy()
+    width = D.shape[1]
+    D[rows], I[rows] = -np.inf, -1
+    D[rows, : min(width, D2.shape[1])] = D2[:, :width]
+    I[rows, : min(width, I2.shape[1])] = I2[:, :width]
+    return D, I
 
 
 def _hit(row: Row, score: float) -> Hit:

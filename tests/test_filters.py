@@ -245,3 +245,17 @@ def test_a_catalogue_from_before_tags_gains_them(tmp_path):
     assert len(idx.search(x[:1], 5, where=["label=a"])[0]) == 5
     added = idx.add(lowrank(1, 47), [Item("/c/new.png", "new", "b", {"k": "v"})])
     assert [h.id for h in idx.search(x[:1], 5, where=["tag.k=v"])[0]] == added.ids
+
+
+def test_a_search_that_comes_back_short_is_redone_exactly(tmp_path, monkeypatch):
+    """An IVF probing one list finds fewer than k: the missing neighbours come from exact scoring, also when k
+    is larger than what the filter selects."""
+    monkeypatch.setattr(index_lib, "EXACT_MAX", 0)
+    monkeypatch.setattr(index_lib, "EXACT_FRACTION", 0.0)
+    x = lowrank(400, 49)
+    idx = build(tmp_path / "i", x, [Item(f"/c/{i}.png", f"s{i}", str(i % 2)) for i in range(400)],
+                artifact_sha256=SHA, factory="IVF8,Flat")
+    idx.manifest["search_params"] = {"nprobe": 1}
+    filtered = idx.search(x[:3], 300, where=["label=0"])
+    assert [len(h) for h in filtered] == [200, 200, 200] and all(hit.label == "0" for h in filtered for hit in h)
+    assert [len(h) for h in idx.search(x[:3], 100)] == [100, 100, 100]
