@@ -107,9 +107,10 @@ class Items:
     def add(self, uploads: list[Upload], vectors: Any, labels: list[str | None],
             tags: list[dict[str, str] | None]) -> dict[str, Any]:
         from retrieval.catalog import Item
+        from retrieval.index import UPLOADS
 
         index = self.index
-        folder = index.path / "uploads"
+        folder = index.path / UPLOADS
         items, files = [], []
         for upload, label, tag in zip(uploads, labels, tags):
             sha = hashlib.sha256(upload.data).hexdigest()
@@ -119,11 +120,13 @@ class Items:
         written = []
         with index._lock:
             known = index.catalog.by_sha256([it.sha256 for it in items], index.generation)
+        stored = set(known)  # bytes the index or an earlier upload of this request already holds
         for it, path, upload in zip(items, files, uploads):
-            if it.sha256 not in known and not path.exists():
+            if it.sha256 not in stored and not path.exists():
                 folder.mkdir(exist_ok=True)
                 write_bytes_atomic(path, upload.data)
                 written.append(path)
+            stored.add(it.sha256)
         try:
             result = index.add(vectors, items)
         except BaseException:
@@ -135,6 +138,10 @@ class Items:
             added = {rows[i].sha256: i for i in result.ids}
             later = index.catalog.by_sha256([it.sha256 for it in items if it.sha256 not in known and
                                              it.sha256 not in added], index.generation)
+            # a writer elsewhere indexed the same bytes first: its item keeps its own file, ours goes
+            unused = [p for p in written if not index.catalog.by_path([str(p)], index.generation)]
+        for path in unused:
+            path.unlink(missing_ok=True)
         duplicates, first = [], set()
         for upload, it in zip(uploads, items):
             if it.sha256 in added and it.sha256 not in first:

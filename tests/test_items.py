@@ -316,6 +316,17 @@ def test_bad_writes_are_4xx_and_change_nothing(setup):
     assert json.loads((index / "manifest.json").read_text())["generation"] == before
 
 
+def test_the_same_bytes_twice_in_one_request_are_stored_once(setup):
+    srv = setup["keyed"]
+    index = setup["indexes"]["keyed"]
+    data = png(400)
+    body, ctype = upload([("first.png", data), ("second.png", data)])
+    status, answer, _ = call(srv, "/items", body, ctype, key=WRITE_KEY)
+    assert status == 200 and len(answer["added"]) == 1 and answer["added"][0]["path"].endswith("-first.png")
+    assert answer["duplicates"] == [{"image": "image 2 'second.png'", "id": answer["added"][0]["id"]}]
+    assert [p.name for p in (index / "uploads").glob("*-second.png")] == []
+
+
 def test_a_write_waits_for_the_lock_then_answers_409(setup):
     srv = setup["keyed"]
     index = setup["indexes"]["keyed"]
