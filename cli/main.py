@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--gpu", choices=("auto", "yes", "no"), default="auto", help="train and search on GPUs (faiss-gpu)")
     i.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
     for q in (i, ia := isub.add_parser("add", help="add images (files already indexed, by sha256, are skipped)")):
+        q.add_argument("--metadata", metavar="FILE",
+                       help="labels and tags by path: items.jsonl ({\"path\": ..., \"label\": ..., \"tags\": {...}}) "
+                            "or items.csv (path,label,TAG...)")
         q.add_argument("--batch-size", type=int, default=64, help="images per embedding batch")
         q.add_argument("--workers", type=int, default=2, help="DataLoader processes reading and decoding images")
         q.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="embedding backend")
@@ -171,11 +174,31 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--index", required=True, help="index folder")
     _json_flag(i)
     i.set_defaults(handler="retrieval.command:index_info")
+    i = isub.add_parser("duplicates", help="group near-copies (resized, cropped, re-encoded) of the same image")
+    i.add_argument("--index", required=True, help="index folder")
+    i.add_argument("--threshold", type=float,
+                   help="cosine at or above which two items are copies (default: the measured one, see README)")
+    i.add_argument("--show", metavar="PNG", help="write a picture: one row per group")
+    _json_flag(i)
+    i.set_defaults(handler="retrieval.command:index_duplicates")
+    i = isub.add_parser("check", help="check that the parts of an index agree; --repair rebuilds what survives")
+    i.add_argument("--index", required=True, help="index folder")
+    i.add_argument("--repair", action="store_true",
+                   help="keep what the surviving parts agree on, commit it, and list what was dropped")
+    i.add_argument("--artifact", help="with --repair: the artifact that built the index (to embed images again "
+                                      "when index.faiss is lost, or to name the model when the manifest is)")
+    _json_flag(i)
+    i.set_defaults(handler="retrieval.command:index_check")
 
-    p = sub.add_parser("search", help="nearest images of an image in an index")
+    p = sub.add_parser("search", help="nearest images of an image (or of an indexed item) in an index")
     p.add_argument("--index", required=True, help="index folder (mae index build)")
-    p.add_argument("image", help="query image file")
-    p.add_argument("-k", type=int, default=10, help="neighbours to return")
+    p.add_argument("image", nargs="?", help="query image file (or --id)")
+    p.add_argument("--id", type=int, help="more like this: the item with this id is the query (and left out)")
+    p.add_argument("-k", type=int, default=10, help="neighbours to return (at most the size of the index)")
+    p.add_argument("--where", action="append", metavar="FILTER",
+                   help="only items that match, e.g. label=cat, path^=photos/2024/, added>=2026-01-01, "
+                        "tag.camera=X100 (repeat: all must hold; operators = != ^= < <= > >=)")
+    p.add_argument("--min-score", type=float, help="leave out neighbours with a cosine below this")
     p.add_argument("--show", metavar="PNG", help="write a contact sheet: the query and its neighbours with scores")
     p.add_argument("--artifact", help="artifact (default: the one recorded in the index manifest)")
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="embedding backend")

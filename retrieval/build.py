@@ -38,6 +38,7 @@ from mae.shards import ShardSource, is_shard_spec, open_shards
 from retrieval import index as index_lib
 from retrieval import tuning
 from retrieval.catalog import Item
+from retrieval.metadata import annotate, read_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +103,15 @@ def build_index(artifact: str | Path, images: Sequence[str | Path], out: str | P
                 batch_size: int = 64, workers: int = 2, shards: int = 1, backend: str = "auto",
                 device: str | None = None, max_memory: int | None = None, gpu: bool | None = None,
                 target_recall: float = tuning.TARGET_RECALL, overwrite: bool = False, seed: int = 0,
-                progress: bool = True) -> dict[str, Any]:
+                progress: bool = True, metadata: str | Path | None = None) -> dict[str, Any]:
     """``mae index build``: embed the images with the artifact and write INDEX/. Returns a summary.
 
     Under torchrun (WORLD_SIZE > 1) the ranks share the work (see the module docstring); rank 0 returns the
-    summary, the others their part of it."""
+    summary, the others their part of it. ``metadata``: a sidecar of labels and tags by path
+    (``retrieval.metadata``), applied once the index is built.
+    """
+    if metadata is not None:
+        read_sidecar(metadata, images)  # a bad sidecar stops the build before any image is embedded
     if shards < 1:
         raise ValueError(f"--shards must be >= 1, got {shards}")
     if batch_size < 1:
@@ -119,10 +124,14 @@ def build_index(artifact: str | Path, images: Sequence[str | Path], out: str | P
         if shards > 1:
             raise ValueError("--shards splits one machine's work between processes; under torchrun the ranks "
                              "already split it: leave --shards out")
-        return _build_distributed(artifact, source if source is not None else (files, labels), out,
-                                  factory=factory, batch_size=batch_size, workers=workers, backend=backend,
-                                  device=device, max_memory=max_memory, target_recall=target_recall,
-                                  overwrite=overwrite, seed=seed, extra=extra, progress=progress)
+        summary = _build_distributed(artifact, source if source is not None else (files, labels), out,
+                                     factory=factory, batch_size=batch_size, workers=workers, backend=backend,
+                                     device=device, max_memory=max_memory, target_recall=target_recall,
+                                     overwrite=overwrite, seed=seed, extra=extra, progress=progress)
+        if metadata is not None and os.environ.get("RANK", "0") == "0":  # the one writer applies the sidecar
+            idx = index_lib.Index.load(out, gpu=False)
+            summary.update(annotate(idx, metadata, images))
+        return summary
     embedder = Embedder.load(artifact, backend=backend, device=device, batch_size=batch_size)
     extra["embed_backend"] = embedder.backend_name
     started = time.perf_counter()
@@ -143,24 +152,35 @@ def build_index(artifact: str | Path, images: Sequence[str | Path], out: str | P
         idx = index_lib.build(out, emb.vectors, items, artifact_sha256=embedder.sha256, factory=factory,
                               max_memory=max_memory, target_recall=target_recall, gpu=gpu, seed=seed,
                               extra=extra, overwrite=overwrite)
+    if metadata is not None:
+        figures.update(annotate(idx, metadata, images))
     figures["seconds"] = round(time.perf_counter() - started, 2)
     return _summary(idx, figures)
 
 
 def add_images(index_path: str | Path, images: Sequence[str | Path], *, artifact: str | Path | None = None,
                batch_size: int = 64, workers: int = 2, backend: str = "auto", device: str | None = None,
-               progress: bool = True) -> dict[str, Any]:
-    """``mae index add``: hash first and embed only files whose bytes are not indexed yet."""
+               progress: bool = True, metadata: str | Path | None = None) -> dict[str, Any]:
+    """``mae index add``: hash first and embed only files whose bytes are not indexed yet.
+
+    ``metadata``: a sidecar of labels and tags by path for the added images (``retrieval.metadata``).
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("mae index add runs in one process (an index has one writer); run it without torchrun")
     idx = index_lib.Index.load(index_path, gpu=False)  # a write: no GPU copy to make
+    sidecar = read_sidecar(metadata, [*images, *idx.manifest.get("images", [])]) if metadata is not None else None
     embedder = load_embedder(idx, artifact, backend=backend, device=device, batch_size=batch_size)
     source = shard_collection(images)
     if source is not None:  # samples are hashed as they are read; the index drops bytes it already holds
         emb, items = embed_items(embedder, source, batch_size=batch_size, workers=workers, progress=progress)
-        result = idx.add(emb.vectors, items)
+        matched = 0
+        if sidecar is not None:  # keyed by the samples' names inside the shards
+            items, matched = sidecar.apply(items)
+        result = idx.add(emb.vectors, items)  # shard names are not under folders: no roots to record
         summary = _summary(idx, {"added": len(result.ids), "duplicates": result.duplicates, "skipped": emb.skipped,
                                  "embed_seconds": round(emb.seconds, 2), "images_per_s": emb.images_per_s})
+        if sidecar is not None:
+            summary.update(metadata=str(sidecar.source), metadata_records=sidecar.records, metadata_items=matched)
         summary["ids"] = result.ids
         return summary
     files, labels = collection(images)
@@ -181,10 +201,15 @@ def add_images(index_path: str | Path, images: Sequence[str | Path], *, artifact
             todo.append(j)
     emb, items = embed_items(embedder, [files[j] for j in todo], [labels[j] for j in todo], batch_size=batch_size,
                              workers=workers, progress=progress)
-    result = idx.add(emb.vectors, items)
+    matched = 0
+    if sidecar is not None:
+        items, matched = sidecar.apply(items)
+    result = idx.add(emb.vectors, items, roots=images)
     summary = _summary(idx, {"added": len(result.ids), "duplicates": duplicates + result.duplicates,
                              "skipped": emb.skipped, "embed_seconds": round(emb.seconds, 2),
                              "images_per_s": emb.images_per_s})
+    if sidecar is not None:
+        summary.update(metadata=str(sidecar.source), metadata_records=sidecar.records, metadata_items=matched)
     summary["ids"] = result.ids
     return summary
 
@@ -216,6 +241,9 @@ def _summary(idx: index_lib.Index, figures: dict[str, Any]) -> dict[str, Any]:
                      f"against exact search on {t.get('queries')} held-out queries)")
     if figures.get("duplicates"):
         lines.append(f"  {len(figures['duplicates'])} duplicate(s) already indexed, skipped")
+    if "metadata_items" in figures:
+        lines.append(f"  metadata from {figures['metadata']}: {figures['metadata_records']} record(s), labels and "
+                     f"tags set on {figures['metadata_items']} item(s)")
     if skipped:
         lines.append(f"  skipped {len(skipped)} unreadable image(s):")
         lines += [f"    {s['error']}" for s in skipped[:20]]

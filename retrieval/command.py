@@ -1,8 +1,16 @@
-"""``mae index build|add|remove|info`` and ``mae search``: thin handlers over retrieval.build / retrieval.index."""
+"""``mae index build|add|remove|info|duplicates|check`` and ``mae search``: thin handlers over retrieval.build,
+retrieval.index and retrieval.repair.
+
+``--json`` answers carry each item's ``path`` as the HTTP API shows it (relative to the indexed folders) and,
+since the command runs where the files are, its absolute ``file`` too.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from mae.images import ImageError, read_image
 from retrieval import build as build_lib
-from retrieval.index import Hit, Index
+from retrieval.index import DUPLICATE_THRESHOLD, Hit, Index
 
 THUMB = 128
 
@@ -21,13 +29,14 @@ def index_build(args: argparse.Namespace) -> dict[str, Any] | int:
         args.artifact, args.images, args.out, factory=args.factory, batch_size=args.batch_size,
         workers=args.workers, shards=args.shards, backend=args.backend, device=args.device,
         max_memory=_gib(args.max_memory), gpu=_gpu_flag(args.gpu), target_recall=args.recall,
-        overwrite=args.overwrite, progress=True)
+        overwrite=args.overwrite, progress=True, metadata=args.metadata)
     return 0 if summary.get("rank", 0) != 0 else summary  # under torchrun only rank 0 reports
 
 
 def index_add(args: argparse.Namespace) -> dict[str, Any]:
     return build_lib.add_images(args.index, args.images, artifact=args.artifact, batch_size=args.batch_size,
-                                workers=args.workers, backend=args.backend, device=args.device)
+                                workers=args.workers, backend=args.backend, device=args.device,
+                                metadata=args.metadata)
 
 
 def index_remove(args: argparse.Namespace) -> dict[str, Any]:
@@ -65,6 +74,8 @@ def index_info(args: argparse.Namespace) -> dict[str, Any]:
         f"dim        {info['dim']}, {info['metric']} on L2-normalised vectors",
         f"on disk    {info['bytes'] / 2**20:.1f} MiB" + (", memory-mapped inverted lists" if info["on_disk"] else ""),
         "labels     " + (", ".join(f"{k or '(none)'}: {v}" for k, v in list(labels.items())[:12]) or "none"),
+        "tags       " + (", ".join(f"{k}: {v}" for k, v in list(info["tags"].items())[:12]) or "none"),
+        "folders    " + (", ".join(info["roots"][:-1]) or "none recorded"),
     ]
     if info["auto_factory_now"] != info["factory"] and info["count"]:
         lines.append(f"note       auto would now choose {info['auto_factory_now']} for {info['count']} items "
@@ -76,27 +87,122 @@ def index_info(args: argparse.Namespace) -> dict[str, Any]:
 def search(args: argparse.Namespace) -> dict[str, Any]:
     if args.k < 1:
         raise ValueError(f"-k must be >= 1, got {args.k}")
+    if (args.image is None) == (args.id is None):
+        raise ValueError("give a query image or --id N (an item of the index), not both")
+    if args.min_score is not None and not math.isfinite(args.min_score):
+        raise ValueError(f"--min-score must be a number, got {args.min_score}")
     idx = Index.load(args.index)
-    embedder = build_lib.load_embedder(idx, args.artifact, backend=args.backend, device=args.device)
-    query = Path(args.image)
-    if not query.is_file():
-        raise FileNotFoundError(f"no such image: {query}")
-    vector = embedder.embed([query])
-    hits = idx.search(vector, args.k)[0]
+    k = min(args.k, max(idx.count, 1))  # more neighbours than items cannot come back
+    if args.id is not None:
+        if idx.row(args.id) is None:
+            raise KeyError(f"no item {args.id} in {idx.path}")
+        query_path = Path(idx.row(args.id).path)
+        hits = idx.similar(args.id, k, where=args.where, min_score=args.min_score)
+        described = f"item {args.id} ({query_path})"
+    else:
+        embedder = build_lib.load_embedder(idx, args.artifact, backend=args.backend, device=args.device)
+        query_path = Path(args.image)
+        if not query_path.is_file():
+            raise FileNotFoundError(f"no such image: {query_path}")
+        hits = idx.search(embedder.embed([query_path]), k, where=args.where, min_score=args.min_score)[0]
+        described = str(query_path)
     result: dict[str, Any] = {
-        "query": str(query.resolve()), "index": str(idx.path), "k": args.k, "count": idx.count,
-        "neighbours": [{"rank": r + 1, "id": h.id, "score": round(h.score, 6), "path": h.path, "label": h.label}
-                       for r, h in enumerate(hits)],
+        "query": str(query_path.resolve()), "query_id": args.id, "index": str(idx.path), "k": k, "count": idx.count,
+        "where": list(args.where or []), "min_score": args.min_score,
+        "neighbours": [dict(rank=r + 1, **hit_json(idx, h)) for r, h in enumerate(hits)],
     }
-    lines = [f"{len(hits)} nearest of {idx.count} in {idx.path} to {query}:"]
+    scope = f" matching {' and '.join(args.where)}" if args.where else ""
+    lines = [f"{len(hits)} nearest{scope} of {idx.count} in {idx.path} to {described}:"]
     lines += [f"  {r + 1:>3}  {h.score:.4f}  {h.label or '-':<10}  {h.path}" for r, h in enumerate(hits)]
     if not hits:
-        lines.append("  (the index is empty)")
+        lines.append("  (the index is empty)" if not idx.count else "  (no item matches)")
+    if args.k > k:
+        lines.append(f"  (-k {args.k} capped at the {idx.count} items of the index)")
     if args.show:
-        result["sheet"] = str(contact_sheet(query, hits, args.show))
+        result["sheet"] = str(contact_sheet(query_path, hits, args.show))
         lines.append(f"contact sheet: {result['sheet']}")
     result["text"] = "\n".join(lines)
     return result
+
+
+def hit_json(idx: Index, h: Hit) -> dict[str, Any]:
+    """One neighbour as --json shows it: the path as answers give it, and the file where it is."""
+    return {"id": h.id, "score": round(h.score, 6), "path": idx.relative(h.path), "file": h.path,
+            "label": h.label, "tags": h.tags or {}}
+
+
+def index_duplicates(args: argparse.Namespace) -> dict[str, Any]:
+    if args.threshold is None:
+        args.threshold = DUPLICATE_THRESHOLD
+    if not -1.0 <= args.threshold <= 1.0:
+        raise ValueError(f"--threshold is a cosine in [-1, 1], got {args.threshold}")
+    idx = Index.load(args.index)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=idx.count, desc="near-duplicates", unit="item", disable=None, file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        bar.update(done - bar.n)
+
+    try:
+        groups = idx.duplicates(args.threshold, progress=progress)
+    finally:
+        bar.close()
+    rows = idx.catalog.get([i for g in groups for i, _ in g], idx.generation)
+    out = [[{"id": i, "best_score": s, "path": idx.relative(rows[i].path), "file": rows[i].path,
+             "label": rows[i].label} for i, s in g if i in rows] for g in groups]
+    copies = sum(len(g) - 1 for g in out)
+    result: dict[str, Any] = {"index": str(idx.path), "threshold": args.threshold, "count": idx.count,
+                              "groups": out, "items_in_groups": sum(map(len, out)), "redundant": copies}
+    lines = [f"{len(out)} group(s) of near-copies (cosine >= {args.threshold}) among {idx.count} items in {idx.path}; "
+             f"{copies} item(s) could go"]
+    for n, g in enumerate(out[:20], 1):
+        lines.append(f"  group {n}: " + ", ".join(f"{m['id']} {m['path']}" for m in g[:6])
+                     + (f", ... ({len(g) - 6} more)" if len(g) > 6 else ""))
+    if len(out) > 20:
+        lines.append(f"  ... and {len(out) - 20} more groups (see --json)")
+    if args.show:
+        result["sheet"] = str(groups_sheet(out, args.show))
+        lines.append(f"groups sheet: {result['sheet']}")
+    result["text"] = "\n".join(lines)
+    return result
+
+
+def index_check(args: argparse.Namespace) -> dict[str, Any] | int:
+    """Exit 0 when the index is sound (or was repaired to soundness), 1 otherwise, after printing the report."""
+    from retrieval import repair
+
+    if args.repair:
+        report = repair.repair(args.index, args.artifact, progress=True)
+    else:
+        if args.artifact:
+            raise ValueError("--artifact is for --repair (it embeds images again, or names the model)")
+        report = repair.check(args.index)
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items() if k != "text"}, default=str))
+    else:
+        print(report["text"])
+    return 0 if report["ok"] else 1
+
+
+def groups_sheet(groups: Sequence[Sequence[dict[str, Any]]], out: str | Path, per_row: int = 8,
+                 max_rows: int = 24) -> Path:
+    """A PNG with one row per group of near-copies (first ``max_rows`` groups), each captioned id and score."""
+    rows = [g[:per_row] for g in groups[:max_rows]] or [[]]
+    pad, caption = 6, 30
+    columns = max(1, max(len(r) for r in rows))
+    sheet = Image.new("RGB", (columns * (THUMB + pad) + pad, len(rows) * (THUMB + caption + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for y_index, group in enumerate(rows):
+        for x_index, m in enumerate(group):
+            x, y = pad + x_index * (THUMB + pad), pad + y_index * (THUMB + caption + pad)
+            sheet.paste(_thumbnail(m["file"]), (x, y))
+            draw.text((x + 2, y + THUMB + 2), f"#{m['id']}  {m['best_score']:.3f}", fill="black")
+            draw.text((x + 2, y + THUMB + 15), Path(m["path"]).name[:18], fill=(90, 90, 90))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out
 
 
 def contact_sheet(query: str | Path, hits: Sequence[Hit], out: str | Path, columns: int = 6) -> Path:

@@ -41,6 +41,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-image-bytes", type=int, default=lim.max_image_bytes, help="encoded bytes per image")
     p.add_argument("--max-image-pixels", type=int, default=lim.max_image_pixels,
                    help="pixels per image (decompression bombs are refused from the header)")
+    g = p.add_argument_group("keys and browsers (serving/auth.py)")
+    g.add_argument("--api-keys", metavar="FILE", default=d.api_keys_file,
+                   help="API keys, one per line: 'read KEY' or 'write KEY' (writes need a write key; with keys, "
+                        "reads need a read key)")
+    g.add_argument("--public-read", action="store_true", help="with --api-keys: let reads through without a key")
+    g.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a web origin (https://app.example) whose pages may call the API; repeatable; none: CORS off")
+    g.add_argument("--absolute-paths", action="store_true",
+                   help="answer absolute server paths instead of paths relative to the indexed folders")
 
 
 def command_line(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
@@ -55,9 +64,13 @@ def command_line(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
 
         index = Path(args.index).resolve()
         Index.load(index, artifact_sha256=config["sha256"])  # refuses an index built with another artifact
+    keys = _keys_file(getattr(args, "api_keys", ""))
+    origins = [_origin(o) for o in getattr(args, "cors_origin", [])]
     settings = Settings(artifact=str(artifact), index=str(index or ""), backend=args.backend,
                         batching=not args.no_batching, max_batch_size=args.max_batch_size,
-                        max_latency_ms=args.max_latency_ms, threads=args.threads, workers=args.workers)
+                        max_latency_ms=args.max_latency_ms, threads=args.threads, workers=args.workers,
+                        api_keys_file=keys, public_read=getattr(args, "public_read", False),
+                        cors_origins=",".join(origins), absolute_paths=getattr(args, "absolute_paths", False))
     settings.validate()
     limits = Limits(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
                     max_images=args.max_images)
@@ -72,6 +85,25 @@ def command_line(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", args.host, "--port", str(args.port),
            "--working-dir", str(ROOT)]
     return cmd, env
+
+
+def _keys_file(path: str | None) -> str:
+    """The API key file, checked now (a bad line stops ``mae serve`` here, not in every worker)."""
+    if not path:
+        return ""
+    from serving.auth import KeyRing
+
+    KeyRing.load(path)
+    return str(Path(path).resolve())
+
+
+def _origin(value: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/") or parts.query:
+        raise ValueError(f"--cors-origin takes an origin like https://app.example:8443, got {value!r}")
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def _check_port(host: str, port: int) -> None:

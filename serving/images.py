@@ -18,7 +18,7 @@ import binascii
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
@@ -43,6 +43,8 @@ class Upload:
 
     label: str
     data: bytes
+    filename: str | None = None
+    """The client's file name (multipart uploads), kept for files the server stores (``POST /items``)."""
 
 
 @dataclass
@@ -51,6 +53,8 @@ class ImagesRequest:
 
     uploads: list[Upload]
     k: int = 5
+    fields: dict[str, Any] = field(default_factory=dict)
+    """Other fields the endpoint takes (``extra``): a list of strings per multipart field, the value in JSON."""
 
 
 def error(message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST) -> BentoMLException:
@@ -88,15 +92,17 @@ def _capped(request: Request, cap: int) -> Request:
     return Request(request.scope, counting_receive)
 
 
-async def parse_request(request: Request, limits: Limits, allow_k: bool = True) -> ImagesRequest:
-    """Read the images (and ``k`` where ``allow_k``) out of a multipart or JSON request; problems are 4xx errors."""
+async def parse_request(request: Request, limits: Limits, allow_k: bool = True,
+                        extra: Sequence[str] = ()) -> ImagesRequest:
+    """Read the images (and ``k`` where ``allow_k``, and the ``extra`` fields) out of a multipart or JSON request;
+    problems are 4xx errors."""
     media_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     try:
         capped = _capped(request, limits.max_body_bytes)
         if media_type == "multipart/form-data":
-            parsed = await _parse_multipart(capped, limits, allow_k)
+            parsed = await _parse_multipart(capped, limits, allow_k, extra)
         elif media_type in ("application/json", ""):
-            parsed = await _parse_json(capped, limits, allow_k)
+            parsed = await _parse_json(capped, limits, allow_k, extra)
         else:
             raise error(f"unsupported Content-Type {media_type!r}: send multipart/form-data with image files "
                         "(curl -F images=@photo.jpg) or application/json with base64 strings "
@@ -123,8 +129,9 @@ def _parse_k(value: Any) -> int:
     return value
 
 
-def _fields(allow_k: bool) -> str:
-    return "'images' and optionally 'k'" if allow_k else "'images'"
+def _fields(allow_k: bool, extra: Sequence[str] = ()) -> str:
+    optional = (["'k'"] if allow_k else []) + [f"'{name}'" for name in extra]
+    return "'images'" + (f" and optionally {', '.join(optional)}" if optional else "")
 
 
 def _too_big(label: str, size: int, limits: Limits) -> BentoMLException:
@@ -132,12 +139,14 @@ def _too_big(label: str, size: int, limits: Limits) -> BentoMLException:
                  HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
 
 
-async def _parse_multipart(request: Request, limits: Limits, allow_k: bool) -> ImagesRequest:
+async def _parse_multipart(request: Request, limits: Limits, allow_k: bool, extra: Sequence[str] = ()
+                           ) -> ImagesRequest:
     from starlette.exceptions import HTTPException
     from starlette.formparsers import MultiPartException
 
     try:
-        form = await request.form(max_files=limits.max_images + 1, max_fields=8, max_part_size=64 * 1024)
+        form = await request.form(max_files=limits.max_images + 1, max_fields=8 + 2 * limits.max_images * len(extra),
+                                  max_part_size=64 * 1024)
     except (MultiPartException, HTTPException) as e:
         message = getattr(e, "message", None) or getattr(e, "detail", None) or str(e)
         if "Too many files" in message:
@@ -151,6 +160,7 @@ async def _parse_multipart(request: Request, limits: Limits, allow_k: bool) -> I
     try:
         uploads: list[Upload] = []
         k = 5
+        fields: dict[str, list[str]] = {}
         for key, value in form.multi_items():
             if key == "images":
                 label = f"image {len(uploads) + 1}"
@@ -161,22 +171,25 @@ async def _parse_multipart(request: Request, limits: Limits, allow_k: bool) -> I
                     label += f" {value.filename!r}"
                 if value.size is not None and value.size > limits.max_image_bytes:
                     raise _too_big(label, value.size, limits)
-                uploads.append(Upload(label, await value.read()))
+                uploads.append(Upload(label, await value.read(), value.filename or None))
                 if len(uploads) > limits.max_images:
                     break
             elif key == "k" and allow_k:
                 k = _parse_k(value if isinstance(value, str) else (await value.read()).decode("utf-8", "replace"))
+            elif key in extra:
+                text = value if isinstance(value, str) else (await value.read()).decode("utf-8", "replace")
+                fields.setdefault(key, []).append(text)
             else:
-                raise error(f"unknown field {key!r}; this endpoint takes {_fields(allow_k)}")
+                raise error(f"unknown field {key!r}; this endpoint takes {_fields(allow_k, extra)}")
     finally:
         await form.close()
-    return ImagesRequest(uploads, k)
+    return ImagesRequest(uploads, k, fields)
 
 
 _DATA_URL = re.compile(r"^data:[\w.+-]+/[\w.+-]+(;[\w=.+-]+)*;base64,", re.IGNORECASE)
 
 
-async def _parse_json(request: Request, limits: Limits, allow_k: bool) -> ImagesRequest:
+async def _parse_json(request: Request, limits: Limits, allow_k: bool, extra: Sequence[str] = ()) -> ImagesRequest:
     body = b"".join([chunk async for chunk in request.stream()])
     if not body.strip():
         raise error('empty body: send {"images": ["<base64>", ...]} or multipart image files')
@@ -186,9 +199,9 @@ async def _parse_json(request: Request, limits: Limits, allow_k: bool) -> Images
         raise error(f"the body is not valid JSON ({e})") from e
     if not isinstance(payload, dict):
         raise error(f'the JSON body must be an object like {{"images": ["<base64>"]}}, got {type(payload).__name__}')
-    unknown = sorted(set(payload) - ({"images", "k"} if allow_k else {"images"}))
+    unknown = sorted(set(payload) - ({"images", "k"} if allow_k else {"images"}) - set(extra))
     if unknown:
-        raise error(f"unknown field(s) {unknown}; this endpoint takes {_fields(allow_k)}")
+        raise error(f"unknown field(s) {unknown}; this endpoint takes {_fields(allow_k, extra)}")
     images = payload.get("images")
     if images is None:
         raise error('the JSON body has no "images": send {"images": ["<base64>", ...]}')
@@ -200,7 +213,7 @@ async def _parse_json(request: Request, limits: Limits, allow_k: bool) -> Images
         raise error(f"{len(images)} images is over the limit of {limits.max_images} per request",
                     HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
     uploads = [Upload(f"image {i + 1}", _b64decode(s, f"image {i + 1}", limits)) for i, s in enumerate(images)]
-    return ImagesRequest(uploads, _parse_k(payload.get("k", 5)))
+    return ImagesRequest(uploads, _parse_k(payload.get("k", 5)), {key: payload[key] for key in extra if key in payload})
 
 
 def _b64decode(value: Any, label: str, limits: Limits) -> bytes:

@@ -9,7 +9,8 @@ Two BentoML services, composed the way BentoML runs models with pre-processing:
   the front are merged there by BentoML's adaptive batching (CorkDispatcher): arrays, never lists of PIL images.
 
 Start it with ``mae serve --artifact A [--index I]``, or ``MAE_ARTIFACT=A bentoml serve serving.service:MAEService``
-(see ``serving.settings`` for every ``MAE_*`` variable).
+(see ``serving.settings`` for every ``MAE_*`` variable). The item routes (``/items``, ``/duplicates``) are in
+``serving.items``, API keys and CORS in ``serving.auth``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property, lru_cache
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,10 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from serving.auth import Guard
 from serving.images import Upload, error, parse_request, to_pixels
+from serving.items import ROUTES as ITEM_ROUTES
+from serving.items import ItemError, Items, damaged_message, parse_min_score, parse_where
 from serving.settings import Limits, Settings, var
 
 log = logging.getLogger("mae.serving")
@@ -44,7 +49,6 @@ SETTINGS = Settings.from_env()
 LIMITS = Limits.from_env()
 WEB = Path(__file__).parent / "web"
 THUMBNAIL_SIZE = 128
-INDEX_RELOAD_S = 2.0
 
 # Where a request's time goes; scraped from /metrics by bench/serving.py. BentoML gathers the metrics of all
 # service processes (front and encoder) into the front's /metrics.
@@ -142,6 +146,24 @@ class TopKInput(ImagesInput):
         return cls.model_construct(images=parsed.uploads, k=parsed.k)
 
 
+class SearchInput(TopKInput):
+    """Images and k as for /classify, and optionally a filter on the catalogue and a score cut."""
+
+    where: list[str] = Field(default_factory=list, description='conditions that all hold, e.g. ["label=cat", '
+                             '"path^=photos/2024/", "added>=2026-01-01", "tag.camera=X100"]')
+    min_score: float | None = Field(None, description="leave out neighbours with a cosine below this")
+
+    @classmethod
+    async def from_http_request(cls, request: Request, serde: Any) -> SearchInput:
+        parsed = await parse_request(request, LIMITS, allow_k=True, extra=("where", "min_score"))
+        try:
+            where = parse_where(parsed.fields.get("where"))
+            min_score = parse_min_score(parsed.fields.get("min_score"))
+        except ItemError as e:
+            raise error(str(e)) from None
+        return cls.model_construct(images=parsed.uploads, k=parsed.k, where=where, min_score=min_score)
+
+
 class EmbedOutput(BaseModel):
     embeddings: list[list[float]] = Field(description="one L2-normalised vector per image, in request order")
     dim: int
@@ -162,8 +184,9 @@ class ClassifyOutput(BaseModel):
 class Neighbour(BaseModel):
     id: int
     score: float = Field(description="inner product of L2-normalised vectors (cosine similarity)")
-    path: str
+    path: str = Field(description="relative to the indexed folders (absolute with MAE_ABSOLUTE_PATHS=1)")
     label: str | None
+    tags: dict[str, str] = Field(default_factory=dict, description="the item's free-form tags")
     thumbnail: str = Field(description="URL of a small PNG of the item, served by this API")
 
 
@@ -171,6 +194,7 @@ class SearchOutput(BaseModel):
     neighbours: list[list[Neighbour]] = Field(description="top-k items per image, most similar first")
     model: str
     index_count: int
+    generation: int = Field(0, description="the index generation that answered (every write makes a new one)")
 
 
 # ----------------------------------------------------------------------------------------------- the page
@@ -180,8 +204,14 @@ async def _page(_: Request) -> Response:
     return FileResponse(WEB / "index.html", media_type="text/html")
 
 
-async def _info(_: Request) -> Response:
-    return JSONResponse(await bentoml.get_current_service().info())
+async def _info(request: Request) -> Response:
+    service: MAEService = bentoml.get_current_service()
+    try:
+        answer = await service.info()
+    except RuntimeError as e:
+        return _damaged_index(e)
+    answer["auth"]["scope"] = service.key_scope(request.headers.get("authorization"))  # what the page may offer
+    return JSONResponse(answer)
 
 
 async def _thumbnail(request: Request) -> Response:
@@ -194,7 +224,18 @@ async def _thumbnail(request: Request) -> Response:
         png = await service.thumbnail(item_id)
     except LookupError as e:
         return JSONResponse({"error": str(e)}, status_code=404)
+    except RuntimeError as e:
+        return _damaged_index(e)
     return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+
+def _damaged_index(e: RuntimeError) -> Response:
+    """503 naming the problem when the index was damaged while serving; anything else stays an error (500)."""
+    from retrieval.index import IndexDamagedError
+
+    if not isinstance(e, IndexDamagedError):
+        raise e
+    return JSONResponse({"error": damaged_message(e)}, status_code=503)
 
 
 async def _docs(_: Request) -> Response:
@@ -210,6 +251,7 @@ PAGE = Starlette(routes=[
     Route("/thumbnail/{item_id}", _thumbnail, methods=["GET"]),
     Route("/docs", _docs, methods=["GET"]),
     Mount("/web", StaticFiles(directory=WEB), name="web"),
+    *ITEM_ROUTES,
 ])
 
 
@@ -301,9 +343,9 @@ class MAEService:
             from retrieval.index import Index
 
             self.index = self._index_thread.submit(Index.load, SETTINGS.index, artifact_sha256=self.sha256).result()
-        self._index_checked = time.monotonic()
         self._decode_limiter = anyio.CapacityLimiter(max(2, SETTINGS.model_threads))
         self._backend: dict[str, Any] | None = None
+        self.items = Items(self, LIMITS, absolute_paths=SETTINGS.absolute_paths, write_wait_s=SETTINGS.write_wait_s)
         _keep_one_session(self.encoder)
 
     # ------------------------------------------------------------------ shared steps
@@ -350,25 +392,32 @@ class MAEService:
         predictions = top_k(out[:, self.dim :], self.labels, k)
         return ClassifyOutput(predictions=predictions, model=self.sha256)
 
-    @bentoml.api(route="/search", input_spec=TopKInput, output_spec=SearchOutput)
-    async def search(self, images: list[Upload], k: int = 5) -> SearchOutput:
-        """The k most similar items of the index for each image."""
+    @bentoml.api(route="/search", input_spec=SearchInput, output_spec=SearchOutput)
+    async def search(self, images: list[Upload], k: int = 5, where: list[str] | None = None,
+                     min_score: float | None = None) -> SearchOutput:
+        """The k most similar items of the index for each image; ``where`` filters on the catalogue."""
+        from retrieval.index import IndexDamagedError
+
         if self.index is None:
             raise error("this server has no index: start it with --index INDEX (mae index build makes one)")
         vectors = np.ascontiguousarray((await self._vectors(images))[:, : self.dim])  # (N, D)
-        hits = await asyncio.get_running_loop().run_in_executor(self._index_thread, self._search, vectors, k)
-        neighbours = [[Neighbour(id=h.id, score=h.score, path=h.path, label=h.label,
-                                 thumbnail=f"/thumbnail/{h.id}") for h in row] for row in hits]
-        return SearchOutput(neighbours=neighbours, model=self.sha256, index_count=self.index.count)
+        try:
+            hits = await asyncio.get_running_loop().run_in_executor(self._index_thread, self._search, vectors, k,
+                                                                    where or [], min_score)
+        except IndexDamagedError as e:  # BentoML shows 5xx answers as "unexpected error": the reason is logged
+            raise error(damaged_message(e), HTTPStatus.SERVICE_UNAVAILABLE) from None
+        neighbours = [[Neighbour(**self.items.hit_json(h)) for h in row] for row in hits]
+        return SearchOutput(neighbours=neighbours, model=self.sha256, index_count=self.index.count,
+                            generation=self.index.generation)
 
-    def _search(self, vectors: np.ndarray, k: int) -> list[list[Any]]:
-        """On the index thread: pick up what ``mae index add/remove`` committed meanwhile (checked at most every
-        INDEX_RELOAD_S seconds; a reload only reads the manifest unless the generation changed), then search."""
-        if time.monotonic() - self._index_checked > INDEX_RELOAD_S:
-            self._index_checked = time.monotonic()
-            if self.index.reload():
-                log.info("index %s reloaded: %d items", self.index.path, self.index.count)
-        return self.index.search(vectors, k)
+    def _search(self, vectors: np.ndarray, k: int, where: list[str] | None = None,
+                min_score: float | None = None) -> list[list[Any]]:
+        """On the index thread: pick up what a writer (``mae index add``, ``POST /items``, another worker)
+        committed meanwhile (a ``stat`` of the manifest; see ``serving.items``), then search."""
+        if self.index.reload():
+            log.info("index %s reloaded: %d items, generation %d", self.index.path, self.index.count,
+                     self.index.generation)
+        return self.index.search(vectors, k, where=where, min_score=min_score)
 
     # ------------------------------------------------------------------ page helpers
 
@@ -382,12 +431,34 @@ class MAEService:
             "labels": self.labels,
             "input_size": list(self.preprocessing.input_size),
             "backend": self._backend,
-            "index": None if self.index is None else {"path": str(self.index.path), "count": self.index.count},
+            "index": None if self.index is None else await self.items.read(self._index_info),
+            "auth": {"keys": bool(self._keyring), "public_read": SETTINGS.public_read},
             "batching": {"enabled": SETTINGS.batching, "max_batch_size": SETTINGS.max_batch_size,
                          "max_latency_ms": SETTINGS.max_latency_ms},
             "limits": {"max_images": LIMITS.max_images, "max_image_bytes": LIMITS.max_image_bytes,
                        "max_image_pixels": LIMITS.max_image_pixels},
         }
+
+    def _index_info(self) -> dict[str, Any]:
+        """The index as /info shows it: its folder's name (the whole path only with MAE_ABSOLUTE_PATHS=1)."""
+        from retrieval.index import DUPLICATE_THRESHOLD
+
+        idx = self.index
+        return {"path": str(idx.path) if SETTINGS.absolute_paths else idx.path.name, "count": idx.count,
+                "generation": idx.generation, "labels": idx.catalog.labels(idx.generation),
+                "duplicate_threshold": DUPLICATE_THRESHOLD}
+
+    @cached_property
+    def _keyring(self) -> Any:
+        from serving.auth import KeyRing
+
+        return KeyRing.load(SETTINGS.api_keys_file)
+
+    def key_scope(self, authorization: str | None) -> str | None:
+        """The scope of the key a request carries ("read", "write"), None without a valid one."""
+        kind, _, presented = (authorization or "").partition(" ")
+        key = self._keyring.scope_of(presented.strip()) if kind.lower() == "bearer" and presented.strip() else None
+        return key.scope if key is not None else None
 
     @cached_property
     def _thumbnail_cache(self) -> Any:
@@ -397,7 +468,7 @@ class MAEService:
         """A PNG of an indexed item, at most THUMBNAIL_SIZE pixels a side; only ids in the catalogue are served."""
         if self.index is None:
             raise LookupError("this server has no index")
-        hit = await asyncio.get_running_loop().run_in_executor(self._index_thread, self.index.item, item_id)
+        hit = await self.items.read(self.index.item, item_id)
         if hit is None:
             raise LookupError(f"no item {item_id} in the index")
         return await anyio.to_thread.run_sync(self._thumbnail_cache, item_id, hit.path)
@@ -418,3 +489,4 @@ class MAEService:
 
 
 MAEService.add_asgi_middleware(FlatErrors)
+MAEService.add_asgi_middleware(Guard)  # API keys and CORS (serving.auth); inside FlatErrors, outside the routes

@@ -73,6 +73,16 @@ class Settings:
     """Intra-op threads of the model on CPU; 0 means half the cores."""
     workers: int = 1
     """Front-end worker processes (HTTP parsing, decoding, preprocessing, search)."""
+    api_keys_file: str = ""
+    """File of API keys with their scopes (serving.auth); empty: no keys, reads open, writes refused."""
+    public_read: bool = False
+    """With keys configured, let reads through without one (writes still need a write key)."""
+    cors_origins: str = ""
+    """Comma-separated origins whose web pages may call the API (CORS); empty: none (CORS off)."""
+    absolute_paths: bool = False
+    """Answer item paths as absolute server paths instead of relative to the indexed folders."""
+    write_wait_s: int = 10
+    """Seconds an HTTP write waits for another writer's index lock before answering 409."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -92,6 +102,10 @@ class Settings:
             raise ValueError(f"max latency must be at least 1 ms, got {self.max_latency_ms}")
         if self.threads < 0 or self.workers < 1:
             raise ValueError(f"threads must be >= 0 and workers >= 1, got {self.threads} and {self.workers}")
+        if self.write_wait_s < 0:
+            raise ValueError(f"write wait must be >= 0 s, got {self.write_wait_s}")
+        if self.public_read and not self.api_keys_file:
+            raise ValueError("public read only means something with API keys (--api-keys FILE)")
 
     @property
     def model_threads(self) -> int:

@@ -35,7 +35,7 @@ class Server:
     """``mae serve`` in a subprocess on a free loopback port (``serving.command.start``), stopped as a whole."""
 
     def __init__(self, artifact: Path, index: Path | None = None, log: Path | None = None,
-                 extra: Sequence[str] = ()):
+                 extra: Sequence[str] = (), env: dict[str, str] | None = None):
         self.artifact, self.index, self.log, self.extra = artifact, index, log, list(extra)
         # Each server its own BENTOML_HOME: BentoML keeps /metrics in $BENTOML_HOME/prometheus_multiproc_dir and
         # wipes it when a server starts, so two servers on one machine would otherwise erase each other's metrics.
@@ -43,7 +43,7 @@ class Server:
         from serving.command import launch
 
         self.proc, url = launch(artifact, index, port=free_port(), extra=self.extra, log=log,
-                                env={"BENTOML_HOME": self._home.name, "BENTOML_DO_NOT_TRACK": "true"})
+                                env={"BENTOML_HOME": self._home.name, "BENTOML_DO_NOT_TRACK": "true", **(env or {})})
         self.url = url.rstrip("/")
 
     def wait_ready(self, timeout: float = 240.0) -> None:
@@ -65,16 +65,19 @@ class Server:
 
 
 def request(url: str, body: bytes | None = None, content_type: str | None = None, method: str | None = None,
-            timeout: float = 60) -> tuple[int, bytes]:
-    """(status, body) of one HTTP request, errors included."""
+            timeout: float = 60, headers: dict[str, str] | None = None, with_headers: bool = False):
+    """(status, body) of one HTTP request, errors included; (status, body, headers) with ``with_headers``."""
     req = urllib.request.Request(url, data=body, method=method or ("POST" if body is not None else "GET"))
     if content_type:
         req.add_header("Content-Type", content_type)
+    for name, value in (headers or {}).items():
+        req.add_header(name, value)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read()
+            answer = r.status, r.read(), {k.lower(): v for k, v in r.headers.items()}
     except urllib.error.HTTPError as e:
-        return e.code, e.read()
+        answer = e.code, e.read(), {k.lower(): v for k, v in e.headers.items()}
+    return answer if with_headers else answer[:2]
 
 
 def post_json(url: str, payload: object) -> tuple[int, object]:

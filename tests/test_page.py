@@ -12,14 +12,16 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from tests.serving_support import Server, build_index, export_digits, tiny_artifact
+from tests.serving_support import Server, build_index, export_digits, request, tiny_artifact
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 K = 6
+WRITE_KEY = "page-write-key-3f9a7c1e5b2d"
 
 
 def chromium() -> str:
@@ -60,16 +62,22 @@ def browser(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    """Two servers on one collection: as today (no keys), and with a write key (the page's add and delete)."""
     tmp = tmp_path_factory.mktemp("page")
     artifact = tiny_artifact(tmp / "artifact", labels=[str(i) for i in range(10)])
     images = export_digits(tmp / "digits", 30)
     index = build_index(artifact, tmp / "digits", tmp / "index")
+    keyed_index = build_index(artifact, tmp / "digits", tmp / "keyed-index")
+    (tmp / "keys.txt").write_text(f"write {WRITE_KEY}\n")
     srv = Server(artifact, index, tmp / "server.log")
+    keyed = Server(artifact, keyed_index, tmp / "keyed.log", ["--api-keys", str(tmp / "keys.txt")])
     try:
         srv.wait_ready()
-        yield {"server": srv, "images": images, "index": index, "tmp": tmp}
+        keyed.wait_ready()
+        yield {"server": srv, "keyed": keyed, "images": images, "index": index, "tmp": tmp}
     finally:
         srv.stop()
+        keyed.stop()
 
 
 def open_page(browser, url: str):
@@ -108,7 +116,7 @@ def test_page_shows_labels_and_neighbours_for_a_picked_image(browser, server):
     cards = page.locator("#neighbours .neighbour")
     assert cards.count() == K
     first = cards.nth(0)
-    assert first.locator(".path").get_attribute("title") == str(query_image.resolve())
+    assert first.locator(".path").get_attribute("title") == f"digits/{query_image.parent.name}/{query_image.name}"
     assert first.locator(".path").inner_text() == f"{query_image.parent.name}/{query_image.name}"
     assert float(first.locator(".score").inner_text()) == pytest.approx(1.0, abs=1e-3)
     assert first.locator(".label").inner_text() == query_image.parent.name
@@ -130,5 +138,90 @@ def test_page_shows_the_servers_message_for_a_bad_file(browser, server):
     message = page.inner_text("#error")
     assert "notes.png" in message and "not a recognised image format" in message
     keep(page, server["tmp"], "page-error.png")
+    assert not errors, errors
+    page.close()
+
+
+def wait_state(page, *states: str, timeout: float = 60_000) -> str:
+    page.wait_for_selector(", ".join(f"body[data-state={s}]" for s in states), timeout=timeout)
+    return page.get_attribute("body", "data-state")
+
+
+def test_page_filters_and_asks_for_more_like_a_result(browser, server):
+    """Without keys the page works as before, with the filter box and "more like this"; no write controls."""
+    page, errors = open_page(browser, server["server"].url + "/")
+    assert not page.is_visible("#add-panel") and page.is_visible("#filters")
+    query_image = server["images"][7]
+    page.fill("#filter-label", query_image.parent.name)
+    query(page, query_image)
+    assert page.get_attribute("body", "data-state") == "done", page.inner_text("#error")
+    labels = page.locator("#neighbours .neighbour .label").all_inner_texts()
+    assert labels and set(labels) == {query_image.parent.name}
+    assert page.locator("#neighbours .delete").count() == 0
+    page.fill("#filter-label", "")
+    page.fill("#filter-folder", "digits/5/")
+    page.evaluate("document.body.dataset.state = 'idle'")
+    page.dispatch_event("#filter-folder", "change")  # a changed filter reruns the query
+    assert wait_state(page, "done", "error") == "done", page.inner_text("#error")
+    titles = page.eval_on_selector_all("#neighbours .path", "els => els.map(e => e.title)")
+    assert titles and all(t.startswith("digits/5/") for t in titles)
+    page.fill("#filter-folder", "")
+    first = page.locator("#neighbours .neighbour").nth(0)
+    chosen = int(first.get_attribute("data-id"))
+    page.evaluate("document.body.dataset.state = 'idle'")
+    first.locator(".similar").click()
+    assert wait_state(page, "done", "error") == "done", page.inner_text("#error")
+    assert page.inner_text("#results-title").startswith("More like 5/")
+    ids = [int(i) for i in page.eval_on_selector_all("#neighbours .neighbour", "els => els.map(e => e.dataset.id)")]
+    assert len(ids) == K and chosen not in ids
+    keep(page, server["tmp"], "page-more-like-this.png")
+    assert not errors, errors
+    page.close()
+
+
+def test_page_with_a_write_key_adds_and_deletes(browser, server, tmp_path):
+    from PIL import Image
+
+    keyed = server["keyed"]
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(keyed.url + "/", wait_until="load")
+    page.evaluate("localStorage.clear()")
+    page.reload(wait_until="load")
+    assert wait_state(page, "locked", "ready") == "locked"
+    assert "needs an API key" in page.inner_text("#error")
+    page.fill("#key", "a-wrong-key-0000000000")
+    page.click("#key-save")
+    assert wait_state(page, "locked", "ready") == "locked" and "not accepted" in page.inner_text("#key-status")
+    page.fill("#key", WRITE_KEY)
+    page.click("#key-save")
+    assert wait_state(page, "ready", "locked") == "ready", page.inner_text("#error")
+    assert page.is_visible("#add-panel") and "write" in page.inner_text("#key-status")
+    new = tmp_path / "fresh.png"
+    Image.fromarray(np.random.default_rng(7).integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(new)
+    page.set_input_files("#add-files", str(new))
+    page.fill("#add-label", "fresh")
+    page.evaluate("document.body.dataset.state = 'idle'")
+    page.click("#add-button")
+    assert wait_state(page, "done", "error") == "done", page.inner_text("#error")
+    assert "added 1" in page.inner_text("#add-status")
+    # the key stays in this browser: a reload needs no typing, and thumbnails come with it
+    page.reload(wait_until="load")
+    assert wait_state(page, "ready", "locked") == "ready"
+    query(page, new)
+    assert page.get_attribute("body", "data-state") == "done", page.inner_text("#error")
+    first = page.locator("#neighbours .neighbour").nth(0)
+    assert first.locator(".label").inner_text() == "fresh"
+    item_id = int(first.get_attribute("data-id"))
+    page.wait_for_function("[...document.querySelectorAll('#neighbours img')].every(i => i.complete && i.naturalWidth)")
+    headers = {"Authorization": f"Bearer {WRITE_KEY}"}
+    assert request(f"{keyed.url}/items/{item_id}", headers=headers)[0] == 200
+    page.evaluate("document.body.dataset.state = 'idle'")
+    first.locator(".delete").click()
+    assert wait_state(page, "done", "error") == "done", page.inner_text("#error")
+    assert str(item_id) not in page.eval_on_selector_all("#neighbours .neighbour", "els => els.map(e => e.dataset.id)")
+    assert request(f"{keyed.url}/items/{item_id}", headers=headers)[0] == 404
+    keep(page, server["tmp"], "page-keyed.png")
     assert not errors, errors
     page.close()

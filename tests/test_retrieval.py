@@ -201,7 +201,7 @@ def test_search_of_an_empty_index(tmp_path):
     idx = build(tmp_path / "empty", np.zeros((0, 64), np.float32), [], artifact_sha256=SHA)
     assert idx.count == 0 and idx.search(lowrank(2, 6), 5) == [[], []]
     scores, ids = idx.search_ids(lowrank(1, 6), 3)
-    assert (ids == -1).all() and ids.shape == (1, 3)
+    assert (ids == -1).all() and ids.shape == (1, 1), "k is capped at the size of the index (at least 1)"
     hnsw = build(tmp_path / "h", lowrank(10, 7), items_for(10), artifact_sha256=SHA, factory="HNSW16,Flat")
     hnsw.remove(range(1, 11))
     assert Index.load(tmp_path / "h").search(lowrank(1, 8), 5) == [[]]
@@ -384,7 +384,8 @@ def test_cli_build_add_search_remove_info(tmp_path, artifact, photos, capsys):
     added = run("index", "add", "--index", str(out), str(photos / "good"), "--workers", "0")
     assert added["added"] == 3 and len(added["duplicates"]) == 5 and added["count"] == 8
     found = run("search", "--index", str(out), str(good[6]), "-k", "3", "--show", str(tmp_path / "sheet.png"))
-    assert found["neighbours"][0]["path"] == str(good[6]) and found["neighbours"][0]["score"] > 0.999
+    assert found["neighbours"][0]["file"] == str(good[6]) and found["neighbours"][0]["score"] > 0.999
+    assert found["neighbours"][0]["path"] == f"good/{good[6].name}", "as answers show it: relative to the folders"
     assert [n["rank"] for n in found["neighbours"]] == [1, 2, 3]
     from PIL import Image
 
@@ -399,6 +400,53 @@ def test_cli_build_add_search_remove_info(tmp_path, artifact, photos, capsys):
     bundled = ["index", "build", "--artifact", str(artifact), "--images", "photos", "--out", str(tmp_path / "x")]
     assert main(bundled) == 1
     assert "mae data export" in capsys.readouterr().err
+
+
+def test_cli_filters_more_like_this_metadata_and_duplicates(tmp_path, artifact, photos, capsys):
+    """--metadata at build, --where / --min-score / --id at search, and mae index duplicates, as typed."""
+    from cli.main import main
+
+    def run(*argv: str) -> dict:
+        capsys.readouterr()
+        assert main([*argv, "--json"]) == 0, capsys.readouterr().err
+        return json.loads(capsys.readouterr().out)
+
+    good = sorted((photos / "good").glob("*.png"))
+    copy = tmp_path / "copies" / "copy.png"  # a re-encoded, slightly shrunk copy of one photo
+    copy.parent.mkdir()
+    from PIL import Image
+
+    im = Image.open(good[2])
+    im.resize((im.width * 9 // 10, im.height * 9 // 10)).save(copy)
+    sidecar = tmp_path / "items.csv"
+    sidecar.write_text("path,label,camera\n" + "".join(f"good/{p.name},,{'X100' if i < 3 else 'GR'}\n"
+                                                         for i, p in enumerate(good)))
+    out = tmp_path / "index"
+    built = run("index", "build", "--artifact", str(artifact), "--images", str(photos / "good"), str(copy.parent),
+                "--out", str(out), "--metadata", str(sidecar), "--workers", "0")
+    assert built["count"] == 9 and built["metadata_items"] == 8 and built["tags"] == {"camera": 8}
+    found = run("search", "--index", str(out), str(good[5]), "--where", "tag.camera=X100", "-k", "5")
+    assert [n["path"] for n in found["neighbours"]] and len(found["neighbours"]) == 3
+    assert all(n["tags"]["camera"] == "X100" for n in found["neighbours"])
+    found = run("search", "--index", str(out), str(good[5]), "--where", "path^=copies/")
+    assert [n["path"] for n in found["neighbours"]] == ["copies/copy.png"]
+    cut = run("search", "--index", str(out), str(good[5]), "--min-score", "0.999")
+    assert [n["file"] for n in cut["neighbours"]] == [str(good[5])]
+    similar = run("search", "--index", str(out), "--id", "3", "-k", "4")
+    assert len(similar["neighbours"]) == 4 and 3 not in [n["id"] for n in similar["neighbours"]]
+    assert similar["query"] == str(good[2])
+    near = run("search", "--index", str(out), str(good[2]), "-k", "3")["neighbours"]  # itself, its copy, the next
+    assert {n["file"] for n in near[:2]} == {str(good[2]), str(copy)}, "a resized copy is next to its original"
+    threshold = (near[1]["score"] + near[2]["score"]) / 2
+    twins = run("index", "duplicates", "--index", str(out), "--threshold", str(threshold), "--show",
+                str(tmp_path / "d.png"))
+    assert [sorted(m["file"] for m in g) for g in twins["groups"]] == [sorted([str(good[2]), str(copy)])]
+    assert (tmp_path / "d.png").stat().st_size > 1000
+    assert run("index", "check", "--index", str(out))["ok"]
+    assert main(["search", "--index", str(out), str(good[0]), "--id", "2"]) == 1
+    assert "not both" in capsys.readouterr().err
+    assert main(["search", "--index", str(out), str(good[0]), "--where", "colour=red"]) == 1
+    assert "FIELD OP VALUE" in capsys.readouterr().err
 
 
 def test_search_with_another_artifact_is_refused(tmp_path, artifact, photos, tmp_path_factory):
