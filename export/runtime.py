@@ -4,7 +4,8 @@ Preprocessing comes from the artifact's config.json and is identical for every b
 the model's channels, resize, centre-crop, normalise), so only the graph executor differs. The backends are
 the rows of ``export.formats.BACKENDS``; ``backend="auto"`` takes the first that can run here, in the
 registry's order (a TensorRT engine built for this GPU, onnxruntime, eager torch). Every exported file carries
-the sha256 of the artifact it came from; a stale file (weights re-exported since) is refused rather than run.
+the sha256 of the artifact it came from; a stale file (weights re-exported since) is refused rather than run, and
+so is one whose bytes differ from those that passed parity at export (``verify_artifact`` checks them all).
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.formats import BACKEND_CHOICES, BACKENDS, ONNX_PRECISIONS, Backend, BackendUnavailable, onnx_file
+from export.formats import (
+    BACKEND_CHOICES,
+    BACKENDS,
+    FILES,
+    ONNX_PRECISIONS,
+    Backend,
+    BackendUnavailable,
+    onnx_file,
+)
 from mae import artifact as artifact_lib
 from mae.data import ImageError, Preprocessing, read_image, read_image_hashed
 
@@ -163,7 +172,9 @@ class Embedder:
         path = Path(path)
         if backend not in BACKEND_CHOICES:
             raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
-        config = artifact_lib.read_config(path)
+        # Every backend's vectors are tied to the artifact's weights (stamps, parity), so damaged weights make the
+        # artifact unusable even for a backend that never reads them.
+        config = artifact_lib.verify_weights(path)
         if backend == "auto":
             return cls(path, config, _auto_backend(path, config, device, precision), batch_size)
         return cls(path, config, backend_class(backend)(path, config, device=device, precision=precision),
@@ -277,6 +288,35 @@ def _collate_files(batch: list[tuple[int, torch.Tensor | None, str | None, str |
     errors = [(b[0], b[3] or "unreadable") for b in batch if b[1] is None]
     pixels = torch.stack([b[1] for b in good]) if good else torch.zeros(0)
     return [b[0] for b in good], pixels, [b[2] for b in good], errors
+
+
+# ----------------------------------------------------------------------------------------------- verification
+
+
+def verify_artifact(path: str | Path) -> dict[str, Any]:
+    """Check an artifact and every exported file in it before a long-running consumer (``mae serve``) starts.
+
+    The weights must hash to the recorded sha256; each ONNX file must parse, carry this artifact's stamp and
+    hash to the bytes that passed parity; any other exported file with a recorded hash (the TensorRT engine)
+    must still match it, and the engine's record must be readable and made from these weights. Raises
+    ``ArtifactError`` naming the first bad file; returns the config.
+    """
+    from export.parity import check_onnx_stamp, check_recorded, require_made_from
+    from export.tensorrt import read_sidecar
+
+    path = Path(path)
+    config = artifact_lib.verify_weights(path)
+    for precision in ONNX_PRECISIONS:
+        if onnx_file(path, precision).exists():
+            check_onnx_stamp(onnx_file(path, precision), config)
+    for key, name in FILES.items():
+        if not key.startswith("onnx") and (path / name).is_file():
+            check_recorded(path / name, config)
+    if (path / FILES["tensorrt"]).exists() or (path / FILES["tensorrt_sidecar"]).exists():
+        side = read_sidecar(path)
+        require_made_from(side.get("artifact_sha256"), config, path / FILES["tensorrt"],
+                          "re-run `mae export --tensorrt` for this artifact")
+    return config
 
 
 # ----------------------------------------------------------------------------------------------- backends
