@@ -299,13 +299,19 @@ def verify_artifact(path: str | Path) -> dict[str, Any]:
     The weights must hash to the recorded sha256; each ONNX file must parse, carry this artifact's stamp and
     hash to the bytes that passed parity; any other exported file with a recorded hash (the TensorRT engine)
     must still match it, and the engine's record must be readable and made from these weights. Raises
-    ``ArtifactError`` naming the first bad file; returns the config.
+    ``ArtifactError`` naming the first bad file; returns the config. A recorded file that is missing is a warning.
     """
     from export.parity import check_onnx_stamp, check_recorded, require_made_from
     from export.tensorrt import read_sidecar
 
     path = Path(path)
     config = artifact_lib.verify_weights(path)
+    for entry in (config.get("export") or {}).values():
+        hashes = entry.get("files_sha256") if isinstance(entry, dict) else None
+        for name in hashes if isinstance(hashes, dict) else ():
+            if not (path / name).exists():  # deleting an exported file is allowed, but said, never silent
+                warnings.warn(f"{path / name} passed parity at export but is missing; it will not be used",
+                              stacklevel=2)
     for precision in ONNX_PRECISIONS:
         if onnx_file(path, precision).exists():
             check_onnx_stamp(onnx_file(path, precision), config)

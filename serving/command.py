@@ -7,6 +7,7 @@ reported here as one line, before BentoML starts worker processes that would eac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -201,17 +202,30 @@ def wait_ready(proc, url: str, timeout: float = 300.0, log: Path | None = None) 
 
 
 def stop(proc) -> None:
-    """Stop a server from ``start`` (BentoML's arbiter stops its workers on SIGTERM)."""
+    """Stop a server from ``start`` (BentoML's arbiter stops its workers on SIGTERM).
+
+    The workers run in process groups of their own, so when the arbiter does not finish in time, they are killed
+    one by one with it rather than left orphaned.
+    """
     import signal
     import subprocess
 
+    import psutil
+
     if proc.poll() is None:
+        try:
+            workers = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            workers = []
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
 
 
 def _port_free(host: str, port: int) -> bool:

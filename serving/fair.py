@@ -32,10 +32,12 @@ class _Job:
     cost: float
     fn: Callable[[], Any]
     future: asyncio.Future
+    request: _Request
 
 
 @dataclass(eq=False)
 class _Request:
+    client: str
     jobs: deque[_Job] = field(default_factory=deque)
 
 
@@ -76,9 +78,9 @@ class FairPool:
         caller is cancelled.
         """
         loop = asyncio.get_running_loop()
-        request = _Request()
+        request = _Request(client)
         for cost, fn in jobs:
-            request.jobs.append(_Job(float(cost), fn, loop.create_future()))
+            request.jobs.append(_Job(float(cost), fn, loop.create_future(), request))
         futures = [job.future for job in request.jobs]
         if not futures:
             return []
@@ -89,7 +91,7 @@ class FairPool:
         try:
             return [await f for f in futures]
         finally:
-            self._withdraw(client, request)
+            self._withdraw(request)
             for f in futures:
                 if not f.done():
                     f.cancel()
@@ -149,15 +151,16 @@ class FairPool:
                 job.future.cancel()
             elif done.exception() is not None:
                 job.future.set_exception(done.exception())
+                self._withdraw(job.request)  # before the next dispatch: its other images would be wasted work
             else:
                 job.future.set_result(done.result())
         self._dispatch()
 
-    def _withdraw(self, key: str, request: _Request) -> None:
+    def _withdraw(self, request: _Request) -> None:
         """Forget a request's jobs that have not started."""
         request.jobs.clear()
-        client = self._clients.get(key)
+        client = self._clients.get(request.client)
         if client is not None and request in client.requests:
             client.requests.remove(request)
             if not client.requests:
-                del self._clients[key]
+                del self._clients[request.client]

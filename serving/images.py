@@ -123,7 +123,7 @@ async def parse_request(request: Request, limits: Limits, allow_k: bool = True) 
                         '({"images": ["..."]})', HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
     except _BodyTooLarge:
         hint = ("; send large images as multipart files (curl -F images=@photo.jpg)"
-                if cap == limits.max_json_bytes else "")
+                if cap < limits.body_cap("multipart/form-data") else "")
         raise error(f"request body is over the limit of {cap} bytes for {media_type or 'application/json'}{hint}",
                     HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from None
     if not parsed.uploads:

@@ -172,5 +172,8 @@ class Limits:
                 raise ValueError(f"{f.name.replace('_', ' ')} must be at least 1, got {getattr(self, f.name)}")
 
     def body_cap(self, media_type: str) -> int:
-        """The most body bytes read for a request of ``media_type`` before it is refused."""
-        return self.max_json_bytes if media_type in ("application/json", "") else self.max_request_bytes
+        """The most body bytes read for a request of ``media_type`` before it is refused: its own limit, or less
+        when ``max_images`` images at ``max_image_bytes`` (base64-encoded, plus slack) could never fill it."""
+        could_be_valid = self.max_images * (self.max_image_bytes * 4 // 3 + 4096) + 65536
+        own = self.max_json_bytes if media_type in ("application/json", "") else self.max_request_bytes
+        return min(own, could_be_valid)
