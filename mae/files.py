@@ -89,21 +89,31 @@ def read_json(path: str | Path, what: str = "JSON file") -> Any:
         raise DamagedFileError(f"{path} is not a readable {what} ({type(e).__name__}: {e})") from None
 
 
-def read_json_lines(path: str | Path, what: str = "JSON-lines file") -> list[Any]:
-    """One JSON value per non-empty line (metrics.jsonl); a damaged line names the file and its line number."""
+def read_json_lines(path: str | Path, what: str = "JSON-lines file", torn_tail: bool = False) -> list[Any]:
+    """One JSON value per non-empty line (metrics.jsonl); a damaged line names the file and its line number.
+
+    ``torn_tail``: skip a last line that lacks its newline and does not parse, which is what a process killed
+    while appending leaves (appends are not atomic); anything else that does not parse is damage.
+    """
     path = Path(path)
     rows = []
+    data = path.read_bytes()
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DamagedFileError(f"{path} is not a readable {what}: byte {e.start} is not UTF-8 text "
-                               "(the file is damaged)") from None
-    for number, line in enumerate(text.splitlines(), 1):
+        if not (torn_tail and e.start > data.rfind(b"\n")):
+            raise DamagedFileError(f"{path} is not a readable {what}: byte {e.start} is not UTF-8 text "
+                                   "(the file is damaged)") from None
+        text = data[: data.rfind(b"\n") + 1].decode("utf-8")
+    lines = text.splitlines()
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
         except (ValueError, RecursionError) as e:
+            if torn_tail and number == len(lines) and not text.endswith("\n"):
+                break
             raise DamagedFileError(f"{path} line {number} is not valid JSON ({type(e).__name__}): "
                                    f"the {what} is damaged") from None
     return rows

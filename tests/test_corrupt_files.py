@@ -156,17 +156,23 @@ def test_partial_checkpoint_files_left_by_a_kill_are_removed_at_the_next_start(t
     assert not any(p.exists() for p in stale) and "removed 2 partial file(s)" in done.stderr
 
 
-@pytest.mark.parametrize("how", ("truncated", "garbage"))
-def test_a_damaged_metrics_log_is_named_at_resume(tiny_pretrain_run, tmp_path, capfd, monkeypatch, how):
-    """metrics.jsonl is read back when a run resumes (to cut what a killed run logged past its checkpoint)."""
+def test_a_damaged_metrics_log_is_named_at_resume_and_a_torn_last_line_dropped(tiny_pretrain_run, tmp_path, capfd,
+                                                                              monkeypatch):
+    """metrics.jsonl is read back when a run resumes (to cut what a killed run logged past its checkpoint). Random
+    bytes are damage, named; a last line cut short is what a kill during an append leaves, and is dropped."""
+    import json
+
     run = shutil.copytree(tiny_pretrain_run, tmp_path / "run")
     metrics = run / "metrics.jsonl"
-    if how == "truncated":
-        metrics.write_bytes(metrics.read_bytes()[:-7])
-    else:
-        damage(metrics, how)
+    good = metrics.read_bytes()
+    damage(metrics, "garbage")
     status, lines = mae(capfd, monkeypatch, "pretrain", "--data", "mnist5k", "--out", str(run), "--resume")
     assert_one_line(status, lines, "pretrain", metrics)
+    metrics.write_bytes(good + b'{"step": 99, "lo')
+    status, lines = mae(capfd, monkeypatch, "pretrain", "--data", "mnist5k", "--out", str(run), "--resume")
+    assert status == 0, lines
+    after = metrics.read_bytes()
+    assert after == good and all(json.loads(ln)["step"] <= 6 for ln in good.splitlines()), (good[-300:], after[-300:])
 
 
 # ----------------------------------------------------------------------------------------------- artifacts

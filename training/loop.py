@@ -220,13 +220,13 @@ class RunDir:
         """The last metrics row written (a finished run resumed again trains nothing and reports this)."""
         if not (self.dist.is_main and self.metrics.exists()):
             return {}
-        rows = read_json_lines(self.metrics, "metrics log")
+        rows = read_json_lines(self.metrics, "metrics log", torn_tail=True)
         return rows[-1] if rows else {}
 
     def truncate_metrics(self, after_step: int) -> None:
         """Drop metric lines past ``after_step`` (written by a run that died after its last checkpoint)."""
         if self.dist.is_main and self.metrics.exists():
-            keep = [row for row in read_json_lines(self.metrics, "metrics log")
+            keep = [row for row in read_json_lines(self.metrics, "metrics log", torn_tail=True)
                     if not isinstance(row, dict) or row.get("step", 0) <= after_step]
             write_bytes_atomic(self.metrics, "".join(json.dumps(row) + "\n" for row in keep).encode())
 
