@@ -164,7 +164,7 @@ def load_weights_and_meta(path: str | Path) -> tuple[dict[str, torch.Tensor], di
     check_integrity(path, obj)
     config = obj.get("config") if isinstance(obj.get("config"), dict) else None
     meta = {k: v for k, v in obj.items()
-            if k not in ("model", "state_dict", "model_state", "optimizer", "scaler", "config")
+            if k not in ("model", "state_dict", "model_state", "optimizer", "scaler", "config", CHECKSUM_KEY)
             and not isinstance(v, (torch.Tensor, dict))}
     for key in ("model", "state_dict", "model_state"):
         if key in obj and isinstance(obj[key], dict):

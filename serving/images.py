@@ -65,7 +65,6 @@ class Header:
 
     width: int
     height: int
-    format: str
 
     @property
     def pixels(self) -> int:
@@ -204,7 +203,7 @@ async def _parse_json(request: Request, limits: Limits, allow_k: bool) -> Images
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"the body is not valid JSON ({e})") from None
+        raise error(f"the body is not valid JSON ({e})") from e
     except RecursionError:
         raise error("the body is not valid JSON for this API: nested too deeply") from None
     except ValueError as e:  # e.g. an integer of more digits than Python converts
@@ -258,7 +257,7 @@ def inspect(upload: Upload, limits: Limits) -> Header:
         raise error(f"{upload.label}: empty file")
     try:
         with Image.open(io.BytesIO(upload.data), formats=list(ALLOWED_FORMATS)) as im:
-            header = Header(int(im.width), int(im.height), str(im.format))
+            header = Header(int(im.width), int(im.height))
     except Image.DecompressionBombError as e:
         raise error(f"{upload.label}: too many pixels ({e})", HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from None
     except UnidentifiedImageError:
@@ -298,11 +297,11 @@ def decode(upload: Upload, limits: Limits) -> np.ndarray:
         return decode_image(upload.data, name=upload.label, max_pixels=limits.max_image_pixels,
                             formats=ALLOWED_FORMATS)
     except ImageTooLargeError as e:
-        raise error(str(e), HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from None
+        raise error(str(e), HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from e
     except ImageError as e:
-        raise error(str(e)) from None
+        raise error(str(e)) from e
     except Exception as e:  # a decoder bug on hostile bytes must still answer 4xx, not take the request down as 500
-        raise error(f"{upload.label}: could not be decoded ({type(e).__name__}: {e})") from None
+        raise error(f"{upload.label}: could not be decoded ({type(e).__name__}: {e})") from e
 
 
 def preprocess(upload: Upload, limits: Limits, preprocessing: Preprocessing) -> torch.Tensor:
@@ -311,7 +310,7 @@ def preprocess(upload: Upload, limits: Limits, preprocessing: Preprocessing) -> 
     try:
         return preprocessing(array)
     except ImageError as e:
-        raise error(f"{upload.label}: {e}") from None
+        raise error(f"{upload.label}: {e}") from e
 
 
 def to_pixels(uploads: Sequence[Upload], limits: Limits, preprocessing: Preprocessing) -> np.ndarray:

@@ -57,8 +57,8 @@ INDEX_RELOAD_S = 2.0
 HEAVY_IMAGE_PIXELS = 4_000_000
 # Fair-queueing cost of an image besides its pixels, so that tiny images are not free: about a 64x64 decode.
 IMAGE_OVERHEAD_PIXELS = 4096
+# How long /healthz and /readyz wait for the model process to answer before calling it still loading.
 MODEL_CHECK_S = 2.0
-"""How long /healthz and /readyz wait for the model process to answer before calling it still loading."""
 
 # Where a request's time goes; scraped from /metrics by bench/serving.py. BentoML gathers the metrics of all
 # service processes (front and encoder) into the front's /metrics.
@@ -474,7 +474,11 @@ class MAEService:
 
         No server paths: anyone who can reach the page can read this.
         """
-        backend = self._backend or await self._model_status() or {"backend": None, "error": "the model is loading"}
+        backend = self._backend or await self._model_status()
+        if backend is None:
+            backend = {"backend": None, "error": "the model is loading"}
+        elif backend.get("error"):  # the reason names server paths: it goes to the server log, not to the page
+            backend = {"backend": None, "error": "the model cannot be loaded (see the server log)"}
         return {
             "model": self.sha256,
             "dim": self.dim,
