@@ -115,11 +115,6 @@ class Settings:
         return self.threads or _default_threads()
 
     @property
-    def exposed(self) -> bool:
-        """Bound to an address other machines can reach (anything but loopback)."""
-        return not ipaddress.ip_address(self.host).is_loopback
-
-    @property
     def host_allow_list(self) -> tuple[str, ...]:
         """Host header names served: ``allowed_hosts``, or by default the loopback names and a specific bound IP."""
         if self.allowed_hosts.strip():

@@ -629,6 +629,7 @@ def test_refused_bodies_leave_memory_where_it_was(setup):
         assert status == 413 and "request body is over the limit" in message and seconds < 20, \
             (media_type, size, chunked, status, message, seconds)
     grown = (front.memory_info().rss - before) / 2**20
+    print(f"front RSS {before / 2**20:.0f} MiB before, grew {grown:+.1f} MiB after refusing {len(cases)} bodies")
     assert grown < 48, f"the front grew by {grown:.0f} MiB after refusing the bodies"
     assert post_files(bare, "/embed", ("fine.png", encode(rgb(seed=9))))[0] == 200
 
