@@ -21,6 +21,8 @@ from collections.abc import Collection
 from typing import Any
 from urllib.parse import urlsplit
 
+from serving.settings import LOOPBACK_NAMES
+
 log = logging.getLogger("mae.serving")
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -40,7 +42,7 @@ def host_name(host_header: str) -> str:
 class RequestGuard:
     """ASGI middleware: refuse requests for other host names and cross-origin writes from browsers."""
 
-    def __init__(self, app: Any, allowed_hosts: Collection[str] = ("localhost", "127.0.0.1", "::1"),
+    def __init__(self, app: Any, allowed_hosts: Collection[str] = LOOPBACK_NAMES,
                  allowed_origins: Collection[str] = ()) -> None:
         self.app = app
         self.any_host = "*" in allowed_hosts
