@@ -3,7 +3,7 @@
 A handler takes the parsed arguments and returns a dict: with ``--json`` it is printed as one JSON object on
 stdout; otherwise its ``"text"`` entry (or a key: value listing) is printed for people.
 Errors a user can fix (bad path, bad config key, corrupt file) print one line on stderr and exit 1;
-``MAE_DEBUG=1`` shows the traceback.
+``MAE_DEBUG=1`` shows the traceback. Warnings (a backend skipped, files skipped) are one line each too.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -251,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("index", "search"):  # before torch loads OpenMP: see retrieval/__init__.py
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     handler = _resolve(args.handler)
+    show = warnings.showwarning
+    if not os.environ.get("MAE_DEBUG"):
+        warnings.showwarning = _one_line_warning(args.command)
     try:
         result = handler(args)
     except KeyboardInterrupt:
@@ -259,16 +263,31 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError, OSError, RuntimeError, ImportError) as e:
         if os.environ.get("MAE_DEBUG"):
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        msg = one_line(e.args[0] if isinstance(e, KeyError) and e.args else str(e))
         print(f"mae {args.command}: error: {msg}", file=sys.stderr)
         if getattr(args, "json", False):
-            print(json.dumps({"error": str(msg), "type": type(e).__name__}))
+            print(json.dumps({"error": msg, "type": type(e).__name__}))
         return EXIT_USER_ERROR
+    finally:
+        warnings.showwarning = show
     if isinstance(result, int):  # a handler with nothing to print (e.g. a non-zero torchrun rank)
         return result
     if result is not None:
         _print_result(result, getattr(args, "json", False))
     return 0
+
+
+def one_line(message: object) -> str:
+    """A message as one line: libraries (onnxruntime, torch's unpickler) put advice on further lines."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def _one_line_warning(command: str) -> Callable[..., None]:
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        print(f"mae {command}: warning: {one_line(message)}", file=file or sys.stderr)
+
+    return show
 
 
 def _resolve(spec: str) -> Callable[[argparse.Namespace], Any]:

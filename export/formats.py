@@ -101,6 +101,8 @@ AUTO_ORDER = {
 
 def require_made_from(recorded: str | None, config: dict[str, Any], file: Path, remedy: str) -> None:
     """Refuse an exported file that was not made from these weights (stale after a re-export)."""
+    if recorded is None:
+        raise ArtifactError(f"{file} carries no artifact stamp (damaged, or not written by mae export); {remedy}")
     if recorded != config["sha256"]:
         raise ArtifactError(
             f"{file} was exported from other weights (artifact sha256 {str(recorded)[:12]}, this artifact is "

@@ -26,6 +26,7 @@ from export.formats import META_PRECISION, META_SHA, require_made_from  # noqa: 
 from mae import artifact as artifact_lib
 from mae.artifact import Artifact
 from mae.data import Preprocessing, load_source
+from mae.files import sha256_file
 
 DEFAULT_DATA = ("mnist5k", "photos")
 # Real images drawn: half judge parity, the other half calibrate int8 (never the same images).
@@ -182,9 +183,13 @@ def prove(path: Path, key: str, info: dict[str, Any], reference: dict[str, np.nd
     """Compare ``got`` with ``reference`` under ``tolerance`` (default ``TOLERANCES[key]``), record ``info`` in
     config.json as ``export.<key>``, and on failure delete ``files`` and raise ``ParityError``. Returns ``info``."""
     tolerance = tolerance if tolerance is not None else TOLERANCES[key]
+    files = list(files)
     info["parity"] = compare(reference, got, neighbours)
     problems = failures(info["parity"], tolerance)
     info.update(tolerance=tolerance, passed=not problems)
+    if not problems:  # the bytes that passed: a file damaged later is told apart from this one (check_recorded)
+        info["files_sha256"] = {p.name: sha256_file(p) for f in files
+                                for p in (f, f.with_name(f.name + ".data")) if p.exists()}
     update_export_record(path, {key: info})
     if problems:
         for f in files:
@@ -232,9 +237,33 @@ def read_onnx_stamp(path: str | Path) -> dict[str, str]:
     except Exception as e:  # DecodeError, truncated files, ...
         raise artifact_lib.ArtifactError(f"{path} is not a readable ONNX file ({type(e).__name__}); "
                                          "re-run mae export for this artifact") from e
+    if not model.graph.node:  # protobuf parses zero bytes (and some cut-short files) as an empty model
+        raise artifact_lib.ArtifactError(f"{path} holds no ONNX graph (empty or cut short); "
+                                         "re-run mae export for this artifact")
     return {p.key: p.value for p in model.metadata_props}
 
 
+def check_recorded(file: Path, config: dict[str, Any]) -> None:
+    """Refuse an exported file whose bytes differ from those that passed parity (``files_sha256`` in its record).
+
+    A stamp says which weights a file came from; only its hash says the file is still what was proven. Files
+    exported before hashes were recorded are let through (their stamp is still checked by the caller).
+    """
+    for entry in (config.get("export") or {}).values():
+        hashes = entry.get("files_sha256") if isinstance(entry, dict) else None
+        recorded = hashes.get(file.name) if isinstance(hashes, dict) else None
+        if recorded is None:
+            continue
+        actual = sha256_file(file)
+        if actual != recorded:
+            raise artifact_lib.ArtifactError(
+                f"{file} is damaged: its bytes hash to {actual[:12]}, not the {recorded[:12]} that passed parity at "
+                "export; re-run mae export for this artifact")
+        return
+
+
 def check_onnx_stamp(file: Path, config: dict[str, Any]) -> None:
+    """An ONNX file that can run for this artifact: readable, stamped with its weights, and undamaged."""
     require_made_from(read_onnx_stamp(file).get(META_SHA), config, file,
                       "re-run `mae export --onnx` for this artifact")
+    check_recorded(file, config)

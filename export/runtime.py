@@ -5,7 +5,8 @@ the model's channels, resize, centre-crop, normalise), so only the graph executo
 the rows of ``export.formats.BACKENDS``; ``backend="auto"`` takes the first that can run here, in the order
 ``export.formats.AUTO_ORDER`` gives for this device (on a GPU: a TensorRT engine built for it, an AOTInductor
 package compiled for it, onnxruntime, eager torch; on a CPU: onnxruntime, a CPU package, torch). Every exported
-file carries the sha256 of the artifact it came from; a stale file (weights re-exported since) is refused.
+file carries the sha256 of the artifact it came from; a stale file (weights re-exported since) is refused, and
+so is one whose bytes differ from those that passed parity at export (``verify_artifact`` checks them all).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from export.formats import (
     onnx_file,
     require_made_from,
 )
-from mae.artifact_config import ArtifactError, read_config
+from mae.artifact_config import ArtifactError, verify_weights
 from mae.images import EncodedImage, ImageError, ImageItem, Preprocessing, read_bytes
 
 if TYPE_CHECKING:
@@ -242,7 +243,9 @@ class Embedder:
         path = Path(path)
         if backend not in BACKEND_CHOICES:
             raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
-        config = read_config(path)
+        # Every backend's vectors are tied to the artifact's weights (stamps, parity), so damaged weights make the
+        # artifact unusable even for a backend that never reads them.
+        config = verify_weights(path)
         if backend == "auto":
             return cls(path, config, _auto_backend(path, config, device, precision), batch_size)
         return cls(path, config, backend_class(backend)(path, config, device=device, precision=precision),
@@ -452,6 +455,41 @@ def _collate_items(batch: list[tuple[int, torch.Tensor | None, str | None, str, 
         xs = [x.float() / 255.0 if x.dtype == torch.uint8 else x.float() for x in xs]
     pixels = torch.stack(xs) if xs else torch.zeros(0)
     return [b[0] for b in good], pixels, [b[2] for b in good], [b[3] for b in good], [b[4] for b in good], errors
+
+
+# ----------------------------------------------------------------------------------------------- verification
+
+
+def verify_artifact(path: str | Path) -> dict[str, Any]:
+    """Check an artifact and every exported file in it before a long-running consumer (``mae serve``) starts.
+
+    The weights must hash to the recorded sha256; each ONNX file must parse, carry this artifact's stamp and
+    hash to the bytes that passed parity; any other exported file with a recorded hash (the TensorRT engine)
+    must still match it, and the engine's record must be readable and made from these weights. Raises
+    ``ArtifactError`` naming the first bad file; returns the config. A recorded file that is missing is a warning.
+    """
+    from export.parity import check_onnx_stamp, check_recorded
+    from export.tensorrt import read_sidecar
+
+    path = Path(path)
+    config = verify_weights(path)
+    for entry in (config.get("export") or {}).values():
+        hashes = entry.get("files_sha256") if isinstance(entry, dict) else None
+        for name in hashes if isinstance(hashes, dict) else ():
+            if not (path / name).exists():  # deleting an exported file is allowed, but said, never silent
+                warnings.warn(f"{path / name} passed parity at export but is missing; it will not be used",
+                              stacklevel=2)
+    for precision in ONNX_PRECISIONS:
+        if onnx_file(path, precision).exists():
+            check_onnx_stamp(onnx_file(path, precision), config)
+    for key, name in FILES.items():
+        if not key.startswith("onnx") and (path / name).is_file():
+            check_recorded(path / name, config)
+    if (path / FILES["tensorrt"]).exists() or (path / FILES["tensorrt_sidecar"]).exists():
+        side = read_sidecar(path)
+        require_made_from(side.get("artifact_sha256"), config, path / FILES["tensorrt"],
+                          "re-run `mae export --tensorrt` for this artifact")
+    return config
 
 
 # ----------------------------------------------------------------------------------------------- backends

@@ -18,7 +18,6 @@ makes rebuilds of the same shapes fast.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import torch
 from export.formats import FILES, TENSORRT_PRECISIONS, BackendUnavailable
 from export.parity import check_onnx_stamp
 from mae import artifact as artifact_lib
-from mae.files import write_json_atomic
+from mae.files import DamagedFileError, read_json, write_json_atomic
 
 PLAN = FILES["tensorrt"]
 SIDECAR = FILES["tensorrt_sidecar"]
@@ -161,6 +160,21 @@ def _build(trt: Any, path: Path, onnx_file: Path, source: str, config_json: dict
     return sidecar
 
 
+def read_sidecar(path: str | Path) -> dict[str, Any]:
+    """``encoder.plan.json``; a damaged one is an ArtifactError naming it (re-building the engine rewrites it)."""
+    file = Path(path) / SIDECAR
+    if not file.exists():
+        raise artifact_lib.ArtifactError(f"{file} is missing: the engine beside it cannot be matched to a GPU and "
+                                          "weights; re-run mae export --tensorrt")
+    try:
+        side = read_json(file, "TensorRT engine record")
+    except DamagedFileError as e:
+        raise artifact_lib.ArtifactError(f"{e}; re-run mae export --tensorrt") from None
+    if not isinstance(side, dict):
+        raise artifact_lib.ArtifactError(f"{file} is not a TensorRT engine record; re-run mae export --tensorrt")
+    return side
+
+
 def engine_mismatch(path: str | Path, config: dict[str, Any]) -> str | None:
     """Why the artifact's engine cannot run here (None when it can): missing, other GPU / TensorRT / weights."""
     path = Path(path)
@@ -171,7 +185,7 @@ def engine_mismatch(path: str | Path, config: dict[str, Any]) -> str | None:
         return reason
     import tensorrt as trt
 
-    side = json.loads((path / SIDECAR).read_text())
+    side = read_sidecar(path)
     here = {"tensorrt": trt.__version__, **gpu_identity(), "artifact_sha256": config["sha256"]}
     diffs = [f"{k} {side.get(k)} != {v}" for k, v in here.items() if side.get(k) != v]
     return f"{PLAN} was built for another setup ({', '.join(diffs)})" if diffs else None
@@ -234,14 +248,14 @@ class TensorRTBackend:
             raise BackendUnavailable(f"tensorrt backend: {reason}")
         index = int(device.split(":")[1]) if device and ":" in device else 0
         self.runner = TensorRTRunner(path / PLAN, index)
-        side = json.loads((path / SIDECAR).read_text())
+        side = read_sidecar(path)
         self.name = f"tensorrt-{side['precision']}"
 
     @staticmethod
     def unavailable(path: Path, config: dict[str, Any], device: str | None, precision: str | None) -> str | None:
         reason = engine_mismatch(path, config)
         if reason is None and precision is not None:
-            built = json.loads((Path(path) / SIDECAR).read_text()).get("precision")
+            built = read_sidecar(path).get("precision")
             if built != precision:
                 reason = f"{PLAN} was built for {built}, not {precision}"
         return reason
@@ -258,7 +272,7 @@ def tensorrt_parity(path: str | Path, data: Any = None, parity_images: int | Non
 
     path = Path(path)
     art = artifact_lib.load(path)
-    side = json.loads((path / SIDECAR).read_text())
+    side = read_sidecar(path)
     pixels, _, info = reference_images(list(data or DEFAULT_DATA), parity_images or PARITY_IMAGES, art.preprocessing)
     reference = torch_outputs(art, pixels)
     runner = TensorRTRunner(path / PLAN)

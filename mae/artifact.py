@@ -34,6 +34,7 @@ from mae.artifact_config import (  # noqa: F401  (re-exported: the names consume
     ArtifactError,
     content_sha256,
     read_config,
+    verify_weights,
     write_config,
 )
 from mae.config import Config
@@ -192,12 +193,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", verify: bool = Tr
     from safetensors.torch import load_file
 
     path = Path(path)
-    config = read_config(path)
-    if verify:
-        actual = content_sha256(path / WEIGHTS, config)
-        if actual != config["sha256"]:
-            raise ArtifactError(f"{path}: {WEIGHTS} or {CONFIG} changed since export "
-                                f"(sha256 {actual[:12]} != recorded {config['sha256'][:12]})")
+    config = verify_weights(path) if verify else read_config(path)
     try:
         weights = load_file(str(path / WEIGHTS))
     except (SafetensorError, OSError) as e:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mae.files import sha256_file, write_json_atomic
+from mae.files import DamagedFileError, read_json, sha256_file, write_json_atomic
 
 FORMAT = 1
 CONFIG = "config.json"
@@ -37,6 +37,9 @@ def write_config(path: str | Path, config: dict[str, Any]) -> None:
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
+    """An artifact's config.json, checked for the fields every consumer reads; problems name the file."""
+    from mae.images import Preprocessing
+
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"no artifact at {path}")
@@ -46,12 +49,38 @@ def read_config(path: str | Path) -> dict[str, Any]:
         if not (path / name).exists():
             raise ArtifactError(f"{path} is not a complete artifact: {name} is missing")
     try:
-        config = json.loads((path / CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path / CONFIG} is not valid JSON ({e})") from e
-    if config.get("format", 0) > FORMAT:
-        raise ArtifactError(f"{path} has artifact format {config['format']}; this version reads up to {FORMAT}")
+        config = read_json(path / CONFIG, "artifact config")
+    except DamagedFileError as e:
+        raise ArtifactError(f"{e}; re-run mae export for this artifact") from None
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{path / CONFIG} holds a JSON {type(config).__name__}, not the artifact's config object")
+    if not isinstance(config.get("format", 0), int) or config.get("format", 0) > FORMAT:
+        raise ArtifactError(f"{path} has artifact format {config['format']!r}; this version reads up to {FORMAT}")
     for key in ("model", "timm", "preprocessing", "pooling", "embed_dim", "sha256"):
         if key not in config:
             raise ArtifactError(f"{path / CONFIG} lacks {key!r}")
+    try:  # the fields every consumer reads before anything else: a damaged value is named here, not as a KeyError
+        Preprocessing.from_dict(config["preprocessing"])
+        int(config["embed_dim"])
+        str(config["sha256"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{path / CONFIG}: its preprocessing or embed_dim is malformed "
+                            f"({type(e).__name__}: {e})") from None
+    return config
+
+
+def verify_weights(path: str | Path) -> dict[str, Any]:
+    """Check that an artifact's weights are the ones it was exported with; returns its config.
+
+    The recorded sha256 covers model.safetensors byte for byte and the config fields that give the weights their
+    meaning, so a truncated, zeroed or overwritten weights file (or an edited model section) is refused here,
+    naming the file, before any consumer builds a model from it.
+    """
+    path = Path(path)
+    config = read_config(path)
+    actual = content_sha256(path / WEIGHTS, config)
+    if actual != config["sha256"]:
+        raise ArtifactError(f"{path / WEIGHTS} is damaged or was changed since export: the weights and the model "
+                            f"fields of {CONFIG} hash to {actual[:12]}, the artifact records "
+                            f"{str(config['sha256'])[:12]}; re-run mae export")
     return config

@@ -1,9 +1,10 @@
-"""Files that must never be seen half-written, and the hash that names a file's bytes.
+"""Files that must never be seen half-written, the hash that names a file's bytes, and reading our JSON back.
 
 Every writer of a file that something else reads back (checkpoints, config.json, manifests, index files,
 caches) goes through ``atomic_path``: the data is written to a temporary file in the same folder, flushed to
 disk, and renamed over the target, so a reader or a process killed at any instant sees the old file or the new
-one, never a torn one.
+one, never a torn one. Disks and people still damage files afterwards, so every JSON file of ours is read back
+through ``read_json`` / ``read_json_lines``, whose errors name the file instead of quoting a decoder.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from pathlib import Path
 from typing import Any
 
 CHUNK = 1 << 20
+
+
+class DamagedFileError(ValueError):
+    """A file of ours that exists but does not hold what we write there (not UTF-8, not JSON, cut short)."""
 
 
 def sha256_file(path: str | Path, h: Any = None) -> str:
@@ -60,6 +65,58 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
 def write_json_atomic(path: str | Path, data: Any) -> Path:
     """``data`` as indented JSON (non-JSON values through ``str``), atomically."""
     return write_bytes_atomic(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
+
+
+def read_json(path: str | Path, what: str = "JSON file") -> Any:
+    """Parse a JSON file we wrote; a damaged one raises ``DamagedFileError`` naming the file and the damage.
+
+    ``what`` says what the file is for the message ("artifact config", "index manifest"). A missing file raises
+    ``FileNotFoundError`` as usual: whether that is an error is the caller's business.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    if not data.strip():
+        raise DamagedFileError(f"{path} is empty: this {what} was cut short or zeroed")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DamagedFileError(f"{path} is not a readable {what}: byte {e.start} is not UTF-8 text "
+                               "(the file is damaged)") from None
+    except json.JSONDecodeError as e:
+        raise DamagedFileError(f"{path} is not valid JSON at line {e.lineno} column {e.colno} ({e.msg}): this {what} "
+                               "is damaged or cut short") from None
+    except (RecursionError, ValueError) as e:  # absurd nesting, integers past Python's digit limit
+        raise DamagedFileError(f"{path} is not a readable {what} ({type(e).__name__}: {e})") from None
+
+
+def read_json_lines(path: str | Path, what: str = "JSON-lines file", torn_tail: bool = False) -> list[Any]:
+    """One JSON value per non-empty line (metrics.jsonl); a damaged line names the file and its line number.
+
+    ``torn_tail``: skip a last line that lacks its newline and does not parse, which is what a process killed
+    while appending leaves (appends are not atomic); anything else that does not parse is damage.
+    """
+    path = Path(path)
+    rows = []
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if not (torn_tail and e.start > data.rfind(b"\n")):
+            raise DamagedFileError(f"{path} is not a readable {what}: byte {e.start} is not UTF-8 text "
+                                   "(the file is damaged)") from None
+        text = data[: data.rfind(b"\n") + 1].decode("utf-8")
+    lines = text.splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except (ValueError, RecursionError) as e:
+            if torn_tail and number == len(lines) and not text.endswith("\n"):
+                break
+            raise DamagedFileError(f"{path} line {number} is not valid JSON ({type(e).__name__}): "
+                                   f"the {what} is damaged") from None
+    return rows
 
 
 def remove_stale_temporaries(path: str | Path) -> list[Path]:

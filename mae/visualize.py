@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from mae.data import denormalize
+from mae.files import read_json_lines
 from mae.model import MaskedAutoencoder, masked_input
 
 ROW_TITLES = ("original", "masked", "reconstruction", "reconstruction + visible")
@@ -86,7 +86,7 @@ def loss_curve(metrics_path: str | Path, out: str | Path, keys: Sequence[str] = 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    rows = [r for r in read_json_lines(metrics_path, "metrics log") if isinstance(r, dict)]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     for key in keys:
         pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]

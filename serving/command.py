@@ -1,17 +1,19 @@
 """``mae serve``: check the artifact and index, then hand over to ``bentoml serve serving.service:MAEService``.
 
-Problems a user can fix (no artifact, an index built with another model, a port in use) are reported here as
-one line, before BentoML starts worker processes that would each fail with a traceback.
+Problems a user can fix (no artifact, a damaged model file, an index built with another model, a port in use) are
+reported here as one line, before BentoML starts worker processes that would each fail with a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d, lim = Settings(), Limits()
     p.add_argument("--artifact", required=True, help="artifact folder (mae export)")
     p.add_argument("--index", help="index folder (mae index build) for /search and the page's neighbours")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
+    p.add_argument("--host", default=d.host,
+                   help="address to bind (0.0.0.0 for every interface: see README 'Running it exposed')")
     p.add_argument("--port", type=int, default=3000)
+    p.add_argument("--allowed-hosts", default=d.allowed_hosts, metavar="NAMES",
+                   help="comma-separated names clients reach the server by (Host header); default: loopback names")
     p.add_argument("--backend", default=d.backend, choices=BACKEND_CHOICES,
                    help="model backend (auto: TensorRT on a GPU, then onnxruntime, then torch)")
     p.add_argument("--no-batching", action="store_true", help="one model call per request (the benchmark baseline)")
@@ -41,6 +46,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-image-bytes", type=int, default=lim.max_image_bytes, help="encoded bytes per image")
     p.add_argument("--max-image-pixels", type=int, default=lim.max_image_pixels,
                    help="pixels per image (decompression bombs are refused from the header)")
+    p.add_argument("--max-image-side", type=int, default=lim.max_image_side, help="longest side of an image")
+    p.add_argument("--max-aspect-ratio", type=int, default=lim.max_aspect_ratio,
+                   help="long side / short side of an image (a 100000x1 PNG costs seconds to resize)")
+    p.add_argument("--max-request-pixels", type=int, default=lim.max_request_pixels,
+                   help="pixels per request, all images together: its decode budget")
+    p.add_argument("--max-request-bytes", type=int, default=lim.max_request_bytes, help="multipart body bytes")
+    p.add_argument("--max-json-bytes", type=int, default=lim.max_json_bytes,
+                   help="JSON body bytes (held in memory whole: send large images as multipart files)")
     g = p.add_argument_group("keys and browsers (serving/auth.py)")
     g.add_argument("--api-keys", metavar="FILE", default=d.api_keys_file,
                    help="API keys, one per line: 'read KEY' or 'write KEY' (writes need a write key; with keys, "
@@ -53,11 +66,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def command_line(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
-    """Validate ``args`` and return the ``bentoml serve`` command and its environment."""
-    from mae.artifact import read_config
+    """Validate ``args`` and return the ``bentoml serve`` command and its environment.
+
+    The artifact is verified here, weights and every exported file (``export.runtime.verify_artifact``), and the
+    backend asked for must be able to run: a model process that cannot load its model is a server that never
+    becomes ready, so it is refused before one starts.
+    """
+    from export.runtime import backend_class, verify_artifact
 
     artifact = Path(args.artifact).resolve()
-    config = read_config(artifact)
+    config = verify_artifact(artifact)
+    if args.backend != "auto":
+        reason = backend_class(args.backend).unavailable(artifact, config, None, None)
+        if reason:
+            raise ValueError(f"--backend {args.backend} cannot run here: {reason}")
     index = None
     if args.index:
         from retrieval.index import Index
@@ -70,10 +92,13 @@ def command_line(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
                         batching=not args.no_batching, max_batch_size=args.max_batch_size,
                         max_latency_ms=args.max_latency_ms, threads=args.threads, workers=args.workers,
                         api_keys_file=keys, public_read=getattr(args, "public_read", False),
-                        cors_origins=",".join(origins), absolute_paths=getattr(args, "absolute_paths", False))
+                        cors_origins=",".join(origins), absolute_paths=getattr(args, "absolute_paths", False),
+                        host=args.host, allowed_hosts=args.allowed_hosts)
     settings.validate()
     limits = Limits(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
-                    max_images=args.max_images)
+                    max_images=args.max_images, max_image_side=args.max_image_side,
+                    max_aspect_ratio=args.max_aspect_ratio, max_request_pixels=args.max_request_pixels,
+                    max_request_bytes=args.max_request_bytes, max_json_bytes=args.max_json_bytes)
     limits.validate()
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
@@ -116,8 +141,22 @@ def _check_port(host: str, port: int) -> None:
 
 
 def page_url(host: str, port: int) -> str:
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    return f"http://{shown}:{port}/"
+    """The URL that reaches a server bound to ``host`` from this machine (loopback for every-interface binds)."""
+    shown = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"http://[{shown}]:{port}/" if ":" in shown else f"http://{shown}:{port}/"
+
+
+def listening_line(host: str, port: int, allowed_hosts: Sequence[str]) -> str:
+    """What the server is bound to, said plainly: every interface is not 'http://127.0.0.1'."""
+    import ipaddress
+
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    ip = ipaddress.ip_address(host)
+    if ip.is_loopback:
+        return f"listening on {address} (this machine only)"
+    scope = "every interface" if ip.is_unspecified else "a network interface"
+    names = "any name" if "*" in allowed_hosts else ", ".join(allowed_hosts)
+    return f"listening on {address}, {scope}: reachable from other machines; Host names served: {names}"
 
 
 def curl_line(url: str, image: str | Path, endpoint: str = "search") -> str:
@@ -127,11 +166,13 @@ def curl_line(url: str, image: str | Path, endpoint: str = "search") -> str:
 def main(args: argparse.Namespace) -> Any:
     cmd, env = command_line(args)
     url = page_url(args.host, args.port)
-    info = {"url": url, "artifact": env["MAE_ARTIFACT"], "index": env["MAE_INDEX"] or None,
-            "command": shlex.join(cmd)}
+    allowed = Settings.from_env(env).host_allow_list
+    info = {"url": url, "host": args.host, "port": args.port, "allowed_hosts": list(allowed),
+            "artifact": env["MAE_ARTIFACT"], "index": env["MAE_INDEX"] or None, "command": shlex.join(cmd)}
     if args.json:
         print(json.dumps(info), flush=True)
     else:
+        print(f"mae serve: {listening_line(args.host, args.port, allowed)}", flush=True)
         print(f"mae serve: {url} (page), POST {url}embed | classify | search; stop with Ctrl-C", flush=True)
     os.execvpe(cmd[0], cmd, env)  # BentoML's arbiter takes over this process (and its signals)
 
@@ -193,17 +234,30 @@ def wait_ready(proc, url: str, timeout: float = 300.0, log: Path | None = None) 
 
 
 def stop(proc) -> None:
-    """Stop a server from ``start`` (BentoML's arbiter stops its workers on SIGTERM)."""
+    """Stop a server from ``start`` (BentoML's arbiter stops its workers on SIGTERM).
+
+    The workers run in process groups of their own, so when the arbiter does not finish in time, they are killed
+    one by one with it rather than left orphaned.
+    """
     import signal
     import subprocess
 
+    import psutil
+
     if proc.poll() is None:
+        try:
+            workers = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            workers = []
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
 
 
 def _port_free(host: str, port: int) -> bool:

@@ -5,6 +5,11 @@ BentoML's file/PIL types, which answer an undecodable upload with a 500 and fetc
 checked before bytes are decoded, only the listed image formats may run a decoder, and every failure becomes a
 ``bentoml.exceptions`` error with a 4xx status, so one bad image costs its own request and nothing else.
 
+The work a request may cause is bounded before any pixel is decoded: bodies by Content-Length (JSON far lower than
+multipart, since JSON is held in memory whole), then every image's header is read (``inspect``) for its pixels,
+side lengths and aspect ratio, and the request's total pixels against its budget. Only then are images decoded,
+one job per image, on the service's fair pool (``serving.fair``).
+
 Two request shapes are accepted, each with the same fields:
 
 - ``multipart/form-data``: one or more ``images`` file parts, optional ``k`` (curl ``-F images=@a.jpg -F k=5``);
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import json
 import re
 from collections.abc import Sequence
@@ -57,6 +63,18 @@ class ImagesRequest:
     """Other fields the endpoint takes (``extra``): a list of strings per multipart field, the value in JSON."""
 
 
+@dataclass(frozen=True)
+class Header:
+    """What an image's header says, read without decoding it."""
+
+    width: int
+    height: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
 def error(message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST) -> BentoMLException:
     """A BentoML error that its server answers with ``status`` and ``{"error": message}``."""
     if status == HTTPStatus.BAD_REQUEST:
@@ -97,8 +115,9 @@ async def parse_request(request: Request, limits: Limits, allow_k: bool = True,
     """Read the images (and ``k`` where ``allow_k``, and the ``extra`` fields) out of a multipart or JSON request;
     problems are 4xx errors."""
     media_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    cap = limits.body_cap(media_type)
     try:
-        capped = _capped(request, limits.max_body_bytes)
+        capped = _capped(request, cap)
         if media_type == "multipart/form-data":
             parsed = await _parse_multipart(capped, limits, allow_k, extra)
         elif media_type in ("application/json", ""):
@@ -108,8 +127,9 @@ async def parse_request(request: Request, limits: Limits, allow_k: bool = True,
                         "(curl -F images=@photo.jpg) or application/json with base64 strings "
                         '({"images": ["..."]})', HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
     except _BodyTooLarge:
-        raise error(f"request body is over the limit of {limits.max_body_bytes} bytes "
-                    f"({limits.max_images} images of at most {limits.max_image_bytes} bytes)",
+        hint = ("; send large images as multipart files (curl -F images=@photo.jpg)"
+                if cap < limits.body_cap("multipart/form-data") else "")
+        raise error(f"request body is over the limit of {cap} bytes for {media_type or 'application/json'}{hint}",
                     HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from None
     if not parsed.uploads:
         raise error("the request has no images: send one or more 'images' (multipart files or base64 strings)")
@@ -197,6 +217,10 @@ async def _parse_json(request: Request, limits: Limits, allow_k: bool, extra: Se
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f"the body is not valid JSON ({e})") from e
+    except RecursionError:
+        raise error("the body is not valid JSON for this API: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise error(f"the body is not valid JSON for this API ({e})") from None
     if not isinstance(payload, dict):
         raise error(f'the JSON body must be an object like {{"images": ["<base64>"]}}, got {type(payload).__name__}')
     unknown = sorted(set(payload) - ({"images", "k"} if allow_k else {"images"}) - set(extra))
@@ -234,10 +258,54 @@ def _b64decode(value: Any, label: str, limits: Limits) -> bytes:
     return data
 
 
-def decode(upload: Upload, limits: Limits) -> np.ndarray:
-    """Bytes -> uint8 (H, W[, C]) array, or a 4xx naming the image: 413 over the pixel limit, 400 otherwise."""
+def inspect(upload: Upload, limits: Limits) -> Header:
+    """Read an image's header (no pixels) and check it against the per-image limits; 4xx errors name the image.
+
+    Pixels bound memory; side lengths and aspect ratio bound the resize, whose output grows with the long side
+    once the short side is scaled to the model's input (a 100000x1 image becomes 36 x 3.6 million pixels).
+    """
+    from PIL import Image, UnidentifiedImageError
+
     if not upload.data:
         raise error(f"{upload.label}: empty file")
+    try:
+        with Image.open(io.BytesIO(upload.data), formats=list(ALLOWED_FORMATS)) as im:
+            header = Header(int(im.width), int(im.height))
+    except Image.DecompressionBombError as e:
+        raise error(f"{upload.label}: too many pixels ({e})", HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from None
+    except UnidentifiedImageError:
+        raise error(f"{upload.label}: not a recognised image format (accepted: {', '.join(ALLOWED_FORMATS)})") from None
+    except Exception as e:  # a damaged header: PIL raises OSError, SyntaxError, struct.error, ...
+        raise error(f"{upload.label}: corrupt or truncated image ({type(e).__name__}: {e})") from None
+    size = f"{header.width}x{header.height} pixels"
+    too_large = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+    if min(header.width, header.height) < 1:
+        raise error(f"{upload.label}: {size}: an image needs at least one pixel each way")
+    if header.pixels > limits.max_image_pixels:
+        raise error(f"{upload.label}: {size} is over the limit of {limits.max_image_pixels}", too_large)
+    if max(header.width, header.height) > limits.max_image_side:
+        raise error(f"{upload.label}: {size}: a side over the limit of {limits.max_image_side} pixels", too_large)
+    ratio = max(header.width, header.height) / min(header.width, header.height)
+    if ratio > limits.max_aspect_ratio:
+        raise error(f"{upload.label}: {size}: aspect ratio {ratio:.0f}:1 is over the limit of "
+                    f"{limits.max_aspect_ratio}:1", too_large)
+    return header
+
+
+def inspect_all(uploads: Sequence[Upload], limits: Limits) -> list[Header]:
+    """``inspect`` every upload, then hold the request to its decode budget (the sum of its images' pixels)."""
+    headers = [inspect(u, limits) for u in uploads]
+    total = sum(h.pixels for h in headers)
+    if total > limits.max_request_pixels:
+        raise error(f"the {len(uploads)} images hold {total} pixels in all, over the limit of "
+                    f"{limits.max_request_pixels} per request: send fewer or smaller images per request",
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+    return headers
+
+
+def decode(upload: Upload, limits: Limits) -> np.ndarray:
+    """Bytes -> uint8 (H, W[, C]) array, or a 4xx naming the image: 413 over a size limit, 400 otherwise."""
+    inspect(upload, limits)  # a header read: whoever calls decode gets the side and aspect limits too
     try:
         return decode_image(upload.data, name=upload.label, max_pixels=limits.max_image_pixels,
                             formats=ALLOWED_FORMATS)
@@ -249,13 +317,19 @@ def decode(upload: Upload, limits: Limits) -> np.ndarray:
         raise error(f"{upload.label}: could not be decoded ({type(e).__name__}: {e})") from e
 
 
+def preprocess(upload: Upload, limits: Limits, preprocessing: Preprocessing) -> torch.Tensor:
+    """One upload -> float32 (C, H, W), exactly what ``Embedder.preprocess`` makes of the same image."""
+    array = decode(upload, limits)
+    try:
+        return preprocessing(array)
+    except ImageError as e:
+        raise error(f"{upload.label}: {e}") from e
+
+
 def to_pixels(uploads: Sequence[Upload], limits: Limits, preprocessing: Preprocessing) -> np.ndarray:
-    """Decode and preprocess every upload: float32 (N, C, H, W), exactly what ``Embedder.preprocess`` makes."""
-    tensors = []
-    for upload in uploads:
-        array = decode(upload, limits)
-        try:
-            tensors.append(preprocessing(array))
-        except ImageError as e:
-            raise error(f"{upload.label}: {e}") from e
-    return torch.stack(tensors).numpy()  # (N, C, H, W)
+    """Check the request's budget, then decode and preprocess every upload in turn: float32 (N, C, H, W).
+
+    The service runs the same steps as separate jobs on its fair pool; this is the in-process form.
+    """
+    inspect_all(uploads, limits)
+    return torch.stack([preprocess(u, limits, preprocessing) for u in uploads]).numpy()  # (N, C, H, W)

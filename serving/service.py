@@ -9,20 +9,25 @@ Two BentoML services, composed the way BentoML runs models with pre-processing:
   the front are merged there by BentoML's adaptive batching (CorkDispatcher): arrays, never lists of PIL images.
 
 Start it with ``mae serve --artifact A [--index I]``, or ``MAE_ARTIFACT=A bentoml serve serving.service:MAEService``
-(see ``serving.settings`` for every ``MAE_*`` variable). The item routes (``/items``, ``/duplicates``) are in
-``serving.items``, API keys and CORS in ``serving.auth``.
+(see ``serving.settings`` for every ``MAE_*`` variable). Either way the artifact and every exported file in it are
+verified once before any worker starts (``on_deployment``), the server binds loopback unless ``MAE_HOST`` says
+otherwise, and ``serving.guard`` checks each request's Host and Origin. A model process that still cannot load
+reports why on ``/healthz`` (503) instead of restarting in a loop. The item routes (``/items``, ``/duplicates``) are
+in ``serving.items``, API keys and CORS in ``serving.auth``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from functools import cached_property, lru_cache
+from functools import cached_property, lru_cache, partial
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -38,7 +43,9 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from serving.auth import Guard
-from serving.images import Upload, error, parse_request, to_pixels
+from serving.fair import FairPool
+from serving.guard import RequestGuard, install_log_filter
+from serving.images import Upload, error, inspect_all, parse_request, preprocess
 from serving.items import ROUTES as ITEM_ROUTES
 from serving.items import ItemError, Items, damaged_message, parse_min_score, parse_where
 from serving.settings import Limits, Settings, var
@@ -49,6 +56,12 @@ SETTINGS = Settings.from_env()
 LIMITS = Limits.from_env()
 WEB = Path(__file__).parent / "web"
 THUMBNAIL_SIZE = 128
+# Decode jobs over this many pixels (a 2000x2000 photo) may not hold every decode thread at once (serving.fair).
+HEAVY_IMAGE_PIXELS = 4_000_000
+# Fair-queueing cost of an image besides its pixels, so that tiny images are not free: about a 64x64 decode.
+IMAGE_OVERHEAD_PIXELS = 4096
+# How long /healthz and /readyz wait for the model process to answer before calling it still loading.
+MODEL_CHECK_S = 2.0
 
 # Where a request's time goes; scraped from /metrics by bench/serving.py. BentoML gathers the metrics of all
 # service processes (front and encoder) into the front's /metrics.
@@ -88,22 +101,40 @@ class EncoderService:
 
         # The model's threads leave the front-end its share of the cores: torch's pool here, onnxruntime's through
         # the Embedder's MAE_ORT_THREADS (which also keeps ORT's threads from spin-waiting on shared cores).
+        install_log_filter()
         torch.set_num_threads(SETTINGS.model_threads)
         if SETTINGS.threads:
             os.environ["MAE_ORT_THREADS"] = str(SETTINGS.threads)
         else:
             os.environ.setdefault("MAE_ORT_THREADS", str(SETTINGS.model_threads))
-        self.embedder = Embedder.load(_require_artifact(), backend=SETTINGS.backend)
-        c, h, w = self.embedder.preprocessing.input_size
-        self.embedder.run(np.zeros((1, c, h, w), np.float32))  # warm up: first-call allocations, lazy inits
+        self.error: str | None = None
+        try:
+            self.embedder = Embedder.load(_require_artifact(), backend=SETTINGS.backend)
+            c, h, w = self.embedder.preprocessing.input_size
+            self.embedder.run(np.zeros((1, c, h, w), np.float32))  # warm up: first-call allocations, lazy inits
+        except Exception as e:
+            # Raising here would make BentoML restart this process in a loop (24 tracebacks in 45 s) while the
+            # front answered /healthz 200; instead stay up, unready, and say why on every probe and call.
+            self.error = " ".join(f"{type(e).__name__}: {e}".split())
+            log.error("the model cannot be loaded: %s", self.error,
+                      exc_info=not isinstance(e, (ValueError, OSError, RuntimeError)))  # known file problems: 1 line
+            return
         log.info("encoder %s loaded on %s (%d threads, batching %s)", self.embedder.sha256[:12],
                  self.embedder.backend_name, SETTINGS.model_threads,
                  f"up to {SETTINGS.max_batch_size}" if SETTINGS.batching else "off")
+
+    def __is_ready__(self) -> bool:
+        return self.error is None
+
+    def __is_alive__(self) -> bool:
+        return self.error is None
 
     @bentoml.api(batchable=SETTINGS.batching, batch_dim=0, max_batch_size=SETTINGS.max_batch_size,
                  max_latency_ms=SETTINGS.max_latency_ms)
     def run(self, pixels: np.ndarray) -> np.ndarray:
         """Preprocessed pixels float32 (N, C, H, W) -> (N, D [+ K]): embedding, then logits when there is a head."""
+        if self.error is not None:
+            raise error(f"the model cannot be loaded: {self.error}", HTTPStatus.SERVICE_UNAVAILABLE)
         started = time.perf_counter()
         out = self.embedder.run(pixels)
         seconds = time.perf_counter() - started
@@ -115,7 +146,9 @@ class EncoderService:
 
     @bentoml.api
     def describe(self) -> dict[str, Any]:
-        """The backend that actually runs the model (chosen at start from what the machine has)."""
+        """The backend that actually runs the model (chosen at start from what the machine has), or why none can."""
+        if self.error is not None:
+            return {"backend": None, "error": self.error}
         return {"backend": self.embedder.backend_name, "threads": SETTINGS.model_threads}
 
 
@@ -315,12 +348,34 @@ def _keep_one_session(proxy: Any) -> None:
 
 
 
+def _client() -> str:
+    """The fairness key of the request being served: its peer address (everyone behind one proxy is one client)."""
+    request = bentoml.Context().request
+    return request.client.host if request.client else "?"
+
+
+# Loopback unless MAE_HOST says otherwise (`bentoml serve` and the container read this; --host overrides it). The
+# readiness probe is ours (__is_ready__): BentoML's own asks the model process without a deadline while it loads,
+# and each such probe then holds the front's shutdown open for good.
 @bentoml.asgi_app(PAGE, path="/", name="page")
-@bentoml.service(name="mae", workers=SETTINGS.workers, traffic={"timeout": 120}, envs=[{"name": "MAE_ARTIFACT"}])
+@bentoml.service(name="mae", workers=SETTINGS.workers, traffic={"timeout": 120}, envs=[{"name": "MAE_ARTIFACT"}],
+                 http={"host": SETTINGS.host}, runner_probe={"enabled": False})
 class MAEService:
     """Embeddings, classification and search by image for one artifact (and optionally one index)."""
 
     encoder = bentoml.depends(EncoderService)
+
+    @bentoml.on_deployment
+    def verify_artifact() -> None:
+        """Once, before any worker starts: a damaged artifact stops ``bentoml serve`` here with one line naming the
+        file (``mae serve`` checks the same before it starts BentoML)."""
+        from export.runtime import verify_artifact
+
+        try:
+            verify_artifact(_require_artifact())
+        except (ValueError, OSError, RuntimeError) as e:
+            print(f"mae serve: error: {' '.join(str(e).split())}", file=sys.stderr)
+            raise SystemExit(1) from None
 
     def __init__(self) -> None:
         import torch
@@ -328,6 +383,7 @@ class MAEService:
         from mae.artifact import read_config
         from mae.data import Preprocessing
 
+        install_log_filter()
         torch.set_num_threads(1)  # many small per-image resizes in parallel threads, not one large one
         path = _require_artifact()
         self.config = read_config(path)
@@ -343,18 +399,58 @@ class MAEService:
             from retrieval.index import Index
 
             self.index = self._index_thread.submit(Index.load, SETTINGS.index, artifact_sha256=self.sha256).result()
-        self._decode_limiter = anyio.CapacityLimiter(max(2, SETTINGS.model_threads))
+        self._decoder = FairPool(max(2, SETTINGS.model_threads), HEAVY_IMAGE_PIXELS)
         self._backend: dict[str, Any] | None = None
         self.items = Items(self, LIMITS, absolute_paths=SETTINGS.absolute_paths, write_wait_s=SETTINGS.write_wait_s)
         _keep_one_session(self.encoder)
 
+    # ------------------------------------------------------------------ health
+
+    async def _model_status(self) -> dict[str, Any] | None:
+        """The model process's ``describe()`` (its backend, or the error that keeps it from loading); None while it
+        does not answer within MODEL_CHECK_S (still loading)."""
+        import aiohttp
+        from bentoml.exceptions import BentoMLException
+
+        try:
+            status = await asyncio.wait_for(self.encoder.to_async.describe(), MODEL_CHECK_S)
+        except (asyncio.TimeoutError, aiohttp.ClientError, BentoMLException, OSError):
+            return None
+        if not status.get("error"):
+            self._backend = status
+        return status
+
+    async def __is_alive__(self) -> bool:
+        """/healthz: dead when the model process reports that it cannot load the model (a restart may help)."""
+        status = await self._model_status()
+        if status is not None and status.get("error"):
+            log.error("unhealthy: the model cannot be loaded: %s", status["error"])
+            return False
+        return True
+
+    async def __is_ready__(self) -> bool:
+        """/readyz: the model process answers and has its model."""
+        status = await self._model_status()
+        return status is not None and not status.get("error")
+
     # ------------------------------------------------------------------ shared steps
 
     async def _vectors(self, uploads: list[Upload]) -> np.ndarray:
-        """Uploads -> (N, D [+ K]) from the encoder; decoding runs in threads, the model in its own process."""
+        """Uploads -> (N, D [+ K]) from the encoder; decoding runs on the fair pool, the model in its own process.
+
+        First every header is read and the request held to its limits (one cheap job), then each image is one
+        job costed by its pixels, so a client's big request shares the threads with everyone else's small ones.
+        """
+        import torch
+
         started = time.perf_counter()
-        pixels = await anyio.to_thread.run_sync(to_pixels, uploads, LIMITS, self.preprocessing,
-                                                limiter=self._decode_limiter)  # (N, C, H, W)
+        client = _client()
+        [headers] = await self._decoder.run(client, [(IMAGE_OVERHEAD_PIXELS * len(uploads),
+                                                      partial(inspect_all, uploads, LIMITS))])
+        tensors = await self._decoder.run(client, [(h.pixels + IMAGE_OVERHEAD_PIXELS,
+                                                    partial(preprocess, u, LIMITS, self.preprocessing))
+                                                   for u, h in zip(uploads, headers)])
+        pixels = torch.stack(tensors).numpy()  # (N, C, H, W)
         decoded = time.perf_counter()
         out = await self._call_encoder(pixels)
         DECODE_SECONDS.observe(decoded - started)
@@ -422,21 +518,26 @@ class MAEService:
     # ------------------------------------------------------------------ page helpers
 
     async def info(self) -> dict[str, Any]:
-        """What the page needs to know: model identity, head, index; the backend as the encoder reports it."""
-        if self._backend is None:
-            self._backend = await self.encoder.to_async.describe()
+        """What the page needs to know: model identity, head, index; the backend as the encoder reports it.
+
+        No server paths: anyone who can reach the page can read this.
+        """
+        backend = self._backend or await self._model_status()
+        if backend is None:
+            backend = {"backend": None, "error": "the model is loading"}
+        elif backend.get("error"):  # the reason names server paths: it goes to the server log, not to the page
+            backend = {"backend": None, "error": "the model cannot be loaded (see the server log)"}
         return {
             "model": self.sha256,
             "dim": self.dim,
             "labels": self.labels,
             "input_size": list(self.preprocessing.input_size),
-            "backend": self._backend,
+            "backend": backend,
             "index": None if self.index is None else await self.items.read(self._index_info),
             "auth": {"keys": bool(self._keyring), "public_read": SETTINGS.public_read},
             "batching": {"enabled": SETTINGS.batching, "max_batch_size": SETTINGS.max_batch_size,
                          "max_latency_ms": SETTINGS.max_latency_ms},
-            "limits": {"max_images": LIMITS.max_images, "max_image_bytes": LIMITS.max_image_bytes,
-                       "max_image_pixels": LIMITS.max_image_pixels},
+            "limits": dataclasses.asdict(LIMITS),
         }
 
     def _index_info(self) -> dict[str, Any]:
@@ -490,3 +591,5 @@ class MAEService:
 
 MAEService.add_asgi_middleware(FlatErrors)
 MAEService.add_asgi_middleware(Guard)  # API keys and CORS (serving.auth); inside FlatErrors, outside the routes
+MAEService.add_asgi_middleware(RequestGuard, allowed_hosts=SETTINGS.host_allow_list,
+                               allowed_origins=[o for o in SETTINGS.cors_origins.split(",") if o])

@@ -7,6 +7,7 @@ flags, writes them here as ``MAE_*`` variables and execs ``bentoml serve serving
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -18,6 +19,9 @@ from export.formats import BACKEND_CHOICES
 def _default_threads() -> int:
     # The model process gets half the cores; the front-end (HTTP, decoding, resizing) the rest.
     return max(1, (os.cpu_count() or 2) // 2)
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 def var(name: str) -> str:
@@ -83,6 +87,13 @@ class Settings:
     """Answer item paths as absolute server paths instead of relative to the indexed folders."""
     write_wait_s: int = 10
     """Seconds an HTTP write waits for another writer's index lock before answering 409."""
+    host: str = "127.0.0.1"
+    """Address to bind, for ``bentoml serve`` and the container too (``mae serve --host`` sets it): loopback
+    unless told otherwise; 0.0.0.0 (or ::) is every interface. See README "Running it exposed"."""
+    allowed_hosts: str = ""
+    """Comma-separated names the HTTP Host header may carry (``*``: any). Empty: the loopback names and the bound
+    address. A browser page on another site can make a browser send requests here (DNS rebinding); the Host it
+    then sends is that site's name, which is refused."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -106,15 +117,34 @@ class Settings:
             raise ValueError(f"write wait must be >= 0 s, got {self.write_wait_s}")
         if self.public_read and not self.api_keys_file:
             raise ValueError("public read only means something with API keys (--api-keys FILE)")
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            raise ValueError(f"host must be an IP address (127.0.0.1, 0.0.0.0, ::), got {self.host!r}") from None
+        if any(not name or " " in name for name in self.host_allow_list):
+            raise ValueError(f"allowed hosts must be comma-separated names, got {self.allowed_hosts!r}")
 
     @property
     def model_threads(self) -> int:
         return self.threads or _default_threads()
 
+    @property
+    def host_allow_list(self) -> tuple[str, ...]:
+        """Host header names served: ``allowed_hosts``, or by default the loopback names and a specific bound IP."""
+        if self.allowed_hosts.strip():
+            return tuple(name.strip().lower() for name in self.allowed_hosts.split(","))
+        unspecified = ipaddress.ip_address(self.host).is_unspecified
+        return LOOPBACK_NAMES + (() if unspecified or self.host in LOOPBACK_NAMES else (self.host,))
+
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may carry; over a limit is a 413 (too large) naming the image, never a crash."""
+    """What one request may carry and cost; over a limit is a 413 (too large) naming the image, never a crash.
+
+    Bytes and pixels alone do not bound the work: a 177-byte PNG of 100000x1 pixels passes both and costs seconds
+    to resize (the short side is scaled up to the model's size, the long side with it). So side lengths, aspect
+    ratio and a per-request pixel budget are checked too, all from the image headers before anything is decoded.
+    """
 
     max_image_bytes: int = 10 * 2**20
     """Encoded bytes per image (after base64 decoding)."""
@@ -122,10 +152,22 @@ class Limits:
     """Width x height per image, read from the header before decoding (decompression bombs stop here)."""
     max_images: int = 64
     """Images per request."""
+    max_image_side: int = 16384
+    """Longest side of an image in pixels (WebP's own limit; JPEG's is 65535)."""
+    max_aspect_ratio: int = 50
+    """Long side over short side: resizing scales the long side with the short one, so this bounds the resized
+    image (and the work) to about 50 model inputs."""
+    max_request_pixels: int = 64_000_000
+    """Sum of the images' pixels per request: the decode budget of one request."""
+    max_request_bytes: int = 64 * 2**20
+    """A multipart body (parsed as a stream, files spooled to disk); refused from Content-Length when it is over."""
+    max_json_bytes: int = 8 * 2**20
+    """A JSON body, which is held in memory whole and base64-decoded: far less than multipart (send large images
+    as files)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Limits:
-        """Limits from ``MAE_MAX_IMAGE_BYTES``, ``MAE_MAX_IMAGE_PIXELS``, ``MAE_MAX_IMAGES`` (set by mae serve)."""
+        """Limits from their ``MAE_MAX_*`` variables (set by mae serve)."""
         limits = cls(**_read_env(cls, environ))
         limits.validate()
         return limits
@@ -138,7 +180,9 @@ class Limits:
             if getattr(self, f.name) < 1:
                 raise ValueError(f"{f.name.replace('_', ' ')} must be at least 1, got {getattr(self, f.name)}")
 
-    @property
-    def max_body_bytes(self) -> int:
-        """The largest request body that can still be valid: every image at its limit, base64-encoded, plus slack."""
-        return self.max_images * (self.max_image_bytes * 4 // 3 + 4096) + 65536
+    def body_cap(self, media_type: str) -> int:
+        """The most body bytes read for a request of ``media_type`` before it is refused: its own limit, or less
+        when ``max_images`` images at ``max_image_bytes`` (base64-encoded, plus slack) could never fill it."""
+        could_be_valid = self.max_images * (self.max_image_bytes * 4 // 3 + 4096) + 65536
+        own = self.max_json_bytes if media_type in ("application/json", "") else self.max_request_bytes
+        return min(own, could_be_valid)

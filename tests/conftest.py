@@ -39,6 +39,27 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: fl
     return proc
 
 
+DAMAGES = ("truncated", "zero", "garbage", "deleted")
+
+
+def damage(file: Path, how: str) -> None:
+    """Damage a file the ways disks, copies and people do: cut in half, zeroed to 0 bytes, overwritten with random
+    bytes of the same length, or deleted."""
+    data = file.read_bytes()
+    if how == "truncated":
+        file.write_bytes(data[: len(data) // 2])
+    elif how == "zero":
+        file.write_bytes(b"")
+    elif how == "garbage":
+        import numpy as np
+
+        file.write_bytes(np.random.default_rng(len(data)).bytes(len(data)))
+    elif how == "deleted":
+        file.unlink()
+    else:
+        raise ValueError(f"unknown damage {how!r}; one of {DAMAGES}")
+
+
 def tiny_sets(*extra: str) -> list[str]:
     """``--set`` arguments for the tiny config."""
     out = []

@@ -12,8 +12,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tests.conftest import run_cli
+
+if TYPE_CHECKING:
+    import subprocess
+
+    import psutil
 
 
 def tiny_artifact(out: Path, labels: list[str] | None = None, depth: int = 1, seed: int = 0) -> Path:
@@ -66,7 +72,8 @@ class Server:
 
 def request(url: str, body: bytes | None = None, content_type: str | None = None, method: str | None = None,
             timeout: float = 60, headers: dict[str, str] | None = None, with_headers: bool = False):
-    """(status, body) of one HTTP request, errors included; (status, body, headers) with ``with_headers``."""
+    """(status, body) of one HTTP request, errors included (``headers`` may replace Host too); (status, body,
+    headers) with ``with_headers``."""
     req = urllib.request.Request(url, data=body, method=method or ("POST" if body is not None else "GET"))
     if content_type:
         req.add_header("Content-Type", content_type)
@@ -109,6 +116,28 @@ def build_index(artifact: Path, images: Path, out: Path) -> Path:
     if done.returncode != 0:
         raise RuntimeError(f"mae index build failed:\n{done.stdout}\n{done.stderr}")
     return out
+
+
+def front_process(server: Server | subprocess.Popen) -> psutil.Process:
+    """The front worker of a server (the BentoML process that parses, decodes and answers HTTP)."""
+    import psutil
+
+    proc = server.proc if isinstance(server, Server) else server
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        if "--service-name mae " in " ".join(child.cmdline()) + " ":
+            return child
+    raise LookupError("no front worker under the server process")
+
+
+def model_process(server: Server | subprocess.Popen) -> psutil.Process:
+    """The model worker of a server (BentoML's mae-encoder service)."""
+    import psutil
+
+    proc = server.proc if isinstance(server, Server) else server
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        if "--service-name mae-encoder" in " ".join(child.cmdline()):
+            return child
+    raise LookupError("no model worker under the server process")
 
 
 def export_digits(out: Path, limit: int) -> list[Path]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import os
 import re
 import socket
@@ -28,6 +29,7 @@ from tests.serving_support import (
     build_index,
     error_message,
     export_digits,
+    front_process,
     multipart,
     post_json,
     request,
@@ -88,6 +90,16 @@ def png_bomb(width: int = 9000, height: int = 9000) -> bytes:
     return bytes(data)
 
 
+def wide_png(width: int, height: int) -> bytes:
+    """A real, decodable grey PNG of width x height black pixels, written row by row (no PIL image that size)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    raw = zlib.compress((b"\x00" + bytes(width)) * height, 9)  # each row: filter byte 0, then the pixels
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+
+
 def test_every_mode_decodes_to_model_pixels():
     from mae.data import Preprocessing
     from serving.images import Upload, to_pixels
@@ -132,14 +144,126 @@ def test_bomb_is_refused_from_the_header():
         decode_image(png_bomb(), "bomb.png", max_pixels=10**6)
 
 
+@pytest.mark.parametrize("width,height,words", [
+    (100_000, 1, "a side over the limit of 16384"),
+    (20_000_000, 2, "a side over the limit of 16384"),
+    (12_000, 200, "aspect ratio 60:1 is over the limit of 50:1"),
+], ids=["100000x1", "20000000x2", "12000x200"])
+def test_images_that_cost_far_more_than_their_bytes_are_refused_from_the_header(width, height, words):
+    """A 177-byte 100000x1 PNG took seconds to resize and 20000000x2 tried a 123 GB allocation: both are 413s
+    decided from the header, in well under a second."""
+    import time
+
+    from bentoml.exceptions import BentoMLException
+
+    from mae.data import Preprocessing
+    from serving.images import Upload, to_pixels
+    from serving.settings import Limits
+
+    prep = Preprocessing((3, 32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bicubic", 0.875)
+    data = wide_png(width, height)
+    started = time.perf_counter()
+    with pytest.raises(BentoMLException) as info:
+        to_pixels([Upload("image 1 'wide.png'", data)], Limits(), prep)
+    assert time.perf_counter() - started < 1.0
+    assert info.value.error_code.value == 413
+    assert f"'wide.png': {width}x{height} pixels" in str(info.value) and words in str(info.value)
+
+
+def test_a_request_is_held_to_its_decode_budget():
+    from bentoml.exceptions import BentoMLException
+
+    from serving.images import Upload, inspect_all
+    from serving.settings import Limits
+
+    uploads = [Upload(f"image {i}", encode(Image.new("L", (1000, 1000)))) for i in range(1, 4)]
+    assert len(inspect_all(uploads[:2], Limits(max_request_pixels=2_000_000))) == 2
+    with pytest.raises(BentoMLException, match="3 images hold 3000000 pixels in all, over the limit of 2000000"):
+        inspect_all(uploads, Limits(max_request_pixels=2_000_000))
+
+
+def run_pool(jobs_by_client: list[tuple[str, float, list[float]]], threads: int, heavy: float) -> list[str]:
+    """Start order of jobs submitted to a FairPool: (client, delay before submitting, each job's cost)."""
+    import asyncio
+    import time
+
+    from serving.fair import FairPool
+
+    started: list[str] = []
+
+    def job(name: str) -> str:
+        started.append(name)
+        time.sleep(0.03)
+        return name
+
+    async def main() -> list[list[str]]:
+        pool = FairPool(threads, heavy)
+
+        async def client(key: str, delay: float, costs: list[float]) -> list[str]:
+            await asyncio.sleep(delay)
+            return await pool.run(key, [(cost, lambda n=f"{key}{i}": job(n)) for i, cost in enumerate(costs)])
+
+        try:
+            return await asyncio.gather(*(client(*c) for c in jobs_by_client))
+        finally:
+            pool.close()
+
+    results = asyncio.run(main())
+    for (key, _, costs), got in zip(jobs_by_client, results):
+        assert got == [f"{key}{i}" for i in range(len(costs))]  # every job ran, results in order
+    return started
+
+
+def test_the_decode_pool_serves_a_small_client_next_whatever_another_has_queued():
+    """Client a queues 20 images at once; b's one image, arriving just after, starts as soon as a thread is free
+    (third), not after a's twenty."""
+    order = run_pool([("a", 0.0, [1000.0] * 20), ("b", 0.01, [1000.0])], threads=2, heavy=10_000)
+    assert order.index("b0") == 2, order
+
+
+def test_heavy_images_leave_a_thread_to_light_ones():
+    """Four large images from a may hold one of two threads, never both: b's small image starts at once."""
+    order = run_pool([("a", 0.0, [50_000.0] * 4), ("b", 0.01, [100.0])], threads=2, heavy=10_000)
+    assert order.index("b0") == 1, order
+
+
+def test_a_failed_job_drops_the_rest_of_its_request():
+    import asyncio
+
+    from serving.fair import FairPool
+
+    ran: list[int] = []
+
+    def job(i: int) -> int:
+        ran.append(i)
+        if i == 0:
+            raise ValueError("bad image")
+        return i
+
+    async def main() -> None:
+        pool = FairPool(1, 10.0)
+        try:
+            with pytest.raises(ValueError, match="bad image"):
+                await pool.run("a", [(1.0, lambda i=i: job(i)) for i in range(5)])
+            assert pool.queued == 0 and await pool.run("a", [(1.0, lambda: job(7))]) == [7]
+        finally:
+            pool.close()
+
+    asyncio.run(main())
+    assert ran == [0, 7]
+
+
 def test_settings_round_trip_through_the_environment():
     from serving.settings import Limits, Settings
 
     s = Settings(artifact="/a", index="/i", backend="onnx", batching=False, max_batch_size=7, max_latency_ms=9,
                  threads=3, workers=2)
     assert Settings.from_env(s.to_env()) == s
-    lim = Limits(max_image_bytes=5, max_image_pixels=6, max_images=7)
+    lim = Limits(max_image_bytes=5, max_image_pixels=6, max_images=7, max_image_side=8, max_aspect_ratio=9,
+                 max_request_pixels=10, max_request_bytes=11, max_json_bytes=12)
     assert Limits.from_env(lim.to_env()) == lim
+    assert Settings.from_env(Settings(host="::", allowed_hosts="mae.example.org,10.0.0.5").to_env()
+                             ).host_allow_list == ("mae.example.org", "10.0.0.5")
     with pytest.raises(ValueError, match="MAE_MAX_BATCH_SIZE must be an integer"):
         Settings.from_env({"MAE_MAX_BATCH_SIZE": "many"})
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -305,6 +429,7 @@ def bad_requests() -> list[tuple[str, bytes, str, int, str]]:
         ("k out of range", json.dumps({"images": [base64.b64encode(good).decode()], "k": 0}).encode(),
          "application/json", 400, "k must be an integer"),
         ("empty file", *files(("void.png", b"")), 400, "void.png"),
+        ("deeply nested JSON", b"[" * 100_000 + b"]" * 100_000, "application/json", 400, "nested too deeply"),
     ]
     return cases
 
@@ -351,6 +476,192 @@ def test_a_body_over_the_limit_is_refused_without_reading_it_all(setup, chunked)
     assert response.status == 413 and "request body is over the limit" in message
     status, ok = post_files(setup["main"], "/embed", ("fine.png", encode(rgb(seed=9))))
     assert status == 200 and len(ok["embeddings"]) == 1
+
+
+def _hostile_client(url: str, body: bytes, content_type: str, stop: object, answers: object) -> None:
+    """Send ``body`` back to back until ``stop`` is set; count the answers by status (0: no answer)."""
+    while not stop.is_set():
+        try:
+            status = request(url, body, content_type, timeout=10)[0]
+        except OSError:
+            status = 0
+        with answers.get_lock():
+            answers[0 if status == 413 else 1] += 1
+
+
+def test_wide_pngs_from_two_clients_do_not_slow_a_small_one(setup):
+    """The amplification attack of issue 14: two clients (processes of their own, as attackers would be) send
+    requests of 100000x1 PNGs back to back (under the byte and pixel limits: 177 bytes each, seconds each to
+    resize) while a third sends one small image at a time. The small client's p99 must stay within 2x its idle p99
+    measured here first, plus 0.25 s so that a hiccup of this shared machine cannot fail it by chance; without the
+    header checks and the fair pool it waited for whole minutes."""
+    import multiprocessing
+    import time
+
+    url = setup["main"].url + "/embed"
+    small = files(("small.png", encode(rgb(64, 64, seed=11))))
+    hostile = files(*[(f"wide{i}.png", wide_png(100_000, 1)) for i in range(MAX_IMAGES)])
+
+    def small_request() -> float:
+        started = time.perf_counter()
+        try:
+            status, _ = request(url, *small, timeout=20)
+        except OSError:  # timed out
+            return math.inf
+        assert status == 200
+        return time.perf_counter() - started
+
+    for _ in range(5):
+        small_request()
+    idle = [small_request() for _ in range(40)]
+    fork = multiprocessing.get_context("fork")  # no re-import of this module in the children
+    stop, answers = fork.Event(), fork.Array("l", 2)  # [413s, anything else]
+    attackers = [fork.Process(target=_hostile_client, args=(url, *hostile, stop, answers), daemon=True)
+                 for _ in range(2)]
+    for p in attackers:
+        p.start()
+    try:
+        time.sleep(0.5)
+        loaded: list[float] = []
+        deadline = time.monotonic() + 60
+        while len(loaded) < 40 and time.monotonic() < deadline:
+            loaded.append(small_request())
+    finally:
+        stop.set()
+        for p in attackers:
+            p.join(timeout=15)
+            if p.is_alive():
+                p.kill()
+    idle_p99, loaded_p99 = float(np.percentile(idle, 99)), float(np.percentile(loaded, 99))
+    summary = (f"idle p50/p99 {np.median(idle) * 1000:.0f}/{idle_p99 * 1000:.0f} ms, under attack "
+               f"{np.median(loaded) * 1000:.0f}/{loaded_p99 * 1000:.0f} ms over {len(loaded)} requests; hostile "
+               f"requests answered 413: {answers[0]}, otherwise: {answers[1]}")
+    print(summary)
+    assert len(loaded) == 40 and loaded_p99 <= 2 * idle_p99 + 0.25, summary
+    assert answers[0] > 0 and answers[1] == 0, summary
+
+
+def test_an_image_of_2_rows_at_the_pixel_limit_is_a_4xx(setup):
+    """20000000x2 pixels is exactly the default pixel limit; resizing it meant a 123 GB allocation and a 500."""
+    status, body = post_files(setup["bare"], "/embed", ("thin.png", wide_png(20_000_000, 2)))
+    assert status == 413 and "'thin.png': 20000000x2 pixels" in error_message(body), body
+    status, ok = post_files(setup["bare"], "/embed", ("fine.png", encode(rgb(seed=9))))
+    assert status == 200 and len(ok["embeddings"]) == 1
+
+
+def test_requests_for_other_host_names_and_cross_origin_writes_are_refused(setup):
+    url = setup["main"].url
+    body, ctype = files(("a.png", encode(rgb())))
+    rebinding = {"Host": "attacker.example:3000"}  # a name resolving here only for the attacker's page
+    for path, data in (("/embed", body), ("/", None), ("/info", None), ("/docs.json", None)):
+        status, raw = request(url + path, data, ctype if data else None, headers=rebinding)
+        assert status == 400 and "MAE_ALLOWED_HOSTS" in error_message(json.loads(raw)), (path, status, raw)
+    for probe in ("/healthz", "/livez"):  # orchestrators probe by IP; the probes say nothing
+        assert request(url + probe, headers=rebinding)[0] == 200
+    for browser in ({"Origin": "http://attacker.example"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"}):
+        status, raw = request(url + "/embed", body, ctype, headers=browser)
+        assert status == 403 and "cross-origin" in error_message(json.loads(raw)), (browser, status, raw)
+    for fine in ({"Origin": url}, {"Sec-Fetch-Site": "same-origin"}, {}):  # the page itself, curl
+        assert request(url + "/embed", body, ctype, headers=fine)[0] == 200, fine
+
+
+def test_info_reveals_no_server_paths(setup):
+    info = json.loads(request(setup["main"].url + "/info")[1])
+    text = json.dumps(info)
+    assert info["index"]["count"] >= len(setup["collection"]) and str(setup["tmp"]) not in text, info
+
+
+def test_the_service_binds_loopback_unless_told_otherwise():
+    """``bentoml serve serving.service:MAEService`` and the container read the bind address from MAE_HOST (BentoML's
+    own default is every interface); ``mae serve`` says what it binds."""
+    import yaml
+
+    from serving import service
+    from serving.command import listening_line
+    from serving.settings import Settings
+
+    assert Settings().host == "127.0.0.1" and str(service.MAEService.config["http"]["host"]) == "127.0.0.1"
+    root = Path(__file__).resolve().parents[1]
+    for bentofile in ("bentofile.yaml", "bentofile.gpu.yaml"):
+        envs = {e["name"]: e.get("value") for e in yaml.safe_load((root / "serving" / bentofile).read_text())["envs"]}
+        assert envs["MAE_HOST"] == "127.0.0.1", bentofile
+    assert listening_line("127.0.0.1", 3000, ("localhost",)) == "listening on 127.0.0.1:3000 (this machine only)"
+    exposed = listening_line("0.0.0.0", 3000, ("mae.example.org",))
+    assert "0.0.0.0:3000, every interface" in exposed and "mae.example.org" in exposed
+
+
+def send_body(url: str, media_type: str, size: int, chunked: bool) -> tuple[int, str, float]:
+    """POST a body of ``size`` bytes that starts like a real one; with Content-Length, only the headers are sent
+    unless the server asks for more. Returns (status, message, seconds)."""
+    import http.client
+    import time
+    from urllib.parse import urlsplit
+
+    head = (b'{"images": ["' if media_type == "application/json" else
+            b'--b\r\nContent-Disposition: form-data; name="images"; filename="big.png"\r\n\r\n')
+    split = urlsplit(url)
+    started = time.perf_counter()
+    conn = http.client.HTTPConnection(split.hostname, split.port, timeout=30)
+    conn.putrequest("POST", "/embed")
+    conn.putheader("Content-Type", media_type + ("; boundary=b" if media_type.startswith("multipart") else ""))
+    conn.putheader(*(("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(size))))
+    conn.endheaders()
+    try:
+        if chunked:  # until the server stops reading (it answers once the cap is passed)
+            chunk = head + b"A" * (2**20 - len(head))
+            try:
+                for _ in range(size // len(chunk)):
+                    conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    chunk = b"A" * 2**20
+            except OSError:
+                pass
+        response = conn.getresponse()
+        status, message = response.status, error_message(json.loads(response.read()))
+    except OSError as e:
+        status, message = 0, f"{type(e).__name__}: {e}"
+    finally:
+        conn.close()
+    return status, message, time.perf_counter() - started
+
+
+def test_refused_bodies_leave_memory_where_it_was(setup):
+    """A 623 MB JSON body took 83 s to refuse and left the front 1.4 GB larger. Now: refused from Content-Length
+    without reading, or once a streamed body passes its cap (JSON's far below multipart's), and the front's
+    memory afterwards is where it was before."""
+    bare = setup["bare"]
+    for _ in range(5):
+        assert post_files(bare, "/embed", ("fine.png", encode(rgb(seed=9))))[0] == 200
+    front = front_process(bare)
+    before = front.memory_info().rss
+    cases = [("application/json", 600 * 2**20, False), ("application/json", 100 * 2**20, True),
+             ("multipart/form-data", 600 * 2**20, False), ("multipart/form-data", 100 * 2**20, True)]
+    for media_type, size, chunked in cases:
+        status, message, seconds = send_body(bare.url, media_type, size, chunked)
+        assert status == 413 and "request body is over the limit" in message and seconds < 20, \
+            (media_type, size, chunked, status, message, seconds)
+    grown = (front.memory_info().rss - before) / 2**20
+    print(f"front RSS {before / 2**20:.0f} MiB before, grew {grown:+.1f} MiB after refusing {len(cases)} bodies")
+    assert grown < 48, f"the front grew by {grown:.0f} MiB after refusing the bodies"
+    assert post_files(bare, "/embed", ("fine.png", encode(rgb(seed=9))))[0] == 200
+
+
+def test_client_errors_are_one_log_line_each(setup):
+    """Every 4xx used to write a full traceback to the server log; now one line naming the problem. 5xx keep
+    theirs (not provoked here)."""
+    import time
+
+    log = setup["tmp"] / "main.log"
+    before = len(log.read_bytes())
+    bad = [files(("broken.png", b"\x89PNG\r\n\x1a\n" + bytes(64))), files(("bomb.png", png_bomb())),
+           (b'{"images": [', "application/json")]
+    for body, ctype in bad:
+        assert 400 <= request(setup["main"].url + "/embed", body, ctype)[0] < 500
+    time.sleep(1.0)
+    new = log.read_bytes()[before:].decode(errors="replace")
+    assert "Traceback" not in new, new[-3000:]
+    lines = [ln for ln in new.splitlines() if "POST /embed -> 4" in ln]
+    assert len(lines) == len(bad), new[-3000:]
+    assert "broken.png" in lines[0] and "bomb.png" in lines[1] and "not valid JSON" in lines[2]
 
 
 def test_64_concurrent_clients_are_all_answered_correctly(setup, reference):
@@ -433,6 +744,82 @@ def test_mae_serve_reports_user_errors_in_one_line(setup, tmp_path):
 
     done = run_cli("serve", "--artifact", str(setup["plain"]), "--index", str(setup["index"]), check=False)
     assert done.returncode == 1 and read_config(setup["plain"])["sha256"][:12] in done.stderr
+
+
+@pytest.mark.parametrize("name,how", [("model.safetensors", "truncated"), ("model.safetensors", "garbage"),
+                                      ("config.json", "garbage"), ("config.json", "zero")])
+def test_mae_serve_refuses_a_damaged_artifact_within_seconds(setup, tmp_path, name, how):
+    """It used to start BentoML, whose model process then restarted in a loop while /healthz said 200."""
+    import shutil
+    import time
+
+    from tests.conftest import damage
+    from tests.serving_support import free_port
+
+    artifact = shutil.copytree(setup["plain"], tmp_path / "artifact")
+    damage(artifact / name, how)
+    started = time.monotonic()
+    done = run_cli("serve", "--artifact", str(artifact), "--port", str(free_port()), check=False, timeout=180)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert str(artifact / name) in lines[0] and time.monotonic() - started < 60, lines
+
+
+def test_bentoml_serve_binds_loopback_and_reports_a_model_it_cannot_load(setup, tmp_path):
+    """``bentoml serve serving.service:MAEService`` as the README shows it: loopback without being told, and a
+    damaged artifact refused before any worker starts. Then, with a good artifact running, the weights are
+    damaged and the model process killed: the new one cannot load them, so /healthz and /readyz answer 503 with
+    one log line saying why, instead of a restart loop behind a healthy /healthz."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from serving.command import ROOT, stop, wait_ready
+    from tests.conftest import damage
+    from tests.serving_support import free_port, model_process
+
+    artifact = shutil.copytree(setup["plain"], tmp_path / "artifact")
+    home, port, log = tmp_path / "bentoml-home", free_port(), tmp_path / "server.log"
+    env = {**os.environ, "MAE_ARTIFACT": str(artifact), "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
+           "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "bentoml", "serve", "serving.service:MAEService", "--port", str(port),
+           "--working-dir", str(ROOT)]
+
+    broken = shutil.copytree(setup["plain"], tmp_path / "broken")
+    damage(broken / "model.safetensors", "truncated")
+    done = subprocess.run(cmd, env={**env, "MAE_ARTIFACT": str(broken)}, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"{broken / 'model.safetensors'} is damaged" in done.stderr, done.stderr[-3000:]
+
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_ready(proc, url, 240, log)
+        bound = {c.laddr.ip for c in psutil.Process(proc.pid).net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+        assert bound == {"127.0.0.1"}, bound
+        damage(artifact / "model.safetensors", "garbage")
+        model_process(proc).kill()
+        deadline = time.monotonic() + 180
+        while request(url + "healthz", timeout=30)[0] == 200 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert request(url + "healthz", timeout=30)[0] == 503
+        assert request(url + "readyz", timeout=30)[0] == 503
+        status, _ = request(url + "embed", *files(("a.png", encode(rgb()))), timeout=60)
+        assert 500 <= status < 600
+        failed = model_process(proc).pid
+        time.sleep(3)
+        assert model_process(proc).pid == failed  # stays up, unready: no restart loop
+        text = log.read_text(errors="replace")
+        reports = [ln for ln in text.splitlines() if "the model cannot be loaded" in ln and "mae-encoder" in ln]
+        assert len(reports) == 1 and "model.safetensors is damaged" in reports[0], text[-3000:]
+    finally:
+        stop(proc)
 
 
 DEMO_SERVE = """

@@ -30,7 +30,7 @@ from mae.checkpoint import load_checkpoint, save_checkpoint
 from mae.config import Config, OptimConfig
 from mae.data import ImageError, Normalize, PendingDecode, collate_skipping_bad
 from mae.dist import Dist, all_reduce_sum, init_distributed, shutdown_distributed
-from mae.files import write_bytes_atomic, write_json_atomic
+from mae.files import read_json_lines, remove_stale_temporaries, write_bytes_atomic, write_json_atomic
 from mae.hardware import has_native_bf16
 
 # ----------------------------------------------------------------------------------------------- distributed
@@ -140,6 +140,12 @@ class RunDir:
         self.dist = dist
         if dist.is_main:
             self.path.mkdir(parents=True, exist_ok=True)
+            # A run killed mid-write leaves NAME.<random>.tmp beside the file it was replacing; nothing reads them.
+            stale = [p for name in ("checkpoint.pt", "best.pt", "config.json", "metrics.jsonl")
+                     for p in remove_stale_temporaries(self.path / name)]
+            if stale:
+                print(f"removed {len(stale)} partial file(s) left by an interrupted write: "
+                      f"{', '.join(p.name for p in stale)}", file=sys.stderr)
 
     @property
     def checkpoint(self) -> Path:
@@ -162,15 +168,15 @@ class RunDir:
         """The last metrics row written (a finished run resumed again trains nothing and reports this)."""
         if not (self.dist.is_main and self.metrics.exists()):
             return {}
-        rows = [ln for ln in self.metrics.read_text().splitlines() if ln.strip()]
-        return json.loads(rows[-1]) if rows else {}
+        rows = read_json_lines(self.metrics, "metrics log", torn_tail=True)
+        return rows[-1] if rows else {}
 
     def truncate_metrics(self, after_step: int) -> None:
         """Drop metric lines past ``after_step`` (written by a run that died after its last checkpoint)."""
         if self.dist.is_main and self.metrics.exists():
-            keep = [ln for ln in self.metrics.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= after_step]
-            write_bytes_atomic(self.metrics, "".join(ln + "\n" for ln in keep).encode())
+            keep = [row for row in read_json_lines(self.metrics, "metrics log", torn_tail=True)
+                    if not isinstance(row, dict) or row.get("step", 0) <= after_step]
+            write_bytes_atomic(self.metrics, "".join(json.dumps(row) + "\n" for row in keep).encode())
 
 
 def resume_config(checkpoint: Path, cfg: Config, asked: bool) -> Config:
