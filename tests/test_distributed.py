@@ -176,7 +176,7 @@ def test_search_with_onnxruntime_never_imports_torch(tmp_path, tmp_path_factory)
                            "-k", "2", "--json"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     hits = json.loads(proc.stdout)["neighbours"]
-    assert hits[0]["path"] == str(query.resolve()) and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert hits[0]["file"] == str(query.resolve()) and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
 
 
 FSDP_RESUME = """

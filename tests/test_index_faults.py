@@ -82,9 +82,11 @@ def test_a_damaged_part_is_refused_by_every_command(pristine, tmp_path, capsys, 
     after = {f.name: f.read_bytes() for f in index.iterdir() if f.is_file()}
     assert after == before, "a refused command changed the index"
     # mae serve stops the same way before starting any worker
-    from serving.command import command_line
+    from serving.command import add_arguments, command_line
 
-    args = argparse.Namespace(artifact=str(pristine["artifact"]), index=str(index), host="127.0.0.1", port=1)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--artifact", str(pristine["artifact"]), "--index", str(index), "--port", "1"])
     with pytest.raises(IndexDamagedError, match=part.replace(".", r"\.")):
         command_line(args)
     # and `mae index check` says what is wrong, exit 1
