@@ -21,22 +21,10 @@ pytest.importorskip("faiss")
 
 from cli.main import main  # noqa: E402
 from retrieval.index import Index, IndexDamagedError  # noqa: E402
+from tests.conftest import DAMAGES, damage  # noqa: E402
 from tests.serving_support import tiny_artifact  # noqa: E402
 
 PARTS = ("manifest.json", "index.faiss", "items.sqlite")
-DAMAGE = ("truncated", "zero", "garbage", "deleted")
-
-
-def damage(file: Path, how: str) -> None:
-    data = file.read_bytes()
-    if how == "truncated":
-        file.write_bytes(data[: len(data) // 2])
-    elif how == "zero":
-        file.write_bytes(b"")
-    elif how == "garbage":
-        file.write_bytes(np.random.default_rng(0).integers(0, 256, len(data), dtype=np.uint8).tobytes())
-    else:
-        file.unlink()
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +54,7 @@ def commands(p: dict, index: Path) -> dict[str, list[str]]:
     }
 
 
-@pytest.mark.parametrize("how", DAMAGE)
+@pytest.mark.parametrize("how", DAMAGES)
 @pytest.mark.parametrize("part", PARTS)
 def test_a_damaged_part_is_refused_by_every_command(pristine, tmp_path, capsys, part, how):
     index = tmp_path / "index"
@@ -117,7 +105,7 @@ def test_a_deleted_catalogue_no_longer_lets_an_old_vector_answer_as_a_new_file(p
     assert hit["file"] == str(pristine["query"].resolve()) and hit["score"] > 0.999
 
 
-@pytest.mark.parametrize("how", DAMAGE)
+@pytest.mark.parametrize("how", DAMAGES)
 def test_repair_embeds_the_images_again_when_index_faiss_is_lost(pristine, tmp_path, capsys, how):
     index = tmp_path / "index"
     shutil.copytree(pristine["index"], index)
@@ -137,7 +125,7 @@ def test_repair_embeds_the_images_again_when_index_faiss_is_lost(pristine, tmp_p
     assert idx.count == 39 and idx.search(np.ones((1, idx.dim)), 5)[0]
 
 
-@pytest.mark.parametrize("how", DAMAGE)
+@pytest.mark.parametrize("how", DAMAGES)
 def test_repair_rewrites_a_lost_manifest(pristine, tmp_path, capsys, how):
     index = tmp_path / "index"
     shutil.copytree(pristine["index"], index)

@@ -217,8 +217,26 @@ def save_confusion_png(cm: np.ndarray, names: Sequence[str], path: str | Path, t
 # ----------------------------------------------------------------------------------------------- a whole evaluation
 
 
+class _Labelled:
+    """What an evaluation asks of any split: the source's name and classes."""
+
+    source: Source | ShardSource
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def classes(self) -> list[str]:
+        return self.source.classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.source.classes)
+
+
 @dataclass
-class Split:
+class Split(_Labelled):
     """The labelled train/val split an evaluation runs on (a bundled set, folder or list of files)."""
 
     source: Source
@@ -233,18 +251,6 @@ class Split:
             raise ValueError(f"{source.name}: the validation split is empty (val_fraction {val_fraction})")
         return cls(source, train, val)
 
-    @property
-    def name(self) -> str:
-        return self.source.name
-
-    @property
-    def classes(self) -> list[str]:
-        return self.source.classes
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.source.classes)
-
     def key(self) -> str:
         h = hashlib.sha256(self.source.name.encode())
         h.update(self.train_idx.tobytes())
@@ -257,7 +263,7 @@ class Split:
 
 
 @dataclass
-class ShardSplit:
+class ShardSplit(_Labelled):
     """The split of shards written by ``mae data pack``: its train shards and its val shards, streamed."""
 
     source: ShardSource
@@ -269,18 +275,6 @@ class ShardSplit:
             raise ValueError(f"{source.name}: these shards have no validation split; pack the source with "
                              "mae data pack (it writes val-*.tar) and pass the packed folder")
         return cls(source)
-
-    @property
-    def name(self) -> str:
-        return self.source.name
-
-    @property
-    def classes(self) -> list[str]:
-        return self.source.classes
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.source.classes)
 
     def key(self) -> str:
         h = hashlib.sha256(self.source.name.encode())
