@@ -8,6 +8,7 @@ variables read here; a process started any other way is a world of one.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,10 @@ def init_distributed(device: str | None = None, timeout_minutes: float | None = 
 def shutdown_distributed() -> None:
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+        # Models wrapped by DDP/FSDP keep the process group alive through reference cycles; free them now, while
+        # the interpreter is whole: a gloo group destroyed during interpreter shutdown can abort the process
+        # ("terminate called without an active exception") after a run that succeeded.
+        gc.collect()
 
 
 def all_reduce_sum(values: list[float], dist: Dist) -> list[float]:

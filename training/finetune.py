@@ -308,6 +308,7 @@ def finetune(cfg: Config, init: str | Path, out: str | Path, data: str, state: d
              ) -> dict[str, Any]:
     """Finetune (or linear-probe) into the run folder ``out``; returns a summary (paths, best val top-1, time)."""
     dist = init_distributed()
+    trainer = None
     try:
         run = RunDir(out, dist)
         if run.checkpoint.exists() and not resume:
@@ -354,6 +355,7 @@ def finetune(cfg: Config, init: str | Path, out: str | Path, data: str, state: d
             write_json_atomic(run.path / "summary.json", summary)
         return summary
     finally:
+        trainer = None  # the wrapped model goes before its process group (see shutdown_distributed)
         shutdown_distributed()
 
 

@@ -96,6 +96,7 @@ class Pretrainer(Trainer):
 def pretrain(cfg: Config, out: str | Path, data: str, resume: bool = False) -> dict[str, Any]:
     """Pretrain from ``cfg`` into the run folder ``out``; returns a summary (paths, steps, losses, time)."""
     dist = init_distributed()
+    trainer = None
     try:
         run = RunDir(out, dist)
         if run.checkpoint.exists() and not resume:
@@ -136,6 +137,7 @@ def pretrain(cfg: Config, out: str | Path, data: str, resume: bool = False) -> d
             write_json_atomic(run.path / "summary.json", summary)
         return summary
     finally:
+        trainer = None  # the wrapped model goes before its process group (see shutdown_distributed)
         shutdown_distributed()
 
 
