@@ -373,6 +373,7 @@ def run_duplicates(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]
     other = [(v[j] @ v[family != family[j]].T).max() for j in originals_at]
     separable = float(np.mean([np.sort(o)[0] > b for o, b in zip(own, other)]))
     print(f"\noriginals whose every copy is closer than any other image: {separable:.2f}")
+    pixel_baseline(images, family)
     ok = [r for r in rows if r["precision"] >= 0.95]
     best = max(ok, key=lambda r: (r["recall"], -r["threshold"])) if ok else max(rows, key=lambda r: r["f1"])
     rule = "best recall at precision >= 0.95" if ok else "no threshold reaches precision 0.95; best F1"
@@ -380,6 +381,29 @@ def run_duplicates(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]
           flush=True)
     idx.close()
     return rows
+
+
+def pixel_baseline(images: list[np.ndarray], family: np.ndarray, side: int = 16) -> None:
+    """The classic second-stage check, for comparison: normalised correlation of grey side x side thumbnails,
+    pairwise precision / recall per threshold over the same images."""
+    from PIL import Image
+
+    def thumb(arr: np.ndarray) -> np.ndarray:
+        grey = Image.fromarray(arr if arr.ndim == 2 else arr[..., :3]).convert("L")
+        v = np.asarray(grey.resize((side, side), Image.Resampling.BOX), np.float32).ravel()
+        v -= v.mean()
+        return v / (np.linalg.norm(v) + 1e-6)
+
+    t = np.stack([thumb(a) for a in images])
+    upper = np.triu_indices(len(t), 1)
+    score = (t @ t.T)[upper]
+    same = (family[:, None] == family[None, :])[upper]
+    print(f"pixel baseline (correlation of {side}x{side} thumbnails):")
+    for threshold in (0.8, 0.85, 0.9, 0.95):
+        kept = score >= threshold
+        hit = int((kept & same).sum())
+        print(f"  threshold {threshold:.2f}: pair precision {hit / max(int(kept.sum()), 1):.3f}, "
+              f"recall {hit / int(same.sum()):.3f}", flush=True)
 
 
 def main() -> None:
