@@ -544,6 +544,9 @@ def shard_model(model: nn.Module, dist: Dist) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     fully_shard = _fully_shard()
+    # The model returns pred as a slice of the decoder output (a view, as in the official code); FSDP warns that an
+    # in-place op on it would skip the all-gather. Nothing modifies pred in place, so the warning only alarms.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(dist.device.type, (dist.world,))
     for module in model.modules():
         if isinstance(module, Block):
