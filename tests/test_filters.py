@@ -49,7 +49,8 @@ def brute(items: list[Item], test) -> set[int]:
     return {i + 1 for i, it in enumerate(items) if test(it)}
 
 
-today = datetime.now(timezone.utc).date()
+# Dates are relative to the day the fixture's rows were stamped ({day}), read back from the catalogue: a
+# run that collects before midnight UTC and builds after it must not see "yesterday".
 CASES = [
     ("label=cat", lambda it: it.label == "cat"),
     ("label!=cat", lambda it: it.label != "cat"),
@@ -59,11 +60,11 @@ CASES = [
     ("path^=photos/2024/dogs/", lambda it: it.path.startswith("/data/photos/2024/dogs/")),  # as answers show it
     ("path=photos/2023/cats/0000.png", lambda it: it.path == "/data/photos/2023/cats/0000.png"),
     ("path!=/data/photos/2023/cats/0000.png", lambda it: it.path != "/data/photos/2023/cats/0000.png"),
-    (f"added>={today}", lambda it: True),
-    (f"added={today}", lambda it: True),
-    (f"added<{today}", lambda it: False),
-    (f"added>{today - timedelta(days=1)}", lambda it: True),
-    (f"added<={today - timedelta(days=1)}", lambda it: False),
+    ("added>={day}", lambda it: True),
+    ("added={day}", lambda it: True),
+    ("added<{day}", lambda it: False),
+    ("added>{day_before}", lambda it: True),
+    ("added<={day_before}", lambda it: False),
     ("added<2999-01-01T00:00:00Z", lambda it: True),
     ("tag.camera=X100", lambda it: it.tags["camera"] == "X100"),
     ("tag.camera!=X100", lambda it: it.tags["camera"] != "X100"),
@@ -86,6 +87,12 @@ def test_each_operator_selects_what_brute_force_selects(collection, where, test)
         expected = set(range(1, 11))
     else:
         expected = brute(items, test)
+    with sqlite3.connect(folder / "items.sqlite") as c:
+        stamped = {datetime.fromisoformat(a.replace("Z", "+00:00")).astimezone(timezone.utc).date()
+                   for (a,) in c.execute("SELECT DISTINCT added FROM items")}
+    assert len(stamped) == 1, stamped  # one write, one stamp
+    day = stamped.pop()
+    where = where.format(day=day, day_before=day - timedelta(days=1))
     assert set(idx.selection([parse_where(where)]).ids.tolist()) == expected
 
 
