@@ -7,6 +7,7 @@ const $ = (id) => document.getElementById(id);
 const KEY_STORE = "mae.apiKey";  // the key the user gave, kept in this browser only
 let info = null;
 let lastQuery = null;  // {file} or {id}: what the results show, rerun when the filters change
+let queryRun = 0;  // the newest query; answers to older ones (a filter changed meanwhile) are dropped, not shown
 
 function show(el, visible) { el.hidden = !visible; }
 
@@ -176,6 +177,8 @@ function finish(started, failed) {
 async function query(file) {
   if (!file) return;
   lastQuery = { file };
+  const run = ++queryRun;
+  const current = (render) => (answer) => { if (run === queryRun) render(answer); };
   setError("");
   $("preview").src = URL.createObjectURL(file);
   show($("preview"), true);
@@ -187,17 +190,20 @@ async function query(file) {
   const started = performance.now();
   const jobs = [];
   if (info && info.index) {
-    jobs.push(post("/search", file, k, conditions()).then((r) => renderNeighbours(r.neighbours[0])));
+    jobs.push(post("/search", file, k, conditions()).then(current((r) => renderNeighbours(r.neighbours[0]))));
   }
-  if (info && info.labels) jobs.push(post("/classify", file, Math.min(k, 5)).then((r) => renderLabels(r.predictions[0])));
+  if (info && info.labels) {
+    jobs.push(post("/classify", file, Math.min(k, 5)).then(current((r) => renderLabels(r.predictions[0]))));
+  }
   if (!info || (!info.index && !info.labels)) {
-    jobs.push(post("/embed", file, null).then((r) => {
+    jobs.push(post("/embed", file, null).then(current((r) => {
       const v = r.embeddings[0];
       $("embedding").textContent = `${r.dim} numbers: [${v.slice(0, 6).map((x) => x.toFixed(3)).join(", ")}, …]`;
       show($("embedding-panel"), true);
-    }));
+    })));
   }
   const results = await Promise.allSettled(jobs);
+  if (run !== queryRun) return;  // a newer query owns the page now
   const failed = results.filter((r) => r.status === "rejected").map((r) => r.reason.message);
   if (failed.length) {
     renderNeighbours([]);
@@ -209,6 +215,7 @@ async function query(file) {
 // "More like this": the item's stored vector is the query (the item itself is left out of the answer).
 async function moreLike(id, path) {
   lastQuery = { id, path };
+  const run = ++queryRun;
   setError("");
   document.body.dataset.state = "working";
   const started = performance.now();
@@ -216,7 +223,9 @@ async function moreLike(id, path) {
   for (const w of conditions()) params.append("where", w);
   try {
     const answer = await api(`/items/${id}/similar?${params}`);
+    if (run !== queryRun) return;
     await setThumbnail($("preview"), answer.item.thumbnail);
+    if (run !== queryRun) return;
     show($("preview"), true);
     $("drop-text").textContent = `item ${id}`;
     $("results-title").textContent = `More like ${path.split(/[\\/]/).slice(-2).join("/")}`;
@@ -224,7 +233,7 @@ async function moreLike(id, path) {
     renderNeighbours(answer.neighbours);
     finish(started, []);
   } catch (e) {
-    finish(started, [e.message]);
+    if (run === queryRun) finish(started, [e.message]);
   }
 }
 
