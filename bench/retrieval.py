@@ -308,15 +308,19 @@ def edit(arr: np.ndarray, how: str, rng: np.random.Generator) -> np.ndarray:
 
 
 def run_duplicates(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
-    """Groups of near-copies against the truth, per threshold; the default is the best recall at precision >= 0.95."""
+    """Groups of near-copies against the truth: by the cosine alone per threshold, then with the pixel check
+    (``retrieval.verify``) on the candidates at ``--candidate-threshold`` per pixel threshold."""
+    from PIL import Image
+
     from export.runtime import Embedder
     from mae.config import DataConfig
     from mae.data import load_source, stratified_split
+    from retrieval import verify
 
     source = load_source(args.images)
     d = DataConfig()
     _, val = stratified_split(source.labels, d.val_fraction, d.split_seed)  # images pretraining never saw
-    rng = np.random.default_rng(4)
+    rng = np.random.default_rng(args.seed)
     val = rng.permutation(val)
     originals, distractors = val[: args.originals], val[args.originals : args.originals + args.distractors]
     images, family, kinds = [], [], []
@@ -337,16 +341,20 @@ def run_duplicates(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]
     started = time.perf_counter()
     x = np.concatenate([embedder.embed(images[i : i + 256]) for i in range(0, len(images), 256)])
     print(f"{len(images)} images ({len(originals)} originals x {1 + len(EDITS)}, {len(distractors)} distractors) "
-          f"from {args.images}'s held-out split, embedded with {embedder.backend_name} in "
+          f"from {args.images}'s held-out split (draw {args.seed}), embedded with {embedder.backend_name} in "
           f"{time.perf_counter() - started:.1f} s", flush=True)
-    items = [Item(f"/bench/{j}", str(j)) for j in range(len(x))]
+    files = work / "images"  # the pixel check reads files, as it does in an index; PNG keeps the edits' pixels
+    files.mkdir()
+    items = []
+    for j, arr in enumerate(images):
+        Image.fromarray(arr).save(files / f"{j:05d}.png")
+        items.append(Item(str(files / f"{j:05d}.png"), str(j)))
     idx = index_lib.build(work / "duplicates", x, items, artifact_sha256="bench", factory="Flat")
     family = np.asarray(family)
     truth = {(a, b) for f in set(family[family >= 0].tolist()) for a in np.flatnonzero(family == f) + 1
              for b in np.flatnonzero(family == f) + 1 if a < b}
-    rows = []
-    for threshold in [float(t) for t in args.thresholds.split(",")]:
-        groups = idx.duplicates(threshold)
+
+    def score(groups: list, **row: Any) -> dict[str, Any]:
         pairs = {(a, b) for g in groups for a, _ in g for b, _ in g if a < b}
         hit = pairs & truth
         precision = len(hit) / len(pairs) if pairs else 1.0
@@ -359,12 +367,16 @@ def run_duplicates(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]
             elif kb == "original" and ka in caught:
                 caught[ka] += 1
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        rows.append({"threshold": threshold, "groups": len(groups), "pairs": len(pairs), "precision": precision,
-                     "recall": recall, "f1": f1, **{f"recall_{how}": caught[how] / len(originals) for how in EDITS}})
-        r = rows[-1]
-        print(f"threshold {threshold:.3f}: {r['groups']:>4} groups, pair precision {precision:.3f}, recall "
-              f"{recall:.3f}, F1 {f1:.3f}; original-copy recall "
-              + ", ".join(f"{how} {r[f'recall_{how}']:.2f}" for how in EDITS), flush=True)
+        r = {**row, "groups": len(groups), "pairs": len(pairs), "precision": precision, "recall": recall, "f1": f1,
+             **{f"recall_{how}": caught[how] / len(originals) for how in EDITS}}
+        print(f"{r['method']:<12} {r['threshold']:>9.4f} {r['groups']:>6} {precision:>9.3f} {recall:>6.3f} {f1:>5.3f}  "
+              + " ".join(f"{r[f'recall_{how}']:>7.2f}" for how in EDITS), flush=True)
+        return r
+
+    print(f"\n{'method':<12} {'threshold':>9} {'groups':>6} {'precision':>9} {'recall':>6} {'F1':>5}  "
+          + " ".join(f"{how:>7}" for how in EDITS) + "   (pairwise; last columns: originals grouped with that copy)")
+    cosines = [float(t) for t in args.thresholds.split(",")]
+    rows = [score(idx.duplicates(t), method="cosine", threshold=t) for t in cosines]
     # How separable the embedding makes copies at all, whatever the threshold: for each original, is its least
     # similar copy still closer than the most similar image that is not a copy?
     v = x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -372,13 +384,32 @@ def run_duplicates(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]
     own = [(v[j] @ v[family == family[j]].T) for j in originals_at]
     other = [(v[j] @ v[family != family[j]].T).max() for j in originals_at]
     separable = float(np.mean([np.sort(o)[0] > b for o, b in zip(own, other)]))
-    print(f"\noriginals whose every copy is closer than any other image: {separable:.2f}")
-    pixel_baseline(images, family)
-    ok = [r for r in rows if r["precision"] >= 0.95]
-    best = max(ok, key=lambda r: (r["recall"], -r["threshold"])) if ok else max(rows, key=lambda r: r["f1"])
-    rule = "best recall at precision >= 0.95" if ok else "no threshold reaches precision 0.95; best F1"
-    print(f"{rule}: threshold {best['threshold']} (precision {best['precision']:.3f}, recall {best['recall']:.3f})",
+    print(f"originals whose every copy is closer than any other image: {separable:.2f}")
+
+    def paths(ids: Any) -> dict[int, str]:
+        return {i: r.path for i, r in idx.catalog.get(list(ids), idx.generation).items()}
+
+    recorder = verify.PixelCheck(paths, threshold=-1.0)  # aligns every candidate pair once, keeps all scores
+    started = time.perf_counter()
+    idx.duplicates(args.candidate_threshold, check=recorder)
+    took = time.perf_counter() - started
+    print(f"pixel check: {len(recorder.scores)} candidate pairs (cosine >= {args.candidate_threshold}) aligned in "
+          f"{took:.1f} s, {took / max(len(recorder.scores), 1) * 1e3:.2f} ms a pair (thumbnails read included)",
           flush=True)
+    for t in (float(t) for t in args.pixel_thresholds.split(",")):
+        def kept(pairs: np.ndarray, t: float = t) -> np.ndarray:
+            return np.array([recorder.scores[(a, b)] >= t for a, b in pairs.tolist()], bool)
+
+        rows.append(score(idx.duplicates(args.candidate_threshold, check=kept), method="+pixels", threshold=t,
+                          candidate_threshold=args.candidate_threshold, seconds_per_pair=took / len(recorder.scores)))
+    pixel_baseline(images, family)
+    for method in ("cosine", "+pixels"):
+        ok = [r for r in rows if r["method"] == method and r["precision"] >= 0.95]
+        best = max(ok, key=lambda r: (r["recall"], -r["threshold"])) if ok else max(
+            (r for r in rows if r["method"] == method), key=lambda r: r["f1"])
+        rule = "best recall at precision >= 0.95" if ok else "no threshold reaches precision 0.95; best F1"
+        print(f"{method}: {rule}: threshold {best['threshold']} (precision {best['precision']:.3f}, recall "
+              f"{best['recall']:.3f})", flush=True)
     idx.close()
     return rows
 
@@ -430,8 +461,13 @@ def main() -> None:
     p.add_argument("--duplicates", action="store_true", help="near-duplicate grouping with --artifact instead")
     p.add_argument("--originals", type=int, default=200, help="--duplicates: images given edited copies")
     p.add_argument("--distractors", type=int, default=800, help="--duplicates: images without copies")
-    p.add_argument("--thresholds", default="0.8,0.85,0.9,0.92,0.94,0.95,0.96,0.97,0.98,0.99,0.995,0.998",
-                   help="--duplicates: cosine thresholds to try")
+    p.add_argument("--thresholds", default="0.8,0.85,0.9,0.95,0.98,0.99,0.995,0.997,0.998",
+                   help="--duplicates: cosine thresholds to try (the cosine alone)")
+    p.add_argument("--candidate-threshold", type=float, default=0.80,
+                   help="--duplicates: cosine that proposes pairs to the pixel check")
+    p.add_argument("--pixel-thresholds", default="0.98,0.985,0.9875,0.99,0.9925,0.995",
+                   help="--duplicates: aligned-correlation thresholds to try with the pixel check")
+    p.add_argument("--seed", type=int, default=4, help="--duplicates: which originals, distractors and edits")
     args = p.parse_args()
     args.max_memory = int(args.max_memory * 2**30) if args.max_memory else None
     extra = [f.strip() for f in args.factories.split(";") if f.strip()]

@@ -178,7 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     i = isub.add_parser("duplicates", help="group near-copies (resized, cropped, re-encoded) of the same image")
     i.add_argument("--index", required=True, help="index folder")
     i.add_argument("--threshold", type=float,
-                   help="cosine at or above which two items are copies (default: the measured one, see README)")
+                   help="cosine at or above which two items are candidates (default 0.80 with the pixel check, "
+                        "0.998 without: both measured, see README)")
+    i.add_argument("--pixel-threshold", type=float,
+                   help="keep a candidate pair when its grey thumbnails, once aligned (scale, rotation, shift), "
+                        "correlate at or above this (default 0.9875, measured)")
+    i.add_argument("--no-pixel-check", action="store_true",
+                   help="group by the cosine alone (no file is read; precise only at a high --threshold)")
     i.add_argument("--show", metavar="PNG", help="write a picture: one row per group")
     _json_flag(i)
     i.set_defaults(handler="retrieval.command:index_duplicates")

@@ -132,11 +132,23 @@ def hit_json(idx: Index, h: Hit) -> dict[str, Any]:
 
 
 def index_duplicates(args: argparse.Namespace) -> dict[str, Any]:
+    from retrieval import verify
+
+    pixels = not args.no_pixel_check
     if args.threshold is None:
-        args.threshold = DUPLICATE_THRESHOLD
+        args.threshold = verify.CANDIDATE_THRESHOLD if pixels else DUPLICATE_THRESHOLD
     if not -1.0 <= args.threshold <= 1.0:
         raise ValueError(f"--threshold is a cosine in [-1, 1], got {args.threshold}")
+    if args.pixel_threshold is not None and not pixels:
+        raise ValueError("--pixel-threshold is for the pixel check, which --no-pixel-check turns off")
     idx = Index.load(args.index)
+    check = None
+    if pixels:
+        def files(ids: Sequence[int]) -> dict[int, str]:
+            return {i: r.path for i, r in idx.catalog.get(list(ids), idx.generation).items()}
+
+        pixel_threshold = verify.PIXEL_THRESHOLD if args.pixel_threshold is None else args.pixel_threshold
+        check = verify.PixelCheck(files, pixel_threshold)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=idx.count, desc="near-duplicates", unit="item", disable=None, file=sys.stderr)
@@ -145,7 +157,7 @@ def index_duplicates(args: argparse.Namespace) -> dict[str, Any]:
         bar.update(done - bar.n)
 
     try:
-        groups = idx.duplicates(args.threshold, progress=progress)
+        groups = idx.duplicates(args.threshold, progress=progress, check=check)
     finally:
         bar.close()
     rows = idx.catalog.get([i for g in groups for i, _ in g], idx.generation)
@@ -153,9 +165,22 @@ def index_duplicates(args: argparse.Namespace) -> dict[str, Any]:
              "label": rows[i].label} for i, s in g if i in rows] for g in groups]
     copies = sum(len(g) - 1 for g in out)
     result: dict[str, Any] = {"index": str(idx.path), "threshold": args.threshold, "count": idx.count,
-                              "groups": out, "items_in_groups": sum(map(len, out)), "redundant": copies}
-    lines = [f"{len(out)} group(s) of near-copies (cosine >= {args.threshold}) among {idx.count} items in {idx.path}; "
+                              "groups": out, "items_in_groups": sum(map(len, out)), "redundant": copies,
+                              "pixel_check": None}
+    how = f"cosine >= {args.threshold}"
+    if check is not None:
+        how += f", aligned pixels >= {check.threshold}"
+        kept = sum(s >= check.threshold for s in check.scores.values())
+        result["pixel_check"] = {"threshold": check.threshold, "pairs_checked": len(check.scores),
+                                 "pairs_kept": kept, "unreadable": {str(i): why for i, why in check.unreadable.items()}}
+    lines = [f"{len(out)} group(s) of near-copies ({how}) among {idx.count} items in {idx.path}; "
              f"{copies} item(s) could go"]
+    if check is not None:
+        lines.append(f"  pixel check: {kept} of {len(check.scores)} candidate pairs line up")
+        if check.unreadable:
+            some = ", ".join(f"{i} ({why})" for i, why in list(check.unreadable.items())[:3])
+            lines.append(f"  {len(check.unreadable)} item(s) could not be read, so were not grouped: {some}"
+                         + (" ..." if len(check.unreadable) > 3 else ""))
     for n, g in enumerate(out[:20], 1):
         lines.append(f"  group {n}: " + ", ".join(f"{m['id']} {m['path']}" for m in g[:6])
                      + (f", ... ({len(g) - 6} more)" if len(g) > 6 else ""))

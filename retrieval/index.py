@@ -116,12 +116,13 @@ EF_MAX = 2048
 SELECTION_CACHE = 16
 EXACT_BLOCK = 65536
 DUPLICATE_K = 16
-# Near-duplicates: cosine at or above which two items count as copies of one image. Measured with
-# bench/retrieval.py --duplicates on the demo's artifact (mnist5k held-out digits, each with a resized, cropped,
-# JPEG-30, rotated and recoloured copy, among distractors): 0.998 is the lowest threshold whose groups are
-# precise (pair precision 1.00), but it finds only 6% of the copy pairs, mostly re-encodes; at 0.95 the groups
-# would chain distinct digits (precision 0.02). That encoder puts another digit closer than one of the copies
-# for 83% of the originals, so no threshold does better with it; measure again with yours (README).
+# Near-duplicates by the embedding alone (no pixel check): cosine at or above which two items count as copies of
+# one image. Measured with bench/retrieval.py --duplicates on the demo's artifact (mnist5k held-out digits, each
+# with a resized, cropped, JPEG-30, rotated and recoloured copy, among distractors): 0.998 is the lowest threshold
+# whose groups are precise (pair precision 0.99), but it finds only 6% of the copy pairs, mostly re-encodes; at
+# 0.95 the groups would chain distinct digits (precision 0.02). That encoder puts another digit closer than one
+# of the copies for 80% of the originals, so no threshold does better with it alone: the pixel check
+# (retrieval.verify, the default of ``mae index duplicates``) does, from the looser candidates it proposes.
 DUPLICATE_THRESHOLD = 0.998
 
 
@@ -587,12 +588,14 @@ class Index:
             return self.catalog.get([int(id)], self.generation).get(int(id))
 
     def duplicates(self, threshold: float = DUPLICATE_THRESHOLD, k: int = DUPLICATE_K,
-                   progress: Callable[[int, int], None] | None = None) -> list[list[tuple[int, float]]]:
+                   progress: Callable[[int, int], None] | None = None,
+                   check: Callable[[np.ndarray], np.ndarray] | None = None) -> list[list[tuple[int, float]]]:
         """Groups of near-copies: items whose cosine with another reaches ``threshold``, joined transitively.
 
         Each live item is a query (its stored vector) for its k nearest; pairs at or above the threshold are
-        edges and the groups are their connected components (union-find), largest first. Each group lists
-        (id, best score of that item with another member).
+        edges and the groups are their connected components (union-find), largest first. ``check`` (e.g. a
+        ``retrieval.verify.PixelCheck``) takes the candidate pairs, (P, 2) ids, and says which to keep: then
+        the threshold only proposes. Each group lists (id, best cosine of that item with a member it joined).
         """
         if not -1.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be a cosine in [-1, 1], got {threshold}")
@@ -600,6 +603,7 @@ class Index:
             ids = self.catalog.live_ids(self.generation)
         parent = {int(i): int(i) for i in ids}
         best: dict[int, float] = {}
+        seen: set[tuple[int, int]] = set()
 
         def find(a: int) -> int:
             while parent[a] != a:
@@ -616,15 +620,21 @@ class Index:
                     continue
                 vectors = self._reconstruct(chunk)
                 D, I = self.search_ids(vectors, k + 1, min_score=threshold)
+            edges: dict[tuple[int, int], float] = {}
             for a, drow, irow in zip(chunk.tolist(), D, I):
                 for s, b in zip(drow.tolist(), irow.tolist()):
-                    if b < 0 or b == a or b not in parent:
-                        continue
-                    best[a] = max(best.get(a, -1.0), s)
-                    best[b] = max(best.get(b, -1.0), s)
-                    ra, rb = find(a), find(b)
-                    if ra != rb:
-                        parent[max(ra, rb)] = min(ra, rb)
+                    pair = (min(a, b), max(a, b))
+                    if b >= 0 and b != a and b in parent and pair not in seen:
+                        edges[pair] = s
+            seen.update(edges)
+            pairs = np.asarray(list(edges), np.int64).reshape(-1, 2)
+            kept = np.asarray(check(pairs), bool) if check is not None and len(pairs) else np.ones(len(pairs), bool)
+            for (a, b), s in zip(pairs[kept].tolist(), np.asarray(list(edges.values()))[kept].tolist()):
+                best[a] = max(best.get(a, -1.0), s)
+                best[b] = max(best.get(b, -1.0), s)
+                ra, rb = find(a), find(b)
+                if ra != rb:
+                    parent[max(ra, rb)] = min(ra, rb)
             if progress:
                 progress(min(i + block, len(ids)), len(ids))
         groups: dict[int, list[int]] = {}

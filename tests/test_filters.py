@@ -196,6 +196,16 @@ def test_near_duplicates_are_grouped(tmp_path):
     assert len(groups[0]) == 3, "largest group first"
     with pytest.raises(ValueError, match="threshold"):
         idx.duplicates(1.5)
+    asked = []
+
+    def check(pairs: np.ndarray) -> np.ndarray:  # a second opinion (the pixel check's place): odd ids only
+        asked.extend(map(tuple, pairs.tolist()))
+        return pairs[:, 0] % 2 == 1
+
+    checked = idx.duplicates(0.97, check=check)
+    assert sorted(asked) == sorted(set(asked)) and set(asked) == {(a, b) for g in expected for a in g for b in g
+                                                                 if a < b}, "each candidate pair asked about once"
+    assert sorted(sorted(i for i, _ in g) for g in checked) == [g for g in expected if g[0] % 2 == 1]
 
 
 def test_answers_show_paths_relative_to_the_indexed_folders(collection):

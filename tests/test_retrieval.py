@@ -442,6 +442,22 @@ def test_cli_filters_more_like_this_metadata_and_duplicates(tmp_path, artifact, 
                 str(tmp_path / "d.png"))
     assert [sorted(m["file"] for m in g) for g in twins["groups"]] == [sorted([str(good[2]), str(copy)])]
     assert (tmp_path / "d.png").stat().st_size > 1000
+    # Every pair a candidate: the pixel check alone tells the copy from the other photographs; without it, the
+    # cosine at -1 joins everything.
+    pixels = run("index", "duplicates", "--index", str(out), "--threshold", "-1")
+    assert [sorted(m["file"] for m in g) for g in pixels["groups"]] == [sorted([str(good[2]), str(copy)])]
+    assert pixels["pixel_check"]["pairs_checked"] == 36 and pixels["pixel_check"]["pairs_kept"] == 1
+    assert [len(g) for g in run("index", "duplicates", "--index", str(out), "--threshold", "-1",
+                                "--no-pixel-check")["groups"]] == [9]
+    assert main(["index", "duplicates", "--index", str(out), "--no-pixel-check", "--pixel-threshold", "0.9"]) == 1
+    assert "--no-pixel-check" in capsys.readouterr().err
+    good[7].rename(good[7].with_suffix(".moved"))  # a file gone since indexing: not grouped, and said so
+    try:
+        gone = run("index", "duplicates", "--index", str(out), "--threshold", "-1")
+    finally:
+        good[7].with_suffix(".moved").rename(good[7])
+    assert len(gone["groups"]) == 1 and list(gone["pixel_check"]["unreadable"]) == ["8"]
+    assert gone["pixel_check"]["pairs_checked"] == 28
     assert run("index", "check", "--index", str(out))["ok"]
     assert main(["search", "--index", str(out), str(good[0]), "--id", "2"]) == 1
     assert "not both" in capsys.readouterr().err
