@@ -17,7 +17,8 @@ that match), for an HNSW and an IVF index.
 
 ``--duplicates`` measures near-duplicate grouping (``Index.duplicates``) with an artifact: held-out images and
 edited copies of some of them (resized, cropped to 90%, JPEG quality 30, rotated a few degrees, brightness and
-contrast changed) among distractors; pairwise precision and recall of the groups per threshold.
+contrast changed) among distractors, written as files and indexed; pairwise precision and recall of the groups
+per threshold, by the cosine alone and with the pixel check (``retrieval.verify``) of the candidates.
 
     python bench/retrieval.py                         # 100k vectors, quick
     python bench/retrieval.py --n 1000000 --data lowrank
