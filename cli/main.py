@@ -250,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mae.errors import UserError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mae: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, OSError, RuntimeError, ImportError) as e:
+    except (UserError, ValueError, KeyError, OSError, RuntimeError, ImportError) as e:
         if os.environ.get("MAE_DEBUG"):
             raise
         msg = one_line(e.args[0] if isinstance(e, KeyError) and e.args else str(e))
