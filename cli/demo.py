@@ -13,9 +13,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mae.flags import add_json_flag
+
 DEMO_PRESET = "mae_vit_mini_patch4_32"  # the small-data recipe (bench/quality.py)
 DEMO_PROBE_EPOCHS = 5
 DEMO_FINETUNE_EPOCHS = 5
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``demo`` to ``mae``."""
+    p = sub.add_parser("demo", help="a small real run of every stage on a bundled dataset")
+    p.add_argument("--out", default="demo", help="folder for the demo's runs, artifact and index")
+    p.add_argument("--data", default="mnist5k", help="bundled dataset to use")
+    p.add_argument("--epochs", type=int, default=15, help="pretraining epochs (15 take about 3 minutes on 2 cores)")
+    p.add_argument("--no-serve", action="store_true", help="stop before starting the HTTP server")
+    add_json_flag(p)
+    p.set_defaults(handler="cli.demo:main")
 
 
 def say(message: str) -> None:
@@ -120,8 +133,8 @@ def stage_retrieval(ctx: dict[str, Any], args: argparse.Namespace) -> None:
     from mae.config import DataConfig
     from mae.data import export_source, load_source, stratified_split
     from retrieval.build import build_index, collection, load_embedder
-    from retrieval.command import contact_sheet
     from retrieval.index import Index
+    from retrieval.pictures import contact_sheet
 
     out = Path(args.out)
     art = ctx.get("artifact") or ctx.get("export", {}).get("artifact")

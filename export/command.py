@@ -1,4 +1,6 @@
-"""``mae export`` (checkpoint -> artifact folder -> ONNX / TensorRT files, each parity-checked) and ``mae embed``."""
+"""``mae export`` (checkpoint -> artifact folder -> ONNX / TensorRT / AOTInductor files, each parity-checked) and
+``mae embed``: their flags and handlers. Heavy imports (torch, numpy, the exporters) happen inside the handlers,
+so that building ``mae``'s parser stays instant."""
 
 from __future__ import annotations
 
@@ -6,10 +8,61 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from export.formats import BACKEND_CHOICES, INDUCTOR_PRECISIONS, TENSORRT_PRECISIONS  # stdlib only
+from mae.flags import add_json_flag
 
-from mae import artifact
-from mae.files import atomic_path, write_json_atomic
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``export`` and ``embed`` to ``mae``."""
+    p = sub.add_parser("export", help="write a deployable artifact (safetensors, ONNX, TensorRT, AOTInductor) from a "
+                                      "checkpoint")
+    p.add_argument("--checkpoint", required=True, help="RUN/checkpoint.pt, or official / timm MAE weights")
+    p.add_argument("--out", required=True, help="artifact folder")
+    p.add_argument("--pooling", choices=("token", "avg"),
+                   help="embedding pooling (default: avg of the normed patch tokens when pretrained; a finetuned "
+                        "model keeps the pooling its head was trained on)")
+    g = p.add_argument_group("formats (each file is checked against PyTorch on real images; see config.json)")
+    g.add_argument("--onnx", action="store_true", help="encoder.onnx: fp32, dynamic batch, opset 18")
+    g.add_argument("--fp16", action="store_true",
+                   help="encoder.fp16.onnx for onnxruntime on GPUs: fused attention, fp32 LayerNorm (implies --onnx)")
+    g.add_argument("--int8", action="store_true",
+                   help="encoder.int8.onnx for CPUs: static QDQ int8 calibrated on real images (implies --onnx)")
+    g.add_argument("--tokens", action="store_true", help="add a 'tokens' (N, L, D) output for dense use")
+    g.add_argument("--tensorrt", action="store_true",
+                   help="encoder.plan for this GPU (implies --onnx); needs CUDA and tensorrt")
+    g.add_argument("--inductor", action="store_true",
+                   help="encoder.pt2: AOTInductor-compiled for this torch version and device (the GPU when there "
+                        "is one), dynamic batch 1..--batch-max")
+    g.add_argument("--inductor-device", choices=("cuda", "cpu"),
+                   help="device encoder.pt2 is compiled for (default: cuda when a GPU is visible)")
+    g.add_argument("--inductor-precision", choices=INDUCTOR_PRECISIONS,
+                   help="encoder.pt2 precision (default: bf16 on cuda, fp32 on cpu)")
+    g.add_argument("--trt-precision", choices=TENSORRT_PRECISIONS, default="fp16",
+                   help="TensorRT precision (bf16 only with TensorRT 10)")
+    g.add_argument("--batch-min", type=int, default=1, help="TensorRT profile: smallest batch")
+    g.add_argument("--batch-opt", type=int, default=32, help="TensorRT profile: batch the kernels are tuned for")
+    g.add_argument("--batch-max", type=int, default=256,
+                   help="TensorRT profile / AOTInductor: largest batch (more is sliced)")
+    g.add_argument("--timing-cache", help="TensorRT timing cache file (default: ARTIFACT/tensorrt.timing.cache)")
+    g.add_argument("--parity-data", default="mnist5k,photos",
+                   help="comma-separated bundled sets or folders of real images for parity and int8 calibration")
+    g.add_argument("--parity-images", type=int, default=512,
+                   help="real images drawn: half judge parity, the other half calibrate int8")
+    add_json_flag(p)
+    p.set_defaults(handler="export.command:main")
+
+    p = sub.add_parser("embed", help="embed images with an artifact (any backend) into a .npy file")
+    p.add_argument("--artifact", required=True, help="artifact folder (mae export)")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
+                   help="image files, folders (recursive), .txt lists of paths, or WebDataset shards (one spec)")
+    p.add_argument("--out", required=True, help="vectors.npy: (N, D) float32, L2-normalised, rows in input order")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"),
+                   help="onnx file to run (default fp32 on CPU, fp16 on CUDA when exported)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images (0: in-process)")
+    add_json_flag(p)
+    p.set_defaults(handler="export.command:embed")  # torchrun --nnodes N ... -m cli embed: ranks share the work
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -25,6 +78,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         reason = inductor_reason()
         if reason:
             raise RuntimeError(f"--inductor: {reason}")
+    from mae import artifact
+
     out = artifact.from_checkpoint(args.checkpoint, args.out, pooling=args.pooling)
     art = artifact.load(out)
     result: dict[str, Any] = {
@@ -91,8 +146,11 @@ def embed(args: argparse.Namespace) -> dict[str, Any] | int:
     """
     import os
 
+    import numpy as np
+
     from export.runtime import EmbeddedFiles, Embedder
     from mae.dist import barrier, init_distributed, rank_slice, shutdown_distributed, work_folder
+    from mae.files import atomic_path, write_json_atomic
     from mae.shards import is_shard_spec, open_shards
 
     out = Path(args.out)

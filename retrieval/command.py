@@ -1,5 +1,6 @@
-"""``mae index build|add|remove|info|duplicates|check`` and ``mae search``: thin handlers over retrieval.build,
-retrieval.index and retrieval.repair.
+"""``mae index build|add|remove|info|duplicates|check`` and ``mae search``: their flags, and thin handlers over
+retrieval.build, retrieval.index and retrieval.repair (imported inside the handlers: building ``mae``'s parser
+must not load faiss).
 
 ``--json`` answers carry each item's ``path`` as the HTTP API shows it (relative to the indexed folders) and,
 since the command runs where the files are, its absolute ``file`` too.
@@ -13,18 +14,97 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from PIL import Image, ImageDraw
+from export.formats import BACKEND_CHOICES  # stdlib only
+from mae.flags import add_json_flag
 
-from mae.images import ImageError, read_image
-from retrieval import build as build_lib
-from retrieval.index import DUPLICATE_THRESHOLD, Hit, Index
+if TYPE_CHECKING:
+    from retrieval.index import Hit, Index
 
-THUMB = 128
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``index`` (build, add, remove, info, duplicates, check) and ``search`` to ``mae``."""
+    p = sub.add_parser("index", help="build and change a FAISS similarity index over an image collection")
+    isub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
+    i = isub.add_parser("build", help="embed a collection with an artifact and index it")
+    i.add_argument("--artifact", required=True, help="artifact folder (mae export)")
+    i.add_argument("--images", required=True, nargs="+",
+                   help="folders (class subfolders become labels), files, .txt lists, or WebDataset shards (one spec)")
+    i.add_argument("--out", required=True, help="index folder to write")
+    i.add_argument("--factory", default="auto",
+                   help="auto (exact, HNSW, IVF or IVF-PQ by collection size) or any faiss factory string")
+    i.add_argument("--shards", type=int, default=1,
+                   help="> 1: train the IVF once, fill this many shards in worker processes, merge on disk (mmap)")
+    i.add_argument("--max-memory", type=float, metavar="GIB", help="memory the index may use (default: half the RAM)")
+    i.add_argument("--recall", type=float, default=0.95, help="recall@10 the search parameters are tuned to reach")
+    i.add_argument("--gpu", choices=("auto", "yes", "no"), default="auto", help="train and search on GPUs (faiss-gpu)")
+    i.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
+    for q in (i, ia := isub.add_parser("add", help="add images (files already indexed, by sha256, are skipped)")):
+        q.add_argument("--metadata", metavar="FILE",
+                       help="labels and tags by path: items.jsonl ({\"path\": ..., \"label\": ..., \"tags\": {...}}) "
+                            "or items.csv (path,label,TAG...)")
+        q.add_argument("--batch-size", type=int, default=64, help="images per embedding batch")
+        q.add_argument("--workers", type=int, default=2, help="DataLoader processes reading and decoding images")
+        q.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="embedding backend")
+        q.add_argument("--device", help="torch device for the embedder (default: cuda when available)")
+        add_json_flag(q)
+    i.set_defaults(handler="retrieval.command:index_build")
+    ia.add_argument("--index", required=True, help="index folder")
+    ia.add_argument("images", nargs="+", metavar="DIR_OR_FILE", help="folders or image files to add")
+    ia.add_argument("--artifact", help="artifact (default: the one recorded in the index manifest)")
+    ia.set_defaults(handler="retrieval.command:index_add")
+    i = isub.add_parser("remove", help="remove items by path or id")
+    i.add_argument("--index", required=True, help="index folder")
+    i.add_argument("items", nargs="+", metavar="PATH_OR_ID", help="image paths or catalogue ids")
+    add_json_flag(i)
+    i.set_defaults(handler="retrieval.command:index_remove")
+    i = isub.add_parser("info", help="what an index holds and how it searches")
+    i.add_argument("--index", required=True, help="index folder")
+    add_json_flag(i)
+    i.set_defaults(handler="retrieval.command:index_info")
+    i = isub.add_parser("duplicates", help="group near-copies (resized, cropped, re-encoded) of the same image")
+    i.add_argument("--index", required=True, help="index folder")
+    i.add_argument("--threshold", type=float,
+                   help="cosine at or above which two items are candidates (default 0.80 with the pixel check, "
+                        "0.998 without: both measured, see README)")
+    i.add_argument("--pixel-threshold", type=float,
+                   help="keep a candidate pair when its grey thumbnails, once aligned (scale, rotation, shift), "
+                        "correlate at or above this (default 0.9875, measured)")
+    i.add_argument("--no-pixel-check", action="store_true",
+                   help="group by the cosine alone (no file is read; precise only at a high --threshold)")
+    i.add_argument("--show", metavar="PNG", help="write a picture: one row per group")
+    add_json_flag(i)
+    i.set_defaults(handler="retrieval.command:index_duplicates")
+    i = isub.add_parser("check", help="check that the parts of an index agree; --repair rebuilds what survives")
+    i.add_argument("--index", required=True, help="index folder")
+    i.add_argument("--repair", action="store_true",
+                   help="keep what the surviving parts agree on, commit it, and list what was dropped")
+    i.add_argument("--artifact", help="with --repair: the artifact that built the index (to embed images again "
+                                      "when index.faiss is lost, or to name the model when the manifest is)")
+    add_json_flag(i)
+    i.set_defaults(handler="retrieval.command:index_check")
+
+    p = sub.add_parser("search", help="nearest images of an image (or of an indexed item) in an index")
+    p.add_argument("--index", required=True, help="index folder (mae index build)")
+    p.add_argument("image", nargs="?", help="query image file (or --id)")
+    p.add_argument("--id", type=int, help="more like this: the item with this id is the query (and left out)")
+    p.add_argument("-k", type=int, default=10, help="neighbours to return (at most the size of the index)")
+    p.add_argument("--where", action="append", metavar="FILTER",
+                   help="only items that match, e.g. label=cat, path^=photos/2024/, added>=2026-01-01, "
+                        "tag.camera=X100 (repeat: all must hold; operators = != ^= < <= > >=)")
+    p.add_argument("--min-score", type=float, help="leave out neighbours with a cosine below this")
+    p.add_argument("--show", metavar="PNG", help="write a contact sheet: the query and its neighbours with scores")
+    p.add_argument("--artifact", help="artifact (default: the one recorded in the index manifest)")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="embedding backend")
+    p.add_argument("--device", help="torch device for the embedder")
+    add_json_flag(p)
+    p.set_defaults(handler="retrieval.command:search")
 
 
 def index_build(args: argparse.Namespace) -> dict[str, Any] | int:
+    from retrieval import build as build_lib
+
     summary = build_lib.build_index(
         args.artifact, args.images, args.out, factory=args.factory, batch_size=args.batch_size,
         workers=args.workers, shards=args.shards, backend=args.backend, device=args.device,
@@ -34,12 +114,16 @@ def index_build(args: argparse.Namespace) -> dict[str, Any] | int:
 
 
 def index_add(args: argparse.Namespace) -> dict[str, Any]:
+    from retrieval import build as build_lib
+
     return build_lib.add_images(args.index, args.images, artifact=args.artifact, batch_size=args.batch_size,
                                 workers=args.workers, backend=args.backend, device=args.device,
                                 metadata=args.metadata)
 
 
 def index_remove(args: argparse.Namespace) -> dict[str, Any]:
+    from retrieval.index import Index
+
     idx = Index.load(args.index, gpu=False)
     result = idx.remove(args.items)
     info = idx.info()
@@ -59,6 +143,8 @@ def index_remove(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def index_info(args: argparse.Namespace) -> dict[str, Any]:
+    from retrieval.index import Index
+
     idx = Index.load(args.index, gpu=False)
     info = idx.info()
     t = info["tuning"]
@@ -85,6 +171,10 @@ def index_info(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def search(args: argparse.Namespace) -> dict[str, Any]:
+    from retrieval import build as build_lib
+    from retrieval.index import Index
+    from retrieval.pictures import contact_sheet
+
     if args.k < 1:
         raise ValueError(f"-k must be >= 1, got {args.k}")
     if (args.image is None) == (args.id is None):
@@ -133,6 +223,8 @@ def hit_json(idx: Index, h: Hit) -> dict[str, Any]:
 
 def index_duplicates(args: argparse.Namespace) -> dict[str, Any]:
     from retrieval import verify
+    from retrieval.index import DUPLICATE_THRESHOLD, Index
+    from retrieval.pictures import groups_sheet
 
     pixels = not args.no_pixel_check
     if args.threshold is None:
@@ -208,63 +300,6 @@ def index_check(args: argparse.Namespace) -> dict[str, Any] | int:
     else:
         print(report["text"])
     return 0 if report["ok"] else 1
-
-
-def groups_sheet(groups: Sequence[Sequence[dict[str, Any]]], out: str | Path, per_row: int = 8,
-                 max_rows: int = 24) -> Path:
-    """A PNG with one row per group of near-copies (first ``max_rows`` groups), each captioned id and score."""
-    rows = [g[:per_row] for g in groups[:max_rows]] or [[]]
-    pad, caption = 6, 30
-    columns = max(1, max(len(r) for r in rows))
-    sheet = Image.new("RGB", (columns * (THUMB + pad) + pad, len(rows) * (THUMB + caption + pad) + pad), "white")
-    draw = ImageDraw.Draw(sheet)
-    for y_index, group in enumerate(rows):
-        for x_index, m in enumerate(group):
-            x, y = pad + x_index * (THUMB + pad), pad + y_index * (THUMB + caption + pad)
-            sheet.paste(_thumbnail(m["file"]), (x, y))
-            draw.text((x + 2, y + THUMB + 2), f"#{m['id']}  {m['best_score']:.3f}", fill="black")
-            draw.text((x + 2, y + THUMB + 15), Path(m["path"]).name[:18], fill=(90, 90, 90))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out)
-    return out
-
-
-def contact_sheet(query: str | Path, hits: Sequence[Hit], out: str | Path, columns: int = 6) -> Path:
-    """A PNG: the query, then its neighbours in rank order, each captioned with rank, score and label."""
-    cells = [(query, "query", Path(query).name[:18])]
-    cells += [(h.path, f"#{r + 1}  {h.score:.3f}", (h.label or Path(h.path).name)[:18]) for r, h in enumerate(hits)]
-    columns = max(1, min(columns, len(cells)))
-    rows = -(-len(cells) // columns)
-    pad, caption = 6, 30
-    sheet = Image.new("RGB", (columns * (THUMB + pad) + pad, rows * (THUMB + caption + pad) + pad), "white")
-    draw = ImageDraw.Draw(sheet)
-    for j, (path, title, sub) in enumerate(cells):
-        x = pad + (j % columns) * (THUMB + pad)
-        y = pad + (j // columns) * (THUMB + caption + pad)
-        sheet.paste(_thumbnail(path), (x, y))
-        if j == 0:
-            draw.rectangle([x - 2, y - 2, x + THUMB + 1, y + THUMB + 1], outline=(220, 40, 40), width=2)
-        draw.text((x + 2, y + THUMB + 2), title, fill="black")
-        draw.text((x + 2, y + THUMB + 15), sub, fill=(90, 90, 90))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out)
-    return out
-
-
-def _thumbnail(path: str | Path) -> Image.Image:
-    """The image fitted into a THUMB square on grey (``mae.visualize.thumbnail``), or "unreadable"."""
-    from mae.visualize import thumbnail  # imports torch and timm: only when a sheet is drawn
-
-    cell = Image.new("RGB", (THUMB, THUMB), (200, 200, 200))
-    try:
-        im = thumbnail(read_image(path), THUMB)
-    except (ImageError, OSError):
-        ImageDraw.Draw(cell).text((8, THUMB // 2 - 6), "unreadable", fill="black")
-        return cell
-    cell.paste(im, ((THUMB - im.width) // 2, (THUMB - im.height) // 2))
-    return cell
 
 
 def _gib(value: float | None) -> int | None:

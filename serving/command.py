@@ -18,14 +18,23 @@ from pathlib import Path
 from typing import Any
 
 from export.formats import BACKEND_CHOICES
+from mae.flags import add_json_flag
 from serving.settings import Limits, Settings
 
 SERVICE = "serving.service:MAEService"
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``serve`` to ``mae``."""
+    p = sub.add_parser("serve", help="serve /embed, /classify, /search and a page to try them (BentoML)")
+    add_arguments(p)
+    add_json_flag(p)
+    p.set_defaults(handler="serving.command:main")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``mae serve`` flags (called by ``cli.main``)."""
+    """The ``mae serve`` flags (``register``; tests build a parser of them alone)."""
     d, lim = Settings(), Limits()
     p.add_argument("--artifact", required=True, help="artifact folder (mae export)")
     p.add_argument("--index", help="index folder (mae index build) for /search and the page's neighbours")

@@ -63,3 +63,21 @@ def test_arrows_point_down():
                 assert top in ("mae", "export"), f"{module} imports {target}"
             if package == "retrieval":
                 assert top in ("mae", "export", "retrieval"), f"{module} imports {target}"
+
+
+def test_every_command_registers_its_flags_without_heavy_imports():
+    """cli.main is a dispatch table: each stage's command module adds its flags, importing the standard library and
+    stdlib-only project modules alone, so that ``mae --help`` and a torch-free ``mae search`` stay instant."""
+    import json
+    import subprocess
+    import sys
+
+    probe = ("import json, sys, cli.main as m; p = m.build_parser(); "
+             "print(json.dumps({'modules': sorted({n.split('.')[0] for n in sys.modules}), "
+             "'commands': sorted(p._subparsers._group_actions[0].choices)}))")
+    out = json.loads(subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,
+                                    check=True).stdout)
+    heavy = {"torch", "timm", "numpy", "PIL", "faiss", "bentoml", "onnxruntime", "tensorrt", "pymilvus"}
+    assert not heavy & set(out["modules"]), f"building mae's parser imported {sorted(heavy & set(out['modules']))}"
+    assert {"pretrain", "finetune", "evaluate", "export", "embed", "index", "search", "serve", "data",
+            "demo"} <= set(out["commands"])
