@@ -321,7 +321,7 @@ class Catalog:
             out = [int(i) for i in ids]
             if len(out) != len(items):
                 raise ValueError(f"{len(out)} ids for {len(items)} items")
-            tags = [_clean_tags(it.tags) for it in items]
+            tags = [clean_tags(it.tags) for it in items]
             c.executemany("INSERT INTO items (id, path, label, sha256, added, generation, tags) VALUES (?,?,?,?,?,?,?)",
                           ((i, it.path, it.label, it.sha256, now, generation,
                             json.dumps(t, ensure_ascii=False, sort_keys=True) if t else None)
@@ -348,7 +348,7 @@ class Catalog:
         n = 0
         with self.transaction() as c:
             for i, label, tags in updates:
-                clean = _clean_tags(tags)
+                clean = clean_tags(tags)
                 n += c.execute("UPDATE items SET label = ?, tags = ? WHERE id = ?",
                                (label, json.dumps(clean, ensure_ascii=False, sort_keys=True) if clean else None,
                                 int(i))).rowcount
@@ -539,7 +539,7 @@ def _row(r: Sequence[Any]) -> Row:
     return Row(r[0], r[1], r[2], r[3], r[4], r[5], r[6], tags)
 
 
-def _clean_tags(tags: Mapping[str, Any] | None) -> dict[str, str] | None:
+def clean_tags(tags: Mapping[str, Any] | None) -> dict[str, str] | None:
     """Tags as text: keys non-empty strings, values strings (numbers and booleans written as JSON would)."""
     if not tags:
         return None

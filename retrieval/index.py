@@ -263,7 +263,12 @@ class Index:
     @property
     def roots(self) -> list[Path]:
         """The indexed folders (and files): answers show paths relative to them; uploads are one of them."""
-        return [Path(p) for p in self.manifest.get("images") or []] + [self.path / UPLOADS]
+        return [Path(p) for p in self.manifest.get("images") or []] + [self.uploads]
+
+    @property
+    def uploads(self) -> Path:
+        """Where images added over HTTP (``POST /items``) are stored, named by their sha256."""
+        return self.path / UPLOADS
 
     def __len__(self) -> int:
         return self.count
@@ -586,6 +591,26 @@ class Index:
             return None
         with self._lock:
             return self.catalog.get([int(id)], self.generation).get(int(id))
+
+    def rows(self, ids: Iterable[int]) -> dict[int, Row]:
+        """The catalogue rows of the live ids among ``ids`` (removed, uncommitted and impossible ids are absent)."""
+        with self._lock:
+            return self.catalog.get(ids, self.generation)
+
+    def by_sha256(self, hashes: Iterable[str]) -> dict[str, int]:
+        """The live item holding each of these contents (sha256 of a file's bytes), for those the index holds."""
+        with self._lock:
+            return self.catalog.by_sha256(hashes, self.generation)
+
+    def by_path(self, paths: Iterable[str]) -> dict[str, list[int]]:
+        """The live items of each of these files (paths as stored: absolute), for those the index holds."""
+        with self._lock:
+            return self.catalog.by_path(paths, self.generation)
+
+    def labels(self) -> dict[str, int]:
+        """Live items per label (unlabelled ones under "")."""
+        with self._lock:
+            return self.catalog.labels(self.generation)
 
     def duplicates(self, threshold: float = DUPLICATE_THRESHOLD, k: int = DUPLICATE_K,
                    progress: Callable[[int, int], None] | None = None,

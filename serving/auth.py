@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mae.errors import UsageError
+
 SCOPES = ("read", "write")
 MIN_KEY_LENGTH = 16
 # Open to anyone whatever the keys: the page and its files, the API docs, BentoML's probes and metrics.
@@ -70,7 +72,7 @@ class KeyRing:
 
     @classmethod
     def load(cls, path: str | Path | None) -> KeyRing:
-        """Read a key file; a bad line is a ValueError naming the file and line, never quoting the key."""
+        """Read a key file; a bad line is a UsageError naming the file and line, never quoting the key."""
         if not path:
             return cls()
         path = Path(path)
@@ -79,7 +81,7 @@ class KeyRing:
         except FileNotFoundError:
             raise FileNotFoundError(f"no API key file at {path}") from None
         except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"cannot read the API key file {path} ({type(e).__name__})") from None
+            raise UsageError(f"cannot read the API key file {path} ({type(e).__name__})") from None
         keys: list[Key] = []
         for n, line in enumerate(text.splitlines(), 1):
             line = line.split("#", 1)[0].strip()
@@ -87,21 +89,21 @@ class KeyRing:
                 continue
             fields = line.split()
             if len(fields) < 2 or fields[0] not in SCOPES:
-                raise ValueError(f"{path}:{n}: expected 'read KEY [name]' or 'write KEY [name]'")
+                raise UsageError(f"{path}:{n}: expected 'read KEY [name]' or 'write KEY [name]'")
             scope, secret, name = fields[0], fields[1], " ".join(fields[2:]) or f"line {n}"
             if secret.startswith("sha256:"):
                 hexdigest = secret.removeprefix("sha256:")
                 if not re.fullmatch(r"[0-9a-fA-F]{64}", hexdigest):
-                    raise ValueError(f"{path}:{n}: a sha256: key is 64 hex digits")
+                    raise UsageError(f"{path}:{n}: a sha256: key is 64 hex digits")
                 digest = bytes.fromhex(hexdigest)
             else:
                 if len(secret) < MIN_KEY_LENGTH:
-                    raise ValueError(f"{path}:{n}: keys are at least {MIN_KEY_LENGTH} characters "
+                    raise UsageError(f"{path}:{n}: keys are at least {MIN_KEY_LENGTH} characters "
                                      "(python -c \"import secrets; print(secrets.token_urlsafe(32))\")")
                 digest = hashlib.sha256(secret.encode()).digest()
             keys.append(Key(scope, digest, name))
         if not keys:
-            raise ValueError(f"{path} holds no keys; remove --api-keys to run without them")
+            raise UsageError(f"{path} holds no keys; remove --api-keys to run without them")
         return cls(keys)
 
     def scope_of(self, presented: str) -> Key | None:

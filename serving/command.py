@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from export.formats import BACKEND_CHOICES
+from export.formats import AUTO_ORDER, BACKEND_CHOICES
+from mae.errors import UsageError
 from mae.flags import add_json_flag
 from serving.settings import Limits, Settings
 
@@ -44,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allowed-hosts", default=d.allowed_hosts, metavar="NAMES",
                    help="comma-separated names clients reach the server by (Host header); default: loopback names")
     p.add_argument("--backend", default=d.backend, choices=BACKEND_CHOICES,
-                   help="model backend (auto: TensorRT on a GPU, then onnxruntime, then torch)")
+                   help="model backend (auto: the first that can run, on a GPU "
+                        f"{', '.join(AUTO_ORDER['cuda'])}; on a CPU {', '.join(AUTO_ORDER['cpu'])})")
     p.add_argument("--no-batching", action="store_true", help="one model call per request (the benchmark baseline)")
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="most images in one model call")
     p.add_argument("--max-latency-ms", type=int, default=d.max_latency_ms,
@@ -88,7 +90,7 @@ def command_line(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     if args.backend != "auto":
         reason = backend_class(args.backend).unavailable(artifact, config, None, None)
         if reason:
-            raise ValueError(f"--backend {args.backend} cannot run here: {reason}")
+            raise UsageError(f"--backend {args.backend} cannot run here: {reason}")
     index = None
     if args.index:
         from retrieval.index import Index
@@ -110,7 +112,7 @@ def command_line(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
                     max_request_bytes=args.max_request_bytes, max_json_bytes=args.max_json_bytes)
     limits.validate()
     if not 0 < args.port < 65536:
-        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+        raise UsageError(f"--port must be in 1..65535, got {args.port}")
     _check_port(args.host, args.port)
     env = dict(os.environ, **settings.to_env(), **limits.to_env())
     env.setdefault("BENTOML_DO_NOT_TRACK", "true")
@@ -136,7 +138,7 @@ def _origin(value: str) -> str:
 
     parts = urlsplit(value.strip())
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/") or parts.query:
-        raise ValueError(f"--cors-origin takes an origin like https://app.example:8443, got {value!r}")
+        raise UsageError(f"--cors-origin takes an origin like https://app.example:8443, got {value!r}")
     return f"{parts.scheme}://{parts.netloc}"
 
 

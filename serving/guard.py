@@ -1,4 +1,4 @@
-"""What stands between the network and the service: the Host allow-list, same-origin writes, quiet client errors.
+"""What stands between the network and the service: the Host allow-list and same-origin writes.
 
 - **Host.** A page on any web site can make a visitor's browser send requests to ``127.0.0.1:3000`` under a name
   it controls (DNS rebinding), and a server bound to every interface answers any name. Requests whose ``Host``
@@ -8,9 +8,6 @@
   the browser sends it. Unsafe methods (POST, PUT, PATCH, DELETE) from a browser on another origin are refused
   with a 403: a browser says where a request comes from (``Origin``, ``Sec-Fetch-Site``); clients that are not
   browsers send neither and are not affected. ``allowed_origins`` lets named sites through (for CORS).
-- **Logs.** BentoML logs every error raised in an API with a full traceback, so a client sending bad images
-  wrote 1,785 log lines for 124 requests. ``ClientErrorLogFilter`` turns those of client errors (4xx) into one
-  line each; server errors (5xx) keep their traceback.
 """
 
 from __future__ import annotations
@@ -27,8 +24,6 @@ log = logging.getLogger("mae.serving")
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 PROBES = frozenset({"/healthz", "/livez", "/readyz"})
-# Where BentoML's API wrapper logs exceptions (bentoml._internal.server.http_app.log_exception).
-BENTOML_ERROR_LOGGER = "bentoml._internal.server.http_app"
 
 
 def host_name(host_header: str) -> str:
@@ -90,39 +85,3 @@ class RequestGuard:
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
-
-def client_error_status(exc: BaseException) -> int | None:
-    """The 4xx status BentoML answers ``exc`` with, or None when it is a server error (5xx)."""
-    from bentoml.exceptions import BentoMLException
-    from pydantic import ValidationError
-
-    if isinstance(exc, ValidationError):
-        return 400
-    if isinstance(exc, BentoMLException):
-        status = int(exc.error_code)
-        return status if 400 <= status < 500 else None
-    status = getattr(exc, "status_code", None)  # starlette's HTTPException
-    return status if isinstance(status, int) and 400 <= status < 500 else None
-
-
-class ClientErrorLogFilter(logging.Filter):
-    """Rewrite BentoML's "Exception on PATH [METHOD]" + traceback of a 4xx into one line with the message."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        status = client_error_status(exc) if exc is not None else None
-        if status is None:
-            return True
-        path, method = record.args if isinstance(record.args, tuple) and len(record.args) == 2 else ("?", "?")
-        message = " ".join(str(exc).split())
-        record.msg, record.args = "%s %s -> %d: %s", (method, path, status, message[:500])
-        record.exc_info = record.exc_text = None
-        record.levelno, record.levelname = logging.WARNING, "WARNING"  # not ERROR: the server did nothing wrong
-        return True
-
-
-def install_log_filter() -> None:
-    """Once per process (each BentoML worker configures its logging before the service starts)."""
-    logger = logging.getLogger(BENTOML_ERROR_LOGGER)
-    if not any(isinstance(f, ClientErrorLogFilter) for f in logger.filters):
-        logger.addFilter(ClientErrorLogFilter())

@@ -3,7 +3,7 @@
 Everything a client sends passes through here before it reaches the model: the request is parsed by us (not by
 BentoML's file/PIL types, which answer an undecodable upload with a 500 and fetch URLs given as text), sizes are
 checked before bytes are decoded, only the listed image formats may run a decoder, and every failure becomes a
-``bentoml.exceptions`` error with a 4xx status, so one bad image costs its own request and nothing else.
+``serving.errors.RequestError`` with a 4xx status, so one bad image costs its own request and nothing else.
 
 The work a request may cause is bounded before any pixel is decoded: bodies by Content-Length (JSON far lower than
 multipart, since JSON is held in memory whole), then every image's header is read (``inspect``) for its pixels,
@@ -30,11 +30,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from bentoml.exceptions import BadInput, BentoMLException
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from mae.data import ImageError, ImageTooLargeError, Preprocessing, decode_image
+from mae.images import ImageError, ImageTooLargeError, Preprocessing, decode_image
+from serving.errors import RequestError
 from serving.settings import Limits
 
 # PIL decoders that may run on bytes from the network. Formats that shell out (EPS -> Ghostscript) or are rarely
@@ -73,13 +73,6 @@ class Header:
     @property
     def pixels(self) -> int:
         return self.width * self.height
-
-
-def error(message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST) -> BentoMLException:
-    """A BentoML error that its server answers with ``status`` and ``{"error": message}``."""
-    if status == HTTPStatus.BAD_REQUEST:
-        return BadInput(message)
-    return BentoMLException(message, error_code=status)
 
 
 class _BodyTooLarge(Exception):
@@ -123,19 +116,19 @@ async def parse_request(request: Request, limits: Limits, allow_k: bool = True,
         elif media_type in ("application/json", ""):
             parsed = await _parse_json(capped, limits, allow_k, extra)
         else:
-            raise error(f"unsupported Content-Type {media_type!r}: send multipart/form-data with image files "
-                        "(curl -F images=@photo.jpg) or application/json with base64 strings "
-                        '({"images": ["..."]})', HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
+            raise RequestError(f"unsupported Content-Type {media_type!r}: send multipart/form-data with image files "
+                               "(curl -F images=@photo.jpg) or application/json with base64 strings "
+                               '({"images": ["..."]})', HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
     except _BodyTooLarge:
         hint = ("; send large images as multipart files (curl -F images=@photo.jpg)"
                 if cap < limits.body_cap("multipart/form-data") else "")
-        raise error(f"request body is over the limit of {cap} bytes for {media_type or 'application/json'}{hint}",
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from None
+        raise RequestError(f"request body is over the limit of {cap} bytes for "
+                           f"{media_type or 'application/json'}{hint}", HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from None
     if not parsed.uploads:
-        raise error("the request has no images: send one or more 'images' (multipart files or base64 strings)")
+        raise RequestError("the request has no images: send one or more 'images' (multipart files or base64 strings)")
     if len(parsed.uploads) > limits.max_images:
-        raise error(f"{len(parsed.uploads)} images is over the limit of {limits.max_images} per request",
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        raise RequestError(f"{len(parsed.uploads)} images is over the limit of {limits.max_images} per request",
+                           HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
     return parsed
 
 
@@ -145,7 +138,7 @@ def _parse_k(value: Any) -> int:
         if re.fullmatch(r"[+-]?\d+", value):
             value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_K:
-        raise error(f"k must be an integer from 1 to {MAX_K}, got {value!r}")
+        raise RequestError(f"k must be an integer from 1 to {MAX_K}, got {value!r}")
     return value
 
 
@@ -154,9 +147,9 @@ def _fields(allow_k: bool, extra: Sequence[str] = ()) -> str:
     return "'images'" + (f" and optionally {', '.join(optional)}" if optional else "")
 
 
-def _too_big(label: str, size: int, limits: Limits) -> BentoMLException:
-    return error(f"{label}: {size} bytes is over the limit of {limits.max_image_bytes} bytes per image",
-                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+def _too_big(label: str, size: int, limits: Limits) -> RequestError:
+    return RequestError(f"{label}: {size} bytes is over the limit of {limits.max_image_bytes} bytes per image",
+                        HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
 
 
 async def _parse_multipart(request: Request, limits: Limits, allow_k: bool, extra: Sequence[str] = ()
@@ -170,13 +163,13 @@ async def _parse_multipart(request: Request, limits: Limits, allow_k: bool, extr
     except (MultiPartException, HTTPException) as e:
         message = getattr(e, "message", None) or getattr(e, "detail", None) or str(e)
         if "Too many files" in message:
-            raise error(f"more than {limits.max_images} images in one request is over the limit",
-                        HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from e
-        raise error(f"malformed multipart body: {message}") from e
+            raise RequestError(f"more than {limits.max_images} images in one request is over the limit",
+                               HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from e
+        raise RequestError(f"malformed multipart body: {message}") from e
     except _BodyTooLarge:
         raise
     except Exception as e:  # the multipart parser's own errors on garbage input
-        raise error(f"malformed multipart body ({type(e).__name__}: {e})") from e
+        raise RequestError(f"malformed multipart body ({type(e).__name__}: {e})") from e
     try:
         uploads: list[Upload] = []
         k = 5
@@ -185,8 +178,8 @@ async def _parse_multipart(request: Request, limits: Limits, allow_k: bool, extr
             if key == "images":
                 label = f"image {len(uploads) + 1}"
                 if not isinstance(value, UploadFile):
-                    raise error(f"{label}: the 'images' field holds text, not a file; upload the file itself "
-                                "(curl -F images=@photo.jpg) or send JSON with base64 strings")
+                    raise RequestError(f"{label}: the 'images' field holds text, not a file; upload the file itself "
+                                       "(curl -F images=@photo.jpg) or send JSON with base64 strings")
                 if value.filename:
                     label += f" {value.filename!r}"
                 if value.size is not None and value.size > limits.max_image_bytes:
@@ -200,7 +193,7 @@ async def _parse_multipart(request: Request, limits: Limits, allow_k: bool, extr
                 text = value if isinstance(value, str) else (await value.read()).decode("utf-8", "replace")
                 fields.setdefault(key, []).append(text)
             else:
-                raise error(f"unknown field {key!r}; this endpoint takes {_fields(allow_k, extra)}")
+                raise RequestError(f"unknown field {key!r}; this endpoint takes {_fields(allow_k, extra)}")
     finally:
         await form.close()
     return ImagesRequest(uploads, k, fields)
@@ -212,37 +205,38 @@ _DATA_URL = re.compile(r"^data:[\w.+-]+/[\w.+-]+(;[\w=.+-]+)*;base64,", re.IGNOR
 async def _parse_json(request: Request, limits: Limits, allow_k: bool, extra: Sequence[str] = ()) -> ImagesRequest:
     body = b"".join([chunk async for chunk in request.stream()])
     if not body.strip():
-        raise error('empty body: send {"images": ["<base64>", ...]} or multipart image files')
+        raise RequestError('empty body: send {"images": ["<base64>", ...]} or multipart image files')
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"the body is not valid JSON ({e})") from e
+        raise RequestError(f"the body is not valid JSON ({e})") from e
     except RecursionError:
-        raise error("the body is not valid JSON for this API: nested too deeply") from None
+        raise RequestError("the body is not valid JSON for this API: nested too deeply") from None
     except ValueError as e:  # e.g. an integer of more digits than Python converts
-        raise error(f"the body is not valid JSON for this API ({e})") from None
+        raise RequestError(f"the body is not valid JSON for this API ({e})") from None
     if not isinstance(payload, dict):
-        raise error(f'the JSON body must be an object like {{"images": ["<base64>"]}}, got {type(payload).__name__}')
+        raise RequestError(f'the JSON body must be an object like {{"images": ["<base64>"]}}, '
+                           f'got {type(payload).__name__}')
     unknown = sorted(set(payload) - ({"images", "k"} if allow_k else {"images"}) - set(extra))
     if unknown:
-        raise error(f"unknown field(s) {unknown}; this endpoint takes {_fields(allow_k, extra)}")
+        raise RequestError(f"unknown field(s) {unknown}; this endpoint takes {_fields(allow_k, extra)}")
     images = payload.get("images")
     if images is None:
-        raise error('the JSON body has no "images": send {"images": ["<base64>", ...]}')
+        raise RequestError('the JSON body has no "images": send {"images": ["<base64>", ...]}')
     if isinstance(images, str):
         images = [images]
     if not isinstance(images, list):
-        raise error(f'"images" must be a list of base64 strings, got {type(images).__name__}')
+        raise RequestError(f'"images" must be a list of base64 strings, got {type(images).__name__}')
     if len(images) > limits.max_images:
-        raise error(f"{len(images)} images is over the limit of {limits.max_images} per request",
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        raise RequestError(f"{len(images)} images is over the limit of {limits.max_images} per request",
+                           HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
     uploads = [Upload(f"image {i + 1}", _b64decode(s, f"image {i + 1}", limits)) for i, s in enumerate(images)]
     return ImagesRequest(uploads, _parse_k(payload.get("k", 5)), {key: payload[key] for key in extra if key in payload})
 
 
 def _b64decode(value: Any, label: str, limits: Limits) -> bytes:
     if not isinstance(value, str):
-        raise error(f"{label}: expected a base64 string, got {type(value).__name__}")
+        raise RequestError(f"{label}: expected a base64 string, got {type(value).__name__}")
     text = _DATA_URL.sub("", value.strip(), count=1)
     text = re.sub(r"\s+", "", text)
     if len(text) * 3 // 4 > limits.max_image_bytes + 2:
@@ -250,11 +244,11 @@ def _b64decode(value: Any, label: str, limits: Limits) -> bytes:
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise error(f"{label}: not valid base64 ({e})") from e
+        raise RequestError(f"{label}: not valid base64 ({e})") from e
     if len(data) > limits.max_image_bytes:
         raise _too_big(label, len(data), limits)
     if not data:
-        raise error(f"{label}: empty image")
+        raise RequestError(f"{label}: empty image")
     return data
 
 
@@ -267,28 +261,30 @@ def inspect(upload: Upload, limits: Limits) -> Header:
     from PIL import Image, UnidentifiedImageError
 
     if not upload.data:
-        raise error(f"{upload.label}: empty file")
+        raise RequestError(f"{upload.label}: empty file")
     try:
         with Image.open(io.BytesIO(upload.data), formats=list(ALLOWED_FORMATS)) as im:
             header = Header(int(im.width), int(im.height))
     except Image.DecompressionBombError as e:
-        raise error(f"{upload.label}: too many pixels ({e})", HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from None
+        raise RequestError(f"{upload.label}: too many pixels ({e})", HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from None
     except UnidentifiedImageError:
-        raise error(f"{upload.label}: not a recognised image format (accepted: {', '.join(ALLOWED_FORMATS)})") from None
+        raise RequestError(f"{upload.label}: not a recognised image format "
+                           f"(accepted: {', '.join(ALLOWED_FORMATS)})") from None
     except Exception as e:  # a damaged header: PIL raises OSError, SyntaxError, struct.error, ...
-        raise error(f"{upload.label}: corrupt or truncated image ({type(e).__name__}: {e})") from None
+        raise RequestError(f"{upload.label}: corrupt or truncated image ({type(e).__name__}: {e})") from None
     size = f"{header.width}x{header.height} pixels"
     too_large = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
     if min(header.width, header.height) < 1:
-        raise error(f"{upload.label}: {size}: an image needs at least one pixel each way")
+        raise RequestError(f"{upload.label}: {size}: an image needs at least one pixel each way")
     if header.pixels > limits.max_image_pixels:
-        raise error(f"{upload.label}: {size} is over the limit of {limits.max_image_pixels}", too_large)
+        raise RequestError(f"{upload.label}: {size} is over the limit of {limits.max_image_pixels}", too_large)
     if max(header.width, header.height) > limits.max_image_side:
-        raise error(f"{upload.label}: {size}: a side over the limit of {limits.max_image_side} pixels", too_large)
+        raise RequestError(f"{upload.label}: {size}: a side over the limit of {limits.max_image_side} pixels",
+                           too_large)
     ratio = max(header.width, header.height) / min(header.width, header.height)
     if ratio > limits.max_aspect_ratio:
-        raise error(f"{upload.label}: {size}: aspect ratio {ratio:.0f}:1 is over the limit of "
-                    f"{limits.max_aspect_ratio}:1", too_large)
+        raise RequestError(f"{upload.label}: {size}: aspect ratio {ratio:.0f}:1 is over the limit of "
+                           f"{limits.max_aspect_ratio}:1", too_large)
     return header
 
 
@@ -297,9 +293,9 @@ def inspect_all(uploads: Sequence[Upload], limits: Limits) -> list[Header]:
     headers = [inspect(u, limits) for u in uploads]
     total = sum(h.pixels for h in headers)
     if total > limits.max_request_pixels:
-        raise error(f"the {len(uploads)} images hold {total} pixels in all, over the limit of "
-                    f"{limits.max_request_pixels} per request: send fewer or smaller images per request",
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        raise RequestError(f"the {len(uploads)} images hold {total} pixels in all, over the limit of "
+                           f"{limits.max_request_pixels} per request: send fewer or smaller images per request",
+                           HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
     return headers
 
 
@@ -310,11 +306,11 @@ def decode(upload: Upload, limits: Limits) -> np.ndarray:
         return decode_image(upload.data, name=upload.label, max_pixels=limits.max_image_pixels,
                             formats=ALLOWED_FORMATS)
     except ImageTooLargeError as e:
-        raise error(str(e), HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from e
+        raise RequestError(str(e), HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from e
     except ImageError as e:
-        raise error(str(e)) from e
+        raise RequestError(str(e)) from e
     except Exception as e:  # a decoder bug on hostile bytes must still answer 4xx, not take the request down as 500
-        raise error(f"{upload.label}: could not be decoded ({type(e).__name__}: {e})") from e
+        raise RequestError(f"{upload.label}: could not be decoded ({type(e).__name__}: {e})") from e
 
 
 def preprocess(upload: Upload, limits: Limits, preprocessing: Preprocessing) -> torch.Tensor:
@@ -323,7 +319,7 @@ def preprocess(upload: Upload, limits: Limits, preprocessing: Preprocessing) -> 
     try:
         return preprocessing(array)
     except ImageError as e:
-        raise error(f"{upload.label}: {e}") from e
+        raise RequestError(f"{upload.label}: {e}") from e
 
 
 def to_pixels(uploads: Sequence[Upload], limits: Limits, preprocessing: Preprocessing) -> np.ndarray:

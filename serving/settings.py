@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from export.formats import BACKEND_CHOICES
+from mae.errors import UsageError
 
 
 def _default_threads() -> int:
@@ -37,13 +38,13 @@ def _read_env(cls: type, environ: Mapping[str, str]) -> dict[str, Any]:
             continue
         if f.type == "bool":
             if raw.lower() not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
-                raise ValueError(f"{var(f.name)} must be 0 or 1, got {raw!r}")
+                raise UsageError(f"{var(f.name)} must be 0 or 1, got {raw!r}")
             values[f.name] = raw.lower() in ("1", "true", "yes", "on")
         elif f.type == "int":
             try:
                 values[f.name] = int(raw)
             except ValueError as e:
-                raise ValueError(f"{var(f.name)} must be an integer, got {raw!r}") from e
+                raise UsageError(f"{var(f.name)} must be an integer, got {raw!r}") from e
         else:
             values[f.name] = raw
     return values
@@ -106,23 +107,23 @@ class Settings:
 
     def validate(self) -> None:
         if self.backend not in BACKEND_CHOICES:
-            raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {self.backend!r}")
+            raise UsageError(f"backend must be one of {BACKEND_CHOICES}, got {self.backend!r}")
         if self.max_batch_size < 2:
-            raise ValueError(f"max batch size must be at least 2 (or turn batching off), got {self.max_batch_size}")
+            raise UsageError(f"max batch size must be at least 2 (or turn batching off), got {self.max_batch_size}")
         if self.max_latency_ms < 1:
-            raise ValueError(f"max latency must be at least 1 ms, got {self.max_latency_ms}")
+            raise UsageError(f"max latency must be at least 1 ms, got {self.max_latency_ms}")
         if self.threads < 0 or self.workers < 1:
-            raise ValueError(f"threads must be >= 0 and workers >= 1, got {self.threads} and {self.workers}")
+            raise UsageError(f"threads must be >= 0 and workers >= 1, got {self.threads} and {self.workers}")
         if self.write_wait_s < 0:
-            raise ValueError(f"write wait must be >= 0 s, got {self.write_wait_s}")
+            raise UsageError(f"write wait must be >= 0 s, got {self.write_wait_s}")
         if self.public_read and not self.api_keys_file:
-            raise ValueError("public read only means something with API keys (--api-keys FILE)")
+            raise UsageError("public read only means something with API keys (--api-keys FILE)")
         try:
             ipaddress.ip_address(self.host)
         except ValueError:
-            raise ValueError(f"host must be an IP address (127.0.0.1, 0.0.0.0, ::), got {self.host!r}") from None
+            raise UsageError(f"host must be an IP address (127.0.0.1, 0.0.0.0, ::), got {self.host!r}") from None
         if any(not name or " " in name for name in self.host_allow_list):
-            raise ValueError(f"allowed hosts must be comma-separated names, got {self.allowed_hosts!r}")
+            raise UsageError(f"allowed hosts must be comma-separated names, got {self.allowed_hosts!r}")
 
     @property
     def model_threads(self) -> int:
@@ -178,7 +179,7 @@ class Limits:
     def validate(self) -> None:
         for f in fields(self):
             if getattr(self, f.name) < 1:
-                raise ValueError(f"{f.name.replace('_', ' ')} must be at least 1, got {getattr(self, f.name)}")
+                raise UsageError(f"{f.name.replace('_', ' ')} must be at least 1, got {getattr(self, f.name)}")
 
     def body_cap(self, media_type: str) -> int:
         """The most body bytes read for a request of ``media_type`` before it is refused: its own limit, or less

@@ -196,6 +196,69 @@ def test_mae_serve_refuses_a_bad_key_file_in_one_line(setup, tmp_path):
     assert done.returncode == 1 and "--cors-origin takes an origin" in done.stderr
 
 
+def test_index_access_without_a_server(tmp_path, monkeypatch):
+    """``IndexAccess`` (one per front worker) over a real index, through public Index methods only: an add names
+    the holder of bytes already held (in the index or earlier in the request); a writer elsewhere that indexed the
+    same bytes first keeps its file and ours goes; reads see other writers' commits; the duplicates scan follows
+    the generation; a removed upload's file goes with it, a collection's own file stays."""
+    import hashlib
+
+    from retrieval.catalog import Item
+    from retrieval.index import build
+    from serving.errors import RequestError
+    from serving.images import Upload
+    from serving.index_access import IndexAccess
+
+    rng = np.random.default_rng(0)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    items = []
+    for i in range(6):
+        (photos / f"p{i}.png").write_bytes(png(i))
+        items.append(Item(str(photos / f"p{i}.png"), hashlib.sha256(png(i)).hexdigest(), "old"))
+    vectors = rng.normal(size=(6, 8)).astype(np.float32)
+    build(tmp_path / "index", vectors, items, artifact_sha256="a" * 64, factory="Flat")
+    access, other = IndexAccess(str(tmp_path / "index"), "a" * 64), Index.load(tmp_path / "index")
+    ids = other.by_sha256([it.sha256 for it in items])
+    held = ids[items[0].sha256]
+    assert asyncio.run(access.duplicates(0.999, 10)).value == ([], 0)
+
+    new = png(50)
+    uploads = [Upload("image 1 'new.png'", new, "new.png"), Upload("image 2 'again.png'", new, "again.png"),
+               Upload("image 3 'p0.png'", png(0), "p0.png")]
+    found = asyncio.run(access.add(uploads, np.stack([vectors[1], vectors[1], vectors[0]]), ["x"] * 3, [None] * 3))
+    [row] = found.value.rows
+    assert row.path.endswith("-new.png") and Path(row.path).exists() and row.label == "x" and found.count == 7
+    assert found.value.duplicates == [("image 2 'again.png'", row.id), ("image 3 'p0.png'", held)]
+    assert [p.name for p in (tmp_path / "index" / "uploads").iterdir()] == [Path(row.path).name]
+    groups, total = asyncio.run(access.duplicates(0.999, 10)).value  # a new generation: scanned again
+    assert total == 1 and sorted(r.id for r, _ in groups[0]) == sorted([row.id, ids[items[1].sha256]])
+
+    raced = png(60)
+    store = access._store
+
+    def store_then_race(uploads, items):  # another writer indexes the same bytes between our store and our add
+        written = store(uploads, items)
+        other.add(vectors[2:3], [Item(str(photos / "elsewhere.png"), items[0].sha256)])
+        return written
+
+    monkeypatch.setattr(access, "_store", store_then_race)
+    found = asyncio.run(access.add([Upload("image 1", raced, "r.png")], vectors[2:3], [None], [None]))
+    winner = other.by_sha256([hashlib.sha256(raced).hexdigest()])
+    assert found.value.rows == [] and found.value.duplicates == [("image 1", *winner.values())] and found.count == 8
+    assert not list((tmp_path / "index" / "uploads").glob("*-r.png")), "our copy of the bytes went"
+    assert asyncio.run(access.row(*winner.values())).path == str(photos / "elsewhere.png"), "reads see it"
+
+    assert asyncio.run(access.remove(row.id)).value == [row.id] and not Path(row.path).exists()
+    assert asyncio.run(access.remove(held)).value == [held] and (photos / "p0.png").exists()
+    with pytest.raises(RequestError, match=f"no item {held}") as e:
+        asyncio.run(access.row(held))
+    assert e.value.status == 404
+    with pytest.raises(RequestError, match="no index") as e:
+        asyncio.run(IndexAccess(None, "a" * 64).row(1))
+    assert e.value.status == 400
+
+
 # ----------------------------------------------------------------------------------------------- reads
 
 
