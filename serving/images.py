@@ -34,7 +34,7 @@ from bentoml.exceptions import BadInput, BentoMLException
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from mae.data import ImageError, ImageTooLargeError, Preprocessing, decode_image
+from mae.images import ImageError, ImageTooLargeError, Preprocessing, decode_image
 from serving.settings import Limits
 
 # PIL decoders that may run on bytes from the network. Formats that shell out (EPS -> Ghostscript) or are rarely

@@ -381,7 +381,7 @@ class MAEService:
         import torch
 
         from mae.artifact import read_config
-        from mae.data import Preprocessing
+        from mae.images import Preprocessing
 
         install_log_filter()
         torch.set_num_threads(1)  # many small per-image resizes in parallel threads, not one large one
@@ -577,7 +577,7 @@ class MAEService:
     def _render_thumbnail(self, item_id: int, path: str) -> bytes:
         import io
 
-        from mae.data import ImageError, read_image
+        from mae.images import ImageError, read_image
         from mae.visualize import thumbnail
 
         try:
