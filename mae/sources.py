@@ -117,7 +117,10 @@ def open_data(spec: str | Path | Sequence[str | Path], *, shards: bool = True, f
     specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
     if not specs or (len(specs) > 1 and not files):
         raise UsageError(f"give one data source, got {len(specs)}")
-    if shards and any(is_shard_spec(s) for s in specs):
+    if any(is_shard_spec(s) for s in specs):
+        if not shards:
+            raise UsageError(f"{', '.join(map(str, specs))}: WebDataset shards are streamed, and this needs images it "
+                             "can take by index: give a bundled set, a folder or a .txt list of files")
         if len(specs) > 1:
             raise UsageError("give WebDataset shards as the only input (a packed folder, or a pattern such as "
                              "'DIR/train-{000000..000127}.tar'), without other files or folders")

@@ -425,6 +425,8 @@ def test_open_data_joins_image_inputs_and_keeps_label_names(tmp_path):
         open_data(["digits"], files=True)
     with pytest.raises(UsageError, match="only input"):
         open_data([tmp_path / "dir", tmp_path / "x.tar"], files=True)
+    with pytest.raises(UsageError, match="streamed"):  # mae data pack / export need items by index
+        load_source(tmp_path / "train-{000000..000003}.tar")
     with pytest.raises(UsageError, match="is a file"):  # --data wants a collection, not one image
         open_data(tmp_path / "alone.bin")
     with pytest.raises(UserError):  # what the CLI prints as one line
