@@ -254,7 +254,7 @@ def head_source(shards: ShardSet, n: int, classes: Sequence[str] = ()) -> Source
 # ----------------------------------------------------------------------------------------------- splits
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # index arrays: identity, not element-wise ==
 class Split:
     """A data source divided into the images a run trains on and the ones it validates on.
 

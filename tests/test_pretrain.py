@@ -171,7 +171,7 @@ def test_a_new_stage_gets_the_run_lifecycle_in_a_few_lines(tmp_path):
         def summary(self, last):
             return {"stage_loss": last.get("loss")}
 
-    cfg = tiny_config("run.steps=2")
+    cfg = tiny_config("run.steps=2", "data.val_fraction=0.05")
 
     def stage(resume: bool = False) -> dict:
         return run_training(tmp_path, lambda run, dist: Stage(cfg, run, dist, "digits"), resume=resume,
