@@ -702,7 +702,7 @@ def _write_jpeg(job: tuple[Path, int, tuple[int, int], int]) -> None:
     import numpy as np
     from PIL import Image
 
-    from mae.data import load_source
+    from mae.sources import load_source
 
     out, i, (w, h), classes = job
     if not _PHOTOS:
@@ -817,7 +817,9 @@ def data_path_rate(folder: Path, plan: dict[str, Any], seconds: float) -> dict[s
     import torch
 
     from mae.config import get_preset
-    from mae.data import ImageDataset, PretrainTransform, collate_skipping_bad, load_source
+    from mae.datasets import ImageDataset, collate_skipping_bad
+    from mae.sources import load_source
+    from training.augment import PretrainTransform
 
     cfg = get_preset(plan["preset"]).override(plan["sets"])
     source = load_source(folder)

@@ -7,8 +7,8 @@ and times, per image, the ViT-B/16 pretraining transform (RandomResizedCrop to 2
   PIL image, to float, normalise;
 - **e59484f** (the path before this issue): decode the whole image, convert the whole image to float, crop and
   resize in float, normalise;
-- **uint8** (``mae.data.PretrainTransform``): crop box from the header, JPEG decoded at 1/2-1/8 scale when the box
-  allows (``draft``), crop + resize in uint8, no normalisation (it happens on the device);
+- **uint8** (``training.augment.PretrainTransform``): crop box from the header, JPEG decoded at 1/2-1/8 scale when
+  the box allows (``draft``), crop + resize in uint8, no normalisation (it happens on the device);
 - **gpu-prep**: what a worker does under ``data.decode=gpu`` (read the bytes, parse the header, draw the box).
 
 Each is timed in one process with one thread (what one DataLoader worker costs: img/s per core), in rounds that
@@ -45,18 +45,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mae.config import get_preset  # noqa: E402
-from mae.data import (  # noqa: E402
-    ImageDataset,
-    PretrainTransform,
-    ShardTrainStream,
-    collate_skipping_bad,
-    load_source,
-    normalize,
-    read_image,
-    sample_rng,
-    to_channels,
-)
+from mae.datasets import ImageDataset, ShardTrainStream, collate_skipping_bad, normalize, sample_rng  # noqa: E402
 from mae.hardware import cpu_isa  # noqa: E402
+from mae.images import read_image, to_channels  # noqa: E402
+from mae.sources import load_source  # noqa: E402
+from training.augment import PretrainTransform  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"500x375": (375, 500), "1024x768": (768, 1024), "3000x2000": (2000, 3000)}
@@ -181,7 +174,7 @@ def cold_start(tmp: Path, rounds: int) -> dict[str, Any]:
     for one image against a Flat index, onnxruntime backend."""
     from export.onnx import export_onnx
     from mae import artifact
-    from mae.data import export_source
+    from mae.sources import export_source
     from retrieval.build import build_index
 
     art = artifact.from_random_init(tmp / "art", get_preset("mae_vit_tiny_patch4_32"))
@@ -213,7 +206,7 @@ def cold_start(tmp: Path, rounds: int) -> dict[str, Any]:
 
 def gpu_decode(files: list[Path], cfg: Any, batch: int = 64, seconds: float = 5.0) -> float:
     """img/s of ``data.decode=gpu`` on the device: nvjpeg batch decode, crop, resize, flip (worker prep excluded)."""
-    from mae.data import decode_on_device
+    from mae.datasets import decode_on_device
 
     prep = PretrainTransform(cfg.override(["data.decode=gpu"]))
     items = [prep(files[i % len(files)], sample_rng(0, 0, i)) for i in range(batch)]

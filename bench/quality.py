@@ -80,7 +80,7 @@ def native_pixels(split):
     x = np.stack(arrays).reshape(len(arrays), -1).astype(np.float32) / 255.0
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     labels = split.source.labels
-    return (Embedded(x[split.train_idx], labels[split.train_idx]), Embedded(x[split.val_idx], labels[split.val_idx]))
+    return (Embedded(x[split.train], labels[split.train]), Embedded(x[split.val], labels[split.val]))
 
 
 def cpu_self() -> float:
@@ -107,7 +107,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from mae.checkpoint import save_checkpoint
-    from mae.data import Preprocessing, load_source
+    from mae.images import Preprocessing
     from mae.model import MaskedAutoencoder
     from training import evaluate as ev
 
@@ -136,7 +136,7 @@ def main() -> None:
     from mae.config import Config
 
     cfg = Config.from_dict({k: v for k, v in pre.config.items() if k in ("model", "data", "run", "finetune")})
-    split = ev.Split.of(load_source(args.data), cfg.data.val_fraction, cfg.data.split_seed)
+    split = ev.split_of(args.data, cfg.data.val_fraction, cfg.data.split_seed)
     prep = Preprocessing.from_config(cfg)
     if "frozen" not in results:
         c0, w0 = cpu_self(), time.perf_counter()

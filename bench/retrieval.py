@@ -149,7 +149,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 def real_embeddings(args: argparse.Namespace, work: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Embed bundled images (exported to PNG) with the artifact through the real build pipeline."""
-    from mae.data import BUNDLED, export_source, load_source
+    from mae.sources import BUNDLED, export_source, load_source
     from retrieval.build import build_index
 
     images = Path(args.images)
@@ -314,13 +314,11 @@ def run_duplicates(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]
     from PIL import Image
 
     from export.runtime import Embedder
-    from mae.config import DataConfig
-    from mae.data import load_source, stratified_split
+    from mae.sources import load_source, split_data
     from retrieval import verify
 
     source = load_source(args.images)
-    d = DataConfig()
-    _, val = stratified_split(source.labels, d.val_fraction, d.split_seed)  # images pretraining never saw
+    val = split_data(source).val  # images pretraining never saw
     rng = np.random.default_rng(args.seed)
     val = rng.permutation(val)
     originals, distractors = val[: args.originals], val[args.originals : args.originals + args.distractors]

@@ -34,13 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def data_export(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
-    from mae.config import DataConfig
-    from mae.data import export_source, load_source, stratified_split
+    from mae.sources import export_source, load_source, split_data
 
     source = load_source(args.data)
-    d = DataConfig()
-    train, val = stratified_split(source.labels, d.val_fraction, d.split_seed)
-    indices = {"all": np.arange(len(source)), "train": train, "val": val}[args.split]
+    split = split_data(source)
+    indices = {"all": np.arange(len(source)), "train": split.train, "val": split.val}[args.split]
     if args.limit is not None and args.limit < len(indices):
         indices = indices[np.linspace(0, len(indices) - 1, args.limit).round().astype(int)]
     paths = export_source(source, args.out, indices)
@@ -50,17 +48,18 @@ def data_export(args: argparse.Namespace) -> dict[str, Any]:
 
 def data_pack(args: argparse.Namespace) -> dict[str, Any]:
     from mae.config import DataConfig
-    from mae.data import load_source, stratified_split
+    from mae.errors import UsageError
     from mae.shards import pack, parse_size
+    from mae.sources import load_source, split_data
 
     d = DataConfig()
     val_fraction = d.val_fraction if args.val_fraction is None else args.val_fraction
     seed = d.split_seed if args.split_seed is None else args.split_seed
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+        raise UsageError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     source = load_source(args.data)
-    train, val = stratified_split(source.labels, val_fraction, seed)
-    splits = {"train": train, "val": val} if len(val) else {"train": train}
+    split = split_data(source, val_fraction, seed)
+    splits = {"train": split.train, "val": split.val} if split.val_size else {"train": split.train}
     index = pack(source, args.out, splits, shard_size=parse_size(args.shard_size),
                  split_info={"val_fraction": val_fraction, "split_seed": seed})
     counts = {k: sum(e["count"] for e in v) for k, v in index["splits"].items()}

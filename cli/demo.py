@@ -65,15 +65,15 @@ def stage_evaluate(ctx: dict[str, Any], args: argparse.Namespace) -> None:
     """The table: raw pixels, a random-init encoder, the MAE encoder (kNN, probe) and the finetuned classifier."""
     from mae import artifact
     from mae.config import Config
-    from mae.data import Preprocessing, load_source
+    from mae.images import Preprocessing
     from training import evaluate as ev
 
     pre = artifact.read_checkpoint(ctx["pretrain"]["checkpoint"])
     ft = artifact.read_checkpoint(ctx["finetune"]["best_checkpoint"])
     cfg = Config.from_dict({k: v for k, v in pre.config.items() if k in ("model", "data", "run")})
-    split = ev.Split.of(load_source(args.data), cfg.data.val_fraction, cfg.data.split_seed)
+    split = ev.split_of(args.data, cfg.data.val_fraction, cfg.data.split_seed)
     prep = Preprocessing.from_config(cfg)
-    say(f"[demo] evaluating on {args.data} ({len(split.train_idx)} train / {len(split.val_idx)} val)")
+    say(f"[demo] evaluating on {args.data} ({len(split.train)} train / {split.val_size} val)")
     cache = Path(args.out) / "eval"
     seed = cfg.run.seed
     rows = {}
@@ -130,8 +130,7 @@ def stage_retrieval(ctx: dict[str, Any], args: argparse.Namespace) -> None:
     import numpy as np
 
     from mae import artifact as artifact_lib
-    from mae.config import DataConfig
-    from mae.data import export_source, load_source, stratified_split
+    from mae.sources import export_source, load_source, split_data
     from retrieval.build import build_index, collection, load_embedder
     from retrieval.index import Index
     from retrieval.pictures import contact_sheet
@@ -143,10 +142,9 @@ def stage_retrieval(ctx: dict[str, Any], args: argparse.Namespace) -> None:
         ctx["artifact"] = art
     images = out / "images"
     if not any(images.glob("*/*.png")):
-        source = load_source(args.data)
-        _, val = stratified_split(source.labels, DataConfig().val_fraction, DataConfig().split_seed)
-        say(f"[demo] writing the {len(val)} held-out {args.data} images to {images}")
-        export_source(source, images, val)
+        held_out = split_data(load_source(args.data))
+        say(f"[demo] writing the {held_out.val_size} held-out {args.data} images to {images}")
+        export_source(held_out.source, images, held_out.val)
     index_dir = out / "index"
     sha = artifact_lib.read_config(art)["sha256"]
     if (index_dir / "manifest.json").exists() and Index.load(index_dir).artifact_sha256 == sha:
@@ -194,7 +192,7 @@ def stage_serve(ctx: dict[str, Any], args: argparse.Namespace) -> None:
 
 def _example_image(out: Path, data: str) -> Path:
     """An image for the printed curl line: the first of the demo's data set, written out as PNG."""
-    from mae.data import export_source, load_source
+    from mae.sources import export_source, load_source
 
     return export_source(load_source(data), out / "example", [0])[0]
 

@@ -166,7 +166,7 @@ def embed(args: argparse.Namespace) -> dict[str, Any] | int:
         shards = type(source.train)(source.name, source.train.shards + (source.val.shards if source.val else []))
         total = shards.total
     else:
-        from mae.data import list_images
+        from mae.sources import list_images
 
         files, _ = list_images(args.inputs)
         total = len(files)

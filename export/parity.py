@@ -25,8 +25,9 @@ import torch
 from export.formats import META_PRECISION, META_SHA, require_made_from  # noqa: F401  (stamps: torch-free)
 from mae import artifact as artifact_lib
 from mae.artifact import Artifact
-from mae.data import Preprocessing, load_source
 from mae.files import sha256_file
+from mae.images import Preprocessing
+from mae.sources import load_source
 
 DEFAULT_DATA = ("mnist5k", "photos")
 # Real images drawn: half judge parity, the other half calibrate int8 (never the same images).

@@ -70,7 +70,7 @@ class TorchBackend:
     def run_shipped(self, pixels: torch.Tensor, preprocessing: Preprocessing) -> dict[str, np.ndarray]:
         """Pixels as workers ship them (uint8 or float in [0, 1], (N, C, H, W)): moved to the device as they are
         (a quarter of the bytes of float32 for uint8) and normalised there."""
-        from mae.data import Normalize
+        from mae.datasets import Normalize
 
         if self._normalize is None:
             self._normalize = Normalize(preprocessing.mean, preprocessing.std)

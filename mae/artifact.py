@@ -38,8 +38,8 @@ from mae.artifact_config import (  # noqa: F401  (re-exported: the names consume
     write_config,
 )
 from mae.config import Config
-from mae.data import Preprocessing
 from mae.files import sha256_file
+from mae.images import Preprocessing
 
 POOLINGS = ("token", "avg")
 # A pretrained (not finetuned) encoder's embedding: the mean of the final-normed patch tokens. The MAE loss never

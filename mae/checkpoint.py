@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from mae.errors import UserError
 from mae.files import atomic_path
 
 FORMAT = 1
@@ -28,7 +29,7 @@ CHECKSUM_KEY = "checksum"
 CHECKSUM_SCHEME = "sha256-tree-v1"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, unreadable or not what the caller expects."""
 
 

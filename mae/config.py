@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from mae.errors import UsageError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -59,17 +61,17 @@ class ModelConfig:
     def validate(self) -> None:
         h, w = self.img_size
         if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"model.img_size {self.img_size} is not a multiple of model.patch_size {self.patch_size}")
+            raise UsageError(f"model.img_size {self.img_size} is not a multiple of model.patch_size {self.patch_size}")
         if self.embed_dim % self.num_heads or self.decoder_embed_dim % self.decoder_num_heads:
-            raise ValueError("embed_dim and decoder_embed_dim must be divisible by their head counts")
+            raise UsageError("embed_dim and decoder_embed_dim must be divisible by their head counts")
         if self.embed_dim % 4 or self.decoder_embed_dim % 4:
-            raise ValueError("2-D sin-cos position embeddings need widths divisible by 4")
+            raise UsageError("2-D sin-cos position embeddings need widths divisible by 4")
         if not 0.0 < self.mask_ratio < 1.0:
-            raise ValueError(f"model.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+            raise UsageError(f"model.mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if int(self.num_patches * (1 - self.mask_ratio)) < 1:
-            raise ValueError(f"mask_ratio {self.mask_ratio} leaves no visible patch out of {self.num_patches}")
+            raise UsageError(f"mask_ratio {self.mask_ratio} leaves no visible patch out of {self.num_patches}")
         if self.in_chans < 1:
-            raise ValueError("model.in_chans must be >= 1")
+            raise UsageError("model.in_chans must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -113,15 +115,15 @@ class DataConfig:
             if len(values) == 1 or channels != 3 and len(values) == 3:
                 avg = sum(values) / len(values)
                 return (avg,) * channels
-            raise ValueError(f"data.mean/std have {len(values)} values but the model has {channels} channels")
+            raise UsageError(f"data.mean/std have {len(values)} values but the model has {channels} channels")
 
         return fit(self.mean), fit(self.std)
 
     def validate(self) -> None:
         if self.decode not in ("cpu", "gpu"):
-            raise ValueError(f"data.decode must be cpu or gpu, got {self.decode!r}")
+            raise UsageError(f"data.decode must be cpu or gpu, got {self.decode!r}")
         if self.max_image_pixels < 1 or self.shuffle_buffer < 1 or self.num_workers < 0:
-            raise ValueError("data.max_image_pixels and data.shuffle_buffer must be >= 1, data.num_workers >= 0")
+            raise UsageError("data.max_image_pixels and data.shuffle_buffer must be >= 1, data.num_workers >= 0")
 
 
 @dataclass(frozen=True)
@@ -240,17 +242,17 @@ class FinetuneConfig:
     def validate(self) -> None:
         for key in ("global_pool", "probe_pool"):
             if getattr(self, key) not in ("avg", "token"):
-                raise ValueError(f"finetune.{key} must be avg or token, got {getattr(self, key)!r}")
+                raise UsageError(f"finetune.{key} must be avg or token, got {getattr(self, key)!r}")
         if self.probe_optimizer not in ("lars", "sgd"):
-            raise ValueError(f"finetune.probe_optimizer must be lars or sgd, got {self.probe_optimizer!r}")
+            raise UsageError(f"finetune.probe_optimizer must be lars or sgd, got {self.probe_optimizer!r}")
         if not 0.0 < self.layer_decay <= 1.0:
-            raise ValueError(f"finetune.layer_decay must be in (0, 1], got {self.layer_decay}")
+            raise UsageError(f"finetune.layer_decay must be in (0, 1], got {self.layer_decay}")
         if not 0.0 <= self.smoothing < 1.0 or not 0.0 <= self.reprob <= 1.0 or not 0.0 <= self.hflip <= 1.0:
-            raise ValueError("finetune.smoothing must be in [0, 1); finetune.reprob and finetune.hflip in [0, 1]")
+            raise UsageError("finetune.smoothing must be in [0, 1); finetune.reprob and finetune.hflip in [0, 1]")
         if min(self.mixup, self.cutmix, self.drop_path) < 0:
-            raise ValueError("finetune.mixup, finetune.cutmix and finetune.drop_path must be >= 0")
+            raise UsageError("finetune.mixup, finetune.cutmix and finetune.drop_path must be >= 0")
         if self.accum_iter < 1 or min(self.batch_size, self.probe_batch_size, self.epochs, self.probe_epochs) < 1:
-            raise ValueError("finetune.accum_iter, the batch sizes and the epochs must be >= 1")
+            raise UsageError("finetune.accum_iter, the batch sizes and the epochs must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -280,7 +282,7 @@ class Config:
         for item in assignments:
             key, sep, raw = item.partition("=")
             if not sep:
-                raise ValueError(f"--set expects key=value, got {item!r}")
+                raise UsageError(f"--set expects key=value, got {item!r}")
             cfg = _assign(cfg, key.strip().split("."), raw.strip(), key.strip())
         cfg.model.validate()
         cfg.data.validate()
@@ -346,7 +348,7 @@ def preset(fn: Callable[[], Config]) -> Callable[[], Config]:
 
 def get_preset(name: str) -> Config:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
+        raise UsageError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
     cfg = PRESETS[name]()
     cfg.model.validate()
     return dataclasses.replace(cfg, preset=name)
@@ -470,7 +472,7 @@ def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names
     if unknown:
-        raise ValueError(f"unknown config keys {sorted(prefix + k for k in unknown)}; valid: {sorted(names)}")
+        raise UsageError(f"unknown config keys {sorted(prefix + k for k in unknown)}; valid: {sorted(names)}")
     kwargs = {}
     for name, value in d.items():
         tp = hints[name]
@@ -491,14 +493,14 @@ def _assign(obj: Any, path: list[str], raw: str, full_key: str) -> Any:
         valid = [k for k in every if k.startswith(section)] or every
         close = difflib.get_close_matches(full_key, every, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
-        raise ValueError(f"unknown config key {full_key!r}{hint}; valid keys: {', '.join(valid)}")
+        raise UsageError(f"unknown config key {full_key!r}{hint}; valid keys: {', '.join(valid)}")
     hints = typing.get_type_hints(type(obj))
     current = getattr(obj, name)
     if len(path) > 1:
         return dataclasses.replace(obj, **{name: _assign(current, path[1:], raw, full_key)})
     if dataclasses.is_dataclass(current):
         first = dataclasses.fields(current)[0].name
-        raise ValueError(f"{full_key!r} is a section; set one of its keys, e.g. {full_key}.{first}=...")
+        raise UsageError(f"{full_key!r} is a section; set one of its keys, e.g. {full_key}.{first}=...")
     return dataclasses.replace(obj, **{name: _coerce(_parse(raw), hints[name], full_key)})
 
 
@@ -539,23 +541,23 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             value = [value] * (len(args) if args and args[-1] is not Ellipsis else 1)
         if args and args[-1] is not Ellipsis and len(value) != len(args):
-            raise ValueError(f"{key} expects {len(args)} values, got {list(value)}")
+            raise UsageError(f"{key} expects {len(args)} values, got {list(value)}")
         elem = args[0] if args else Any
         return tuple(_coerce(v, elem, key) for v in value)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ValueError(f"{key} expects true or false, got {value!r}")
+        raise UsageError(f"{key} expects true or false, got {value!r}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-            raise ValueError(f"{key} expects an integer, got {value!r}")
+            raise UsageError(f"{key} expects an integer, got {value!r}")
         return int(value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{key} expects a number, got {value!r}")
+            raise UsageError(f"{key} expects a number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ValueError(f"{key} expects a string, got {value!r}")
+            raise UsageError(f"{key} expects a string, got {value!r}")
         return value
     return value

@@ -23,3 +23,11 @@ class UsageError(UserError, ValueError):
 
 class MissingDependencyError(UserError, ImportError):
     """An optional package a feature needs is not installed; the message names the extra that brings it."""
+
+
+class NotFoundError(UserError, FileNotFoundError):
+    """A file, folder or data source the user named that does not exist, or that holds nothing usable."""
+
+
+class AlreadyExistsError(UserError, FileExistsError):
+    """A destination that already holds what the command would write (a run's checkpoint, packed shards)."""

@@ -18,10 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from mae.errors import UserError
+
 CHUNK = 1 << 20
 
 
-class DamagedFileError(ValueError):
+class DamagedFileError(UserError, ValueError):
     """A file of ours that exists but does not hold what we write there (not UTF-8, not JSON, cut short)."""
 
 

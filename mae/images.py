@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from mae.errors import UsageError, UserError
+
 if TYPE_CHECKING:
     import torch
 
@@ -50,7 +52,7 @@ _NPY_MAGIC = b"\x93NUMPY"
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey image
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """An image that cannot be decoded or converted; the message names the image and the problem."""
 
 
@@ -152,14 +154,15 @@ def decode_image(data: bytes, name: str = "image", max_pixels: int | None = None
     (``to_channels`` decides what to do with it). ``max_pixels`` is checked from the header, before any pixel
     is decoded; ``formats`` (PIL format names) restricts which decoders may run on untrusted bytes.
     """
-    with _opened(data, name, max_pixels, formats) as im:
+    with open_image(data, name, max_pixels, formats) as im:
         im.seek(0)
         im.load()
         return pil_to_array(ImageOps.exif_transpose(im))
 
 
-class _opened:
-    """``Image.open`` with the pixel limit checked from the header and PIL's errors turned into ImageError."""
+class open_image:
+    """``with open_image(bytes_or_path, name, max_pixels) as im``: ``Image.open`` with the pixel limit checked from
+    the header (nothing decoded yet) and PIL's errors turned into ImageError naming ``name``."""
 
     def __init__(self, source: bytes | str | Path, name: str, max_pixels: int | None,
                  formats: Sequence[str] | None = None):
@@ -205,7 +208,7 @@ def pil_to_array(im: Image.Image) -> np.ndarray:
         hi = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
         return np.clip(arr / hi * 255.0, 0, 255).round().astype(np.uint8)
     if im.mode == "F":
-        return _to_uint8(np.asarray(im))
+        return to_uint8(np.asarray(im))
     return np.asarray(_eight_bit(im, keep_alpha=True))
 
 
@@ -231,7 +234,9 @@ def _eight_bit(im: Image.Image, keep_alpha: bool) -> Image.Image:
     return im.convert("La").split()[0]
 
 
-def _to_uint8(arr: np.ndarray) -> np.ndarray:
+def to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Any array as uint8 of the same shape: booleans as 0/255, floats in [0, 1] scaled, any other range stretched
+    to 0..255 (a float or 16-bit picture, for display and the bundled photographs)."""
     if arr.dtype == np.bool_:
         return arr.astype(np.uint8) * 255
     if arr.dtype == np.uint8:
@@ -314,7 +319,7 @@ def load_pixels(item: ImageItem, box: Callable[[int, int], Box], size: tuple[int
     transforms, whose boxes are whole pixels and whose workers hold torch anyway).
     """
     if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+        raise UsageError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
     if isinstance(item, np.ndarray):
         if fast and _fast_array(item, channels):
             return _pil_path(Image.fromarray(item), box, size, channels, interpolation, flip, False, engine)
@@ -325,7 +330,7 @@ def load_pixels(item: ImageItem, box: Callable[[int, int], Box], size: tuple[int
         data = read_bytes(item)
     if data is not None and is_npy(data):
         return _general_path(decode_npy(data, name, max_pixels), box, size, channels, interpolation, flip)
-    with _opened(data if data is not None else str(item), name, max_pixels) as im:
+    with open_image(data if data is not None else str(item), name, max_pixels) as im:
         if fast and im.mode not in _WIDE_MODES and channels in (1, 3):
             return _pil_path(im, box, size, channels, interpolation, flip, draft and im.format == "JPEG", engine)
         im.seek(0)
@@ -453,7 +458,7 @@ def resize(x: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+        raise UsageError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
     antialias = interpolation != "nearest"
     x = F.interpolate(x.unsqueeze(0), size=size, mode=interpolation, antialias=antialias,
                       **({} if interpolation == "nearest" else {"align_corners": False}))
@@ -471,7 +476,7 @@ def stats_arrays(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarra
 def normalize_pixels(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """uint8 (or float in [0, 1]) (..., C, H, W) -> float32 normalised: (x / 255 - mean) / std.
 
-    The same float32 operations, in the same order, as ``mae.data.Normalize`` on a device, so a batch
+    The same float32 operations, in the same order, as ``mae.datasets.Normalize`` on a device, so a batch
     normalised here and one normalised there are equal on a CPU.
     """
     m, s = stats_arrays(mean, std)

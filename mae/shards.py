@@ -35,6 +35,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from mae.errors import AlreadyExistsError, NotFoundError, UsageError, UserError
 from mae.images import EncodedImage, ImageError, is_npy
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,11 @@ INDEX_FORMAT = 1
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "gif", "tif", "tiff", "npy")
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+class ShardError(UserError, ValueError):
+    """Shards that cannot serve as given: an index of a newer format, an unreadable tar, too few samples for the
+    readers that would stream them."""
 
 
 # ----------------------------------------------------------------------------------------------- shard sets
@@ -115,15 +121,15 @@ def open_shards(spec: str | Path) -> ShardSource:
     if folder.is_dir():
         index = _read_index(folder / INDEX)
         if index is None:
-            raise FileNotFoundError(f"{folder} holds no {INDEX} of packed shards (write them with mae data pack)")
+            raise NotFoundError(f"{folder} holds no {INDEX} of packed shards (write them with mae data pack)")
         return ShardSource(str(folder), _split(folder, index, "train"), _split(folder, index, "val") or None,
                            list(index.get("classes") or []))
     urls = expand(s)
     local = [u for u in urls if not _is_remote(u)]
     missing = [u for u in local if not Path(u).exists()]
     if missing:
-        raise FileNotFoundError(f"no such shard: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1
-                                                                  else ""))
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise NotFoundError(f"no such shard: {missing[0]}{more}")
     index = _read_index(Path(urls[0]).parent / INDEX) if not _is_remote(urls[0]) else None
     known: dict[str, int] = {}
     val = None
@@ -159,7 +165,7 @@ def _read_index(path: Path) -> dict[str, Any] | None:
     if not isinstance(index, dict) or index.get("kind") != INDEX_KIND:
         return None
     if index.get("format", 0) > INDEX_FORMAT:
-        raise ValueError(f"{path} has shard index format {index['format']}; this version reads up to {INDEX_FORMAT}")
+        raise ShardError(f"{path} has shard index format {index['format']}; this version reads up to {INDEX_FORMAT}")
     return index
 
 
@@ -347,7 +353,7 @@ def count_samples(url: str) -> int:
     try:
         return sum(1 for _ in iter_samples(url, wanted=lambda _: False))
     except (OSError, EOFError, tarfile.TarError) as e:
-        raise ValueError(f"{url}: not a readable tar shard ({e})") from e
+        raise ShardError(f"{url}: not a readable tar shard ({e})") from e
 
 
 # ----------------------------------------------------------------------------------------------- the order
@@ -417,9 +423,9 @@ def check_slots(shards: ShardSet, slots: int) -> None:
     data epoch, with other shards, so every stream keeps flowing."""
     counts = [s.count for s in shards.shards]
     if not counts or sum(counts) == 0:
-        raise ValueError(f"{shards.name}: the shards hold no sample")
+        raise ShardError(f"{shards.name}: the shards hold no sample")
     if (len(counts) >= slots and min(counts) == 0) or (len(counts) < slots and sum(counts) < slots):
-        raise ValueError(f"{shards.name}: {len(counts)} shard(s) of {sum(counts)} samples cannot give each of "
+        raise ShardError(f"{shards.name}: {len(counts)} shard(s) of {sum(counts)} samples cannot give each of "
                          f"{slots} readers (processes x data.num_workers) a sample; use fewer data.num_workers")
 
 
@@ -431,7 +437,7 @@ def stream_slot(shards: ShardSet, slot: int, slots: int, seed: int, buffer: int,
     while True:
         plan = plan_epoch(shards, epoch, slot, slots, seed, buffer)
         if plan.size == 0:
-            raise ValueError(f"{shards.name}: reader {slot} of {slots} has no sample; use fewer data.num_workers")
+            raise ShardError(f"{shards.name}: reader {slot} of {slots} has no sample; use fewer data.num_workers")
         if start >= plan.size:
             start -= plan.size
             epoch += 1
@@ -514,7 +520,7 @@ def parse_size(text: str) -> int:
     """``512MB``, ``1GiB``, ``200k`` -> bytes (decimal units; KiB/MiB/GiB binary)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"--shard-size: expected a size such as 512MB or 1GiB, got {text!r}")
+        raise UsageError(f"--shard-size: expected a size such as 512MB or 1GiB, got {text!r}")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
@@ -584,7 +590,7 @@ class _ShardWriter:
 
 def pack(source: Any, out: str | Path, splits: dict[str, np.ndarray], *, shard_size: int,
          split_info: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Write ``source`` (a ``mae.data.Source``) as shards in ``out``: each split (name -> item indices, e.g. the
+    """Write ``source`` (a ``mae.sources.Source``) as shards in ``out``: each split (name -> item indices, e.g. the
     seeded stratified train/val split every stage computes for the source) as ``NAME-NNNNNN.tar``, and
     index.json (``split_info``: how the split was made). Returns the index."""
     from tqdm.auto import tqdm
@@ -593,7 +599,7 @@ def pack(source: Any, out: str | Path, splits: dict[str, np.ndarray], *, shard_s
 
     out = Path(out)
     if (out / INDEX).exists():
-        raise FileExistsError(f"{out / INDEX} exists: pack into an empty folder")
+        raise AlreadyExistsError(f"{out / INDEX} exists: pack into an empty folder")
     out.mkdir(parents=True, exist_ok=True)
     index: dict[str, Any] = {"kind": INDEX_KIND, "format": INDEX_FORMAT, "source": source.name,
                              "classes": list(source.classes), **(split_info or {}), "splits": {}, "skipped": []}

@@ -9,11 +9,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from mae.data import denormalize
 from mae.files import read_json_lines
 from mae.model import MaskedAutoencoder, masked_input
 
 ROW_TITLES = ("original", "masked", "reconstruction", "reconstruction + visible")
+
+
+def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """A normalised (N, C, H, W) batch back to pixels in [0, 1], clamped for display."""
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x * s + m).clamp(0.0, 1.0)
 
 
 @torch.no_grad()

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 def collection(specs: Sequence[str | Path]) -> tuple[list[Path], list[str | None]]:
     """The image files of folders, lists and files to index, as absolute paths (what the catalogue stores), and
     their class labels (first-level subfolders of a folder)."""
-    from mae.data import list_images  # imports torch: kept off the path of mae search
+    from mae.sources import list_images
 
     files, labels = list_images(specs)
     return [f.resolve() for f in files], labels

@@ -92,7 +92,7 @@ class MAEService:
         import torch
 
         from mae.artifact import read_config
-        from mae.data import Preprocessing
+        from mae.images import Preprocessing
 
         install_log_filter()
         torch.set_num_threads(1)  # many small per-image resizes in parallel threads, not one large one

@@ -33,7 +33,7 @@ def artifact_with_onnx(tmp_path_factory) -> Path:
 def image(tmp_path_factory) -> Path:
     from PIL import Image
 
-    from mae.data import load_source
+    from mae.sources import load_source
 
     path = tmp_path_factory.mktemp("image") / "digit.png"
     Image.fromarray(load_source("digits").read(0)).save(path)

@@ -9,17 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mae.data import (
-    ImageDataset,
-    ImageError,
-    Preprocessing,
-    collate_skipping_bad,
-    decode_image,
-    load_source,
-    read_image,
-    stratified_split,
-    to_channels,
-)
+from mae.datasets import ImageDataset, collate_skipping_bad
+from mae.images import ImageError, Preprocessing, decode_image, read_image, to_channels
+from mae.sources import load_source, stratified_split
 
 
 @pytest.mark.parametrize("name,count,shape,classes", [
@@ -149,7 +141,7 @@ def test_corrupt_file_is_skipped_and_counted(tmp_path):
 
 def test_augmentation_is_seeded_per_sample_and_epoch():
     from mae.config import get_preset
-    from mae.data import PretrainTransform
+    from training.augment import PretrainTransform
 
     s = load_source("digits")
     ds = ImageDataset(s, range(10), PretrainTransform(get_preset("mae_vit_tiny_patch4_32")), seed=3)
@@ -178,7 +170,7 @@ def test_fast_path_equals_general_path_on_the_same_box(channels):
     same pixels within a few levels of 255."""
     import random
 
-    from mae.data import EncodedImage, load_pixels, random_resized_crop_box
+    from mae.images import EncodedImage, load_pixels, random_resized_crop_box
 
     item = EncodedImage(_jpeg(_photo(600, 800)), "photo.jpg")
     for seed in range(4):
@@ -196,7 +188,7 @@ def test_fast_path_equals_general_path_on_the_same_box(channels):
 def test_jpeg_draft_decodes_at_reduced_scale_only_when_the_box_allows(monkeypatch):
     from PIL import JpegImagePlugin
 
-    from mae.data import EncodedImage, Preprocessing
+    from mae.images import EncodedImage, Preprocessing
 
     calls = []
     original = JpegImagePlugin.JpegImageFile.draft
@@ -222,7 +214,7 @@ def test_jpeg_draft_decodes_at_reduced_scale_only_when_the_box_allows(monkeypatc
                                       ("I;16", "PNG"), ("LA", "PNG"), ("RGB", "WEBP")])
 def test_eval_pixels_of_a_file_equal_those_of_its_decoded_array(tmp_path, mode, fmt):
     """What mae embed reads from a file is what the server computes from the decoded upload, bit for bit."""
-    from mae.data import EncodedImage
+    from mae.images import EncodedImage
 
     base = Image.fromarray(_photo(70, 90))
     grey16 = np.asarray(base.convert("L")).astype(np.uint16) * 257
@@ -240,7 +232,7 @@ def test_eval_pixels_of_a_file_equal_those_of_its_decoded_array(tmp_path, mode, 
 
 def test_uint8_transport_and_device_normalisation_match_the_eval_preprocessing():
     """Workers ship uint8; Normalize on the device gives bit-for-bit what Preprocessing (CPU, numpy) gives."""
-    from mae.data import Normalize
+    from mae.datasets import Normalize
 
     pre = Preprocessing((3, 24, 24), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic", 0.875)
     s = load_source("photos")
@@ -256,7 +248,7 @@ def test_uint8_transport_and_device_normalisation_match_the_eval_preprocessing()
 
 def test_crops_are_the_same_for_any_worker_count():
     from mae.config import get_preset
-    from mae.data import PretrainTransform
+    from training.augment import PretrainTransform
 
     ds = ImageDataset(load_source("digits"), range(16), PretrainTransform(get_preset("mae_vit_tiny_patch4_32")),
                       seed=5)
@@ -278,7 +270,8 @@ def test_gpu_decode_code_runs_on_a_cpu_and_matches_the_cpu_path(tmp_path):
     import random
 
     from mae.config import get_preset
-    from mae.data import JpegCrop, Normalize, PendingDecode, PretrainTransform, decode_on_device
+    from mae.datasets import JpegCrop, Normalize, PendingDecode, decode_on_device
+    from training.augment import PretrainTransform
 
     cfg = get_preset("mae_vit_tiny_patch4_32")
     (tmp_path / "a.jpg").write_bytes(_jpeg(_photo(120, 160)))
@@ -313,7 +306,7 @@ def test_gpu_decode_is_refused_without_a_gpu(tmp_path):
 
 def test_pixel_limit_applies_to_training_decoding(tmp_path):
     """The serving default (40 MP) bounds every decoder, from the header, for images and .npy arrays alike."""
-    from mae.data import MAX_IMAGE_PIXELS, EncodedImage, ImageTooLargeError, load_pixels
+    from mae.images import MAX_IMAGE_PIXELS, EncodedImage, ImageTooLargeError, load_pixels
 
     assert MAX_IMAGE_PIXELS == 40_000_000
     big = EncodedImage(_encode(Image.new("L", (3000, 2000)), "PNG"), "big.png")
@@ -361,7 +354,7 @@ def test_folder_listing_is_cached_until_a_folder_changes(tmp_path, monkeypatch):
     import os
     import time
 
-    from mae.data import folder_listing
+    from mae.sources import folder_listing
 
     monkeypatch.setenv("MAE_CACHE_DIR", str(tmp_path / "cache"))
     root = tmp_path / "data"
@@ -395,7 +388,7 @@ def test_list_file_source(tmp_path):
 def test_exif_rotation_is_applied_before_the_box_is_chosen():
     """A phone photo stored sideways (EXIF orientation 6): the fast path chooses its box on the upright image, as
     the general path (decode, rotate, then crop) does."""
-    from mae.data import EncodedImage, load_pixels
+    from mae.images import EncodedImage, load_pixels
 
     upright = _photo(60, 90)  # (H, W) = (60, 90) as people see it
     stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # stored 90 x 60
@@ -411,3 +404,42 @@ def test_exif_rotation_is_applied_before_the_box_is_chosen():
     fast = load_pixels(item, box, (16, 16), 3, engine="torch")
     general = load_pixels(item, box, (16, 16), 3, fast=False)
     assert np.abs(fast / 255.0 - general).mean() < 3 / 255
+
+
+def test_open_data_joins_image_inputs_and_keeps_label_names(tmp_path):
+    """``mae embed`` / ``mae index build`` inputs: folders, lists and single files, in order, labels by name."""
+    from mae.errors import NotFoundError, UsageError, UserError
+    from mae.sources import list_images, open_data
+
+    for cls in ("b", "c"):
+        (tmp_path / "dir" / cls).mkdir(parents=True)
+        Image.fromarray(np.zeros((6, 6), np.uint8)).save(tmp_path / "dir" / cls / "x.png")
+    Image.fromarray(np.zeros((6, 6), np.uint8)).save(tmp_path / "alone.bin", format="PNG")  # any name: decoding tells
+    (tmp_path / "list.txt").write_text("dir/b/x.png\ta\n")
+    inputs = [tmp_path / "list.txt", tmp_path / "dir", tmp_path / "alone.bin"]
+    s = open_data(inputs, files=True)
+    assert s.classes == ["a", "b", "c"] and s.label_names() == ["a", "b", "c", None]
+    files = [tmp_path / "dir" / "b" / "x.png", tmp_path / "dir" / "b" / "x.png", tmp_path / "dir" / "c" / "x.png"]
+    assert list_images(inputs) == ([*files, tmp_path / "alone.bin"], ["a", "b", "c", None])
+    with pytest.raises(NotFoundError, match="bundled dataset, not a folder"):
+        open_data(["digits"], files=True)
+    with pytest.raises(UsageError, match="only input"):
+        open_data([tmp_path / "dir", tmp_path / "x.tar"], files=True)
+    with pytest.raises(UsageError, match="streamed"):  # mae data pack / export need items by index
+        load_source(tmp_path / "train-{000000..000003}.tar")
+    with pytest.raises(UsageError, match="is a file"):  # --data wants a collection, not one image
+        open_data(tmp_path / "alone.bin")
+    with pytest.raises(UserError):  # what the CLI prints as one line
+        load_source(tmp_path / "nope")
+
+
+def test_split_data_is_the_stratified_split_of_data_config():
+    from mae.config import DataConfig
+    from mae.sources import split_data
+
+    split = split_data("digits")
+    train, val = stratified_split(split.source.labels, DataConfig().val_fraction, DataConfig().split_seed)
+    assert np.array_equal(split.train, train) and np.array_equal(split.val, val) and split.val_size == len(val)
+    assert not split.sharded and split.labelled and split.num_classes == 10
+    other = split_data(split.source, 0.5, 3)
+    assert other.val_size == len(stratified_split(split.source.labels, 0.5, 3)[1])

@@ -55,7 +55,7 @@ def nproc(n: int, *args: str, timeout: float = 600) -> subprocess.CompletedProce
 def collection(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny artifact and a folder of 30 labelled digit images."""
     from mae import artifact
-    from mae.data import export_source, load_source
+    from mae.sources import export_source, load_source
 
     root = tmp_path_factory.mktemp("dist")
     art = artifact.from_random_init(root / "art", tiny_config())
@@ -86,7 +86,7 @@ def test_index_build_and_embed_on_two_agents(collection, tmp_path):
                                                                       for row in ids_b]
     two_agents("embed", "--artifact", str(art), str(images), "--out", str(tmp_path / "v.npy"), "--workers", "0")
     from export.runtime import Embedder
-    from mae.data import list_images
+    from mae.sources import list_images
 
     files, _ = list_images([images])
     np.testing.assert_allclose(np.load(tmp_path / "v.npy"), Embedder.load(art).embed(files), rtol=0, atol=1e-6)
@@ -113,8 +113,8 @@ def test_fsdp_matches_ddp_and_its_checkpoint_opens_in_one_process(tmp_path):
 
     from mae.config import Config
     from mae.dist import init_distributed
-    from training.loop import RunDir
     from training.pretrain import Pretrainer
+    from training.rundir import RunDir
 
     dist = init_distributed("cpu")
     cfg = Config.from_dict(fsdp["config"])
@@ -146,8 +146,8 @@ def test_activation_checkpointing_gives_the_same_step():
 
 def test_fsdp_refuses_fp16_loss_scaling(tmp_path):
     from mae.dist import Dist
-    from training.loop import RunDir
     from training.pretrain import Pretrainer
+    from training.rundir import RunDir
 
     dist = Dist(1, 2, 0, torch.device("cpu"))  # rank 1 of 2: writes nothing; the check precedes every collective
     with pytest.raises(ValueError, match="run.fsdp with run.amp=fp16"):
@@ -157,7 +157,7 @@ def test_fsdp_refuses_fp16_loss_scaling(tmp_path):
 def test_search_with_onnxruntime_never_imports_torch(tmp_path, tmp_path_factory):
     """``mae search`` on an ONNX artifact and a flat index starts without torch (or timm): a torch that fails to
     import proves it."""
-    from mae.data import export_source, load_source
+    from mae.sources import export_source, load_source
     from retrieval.build import build_index
     from tests.export_helpers import exported
 
@@ -185,7 +185,7 @@ sys.path.insert(0, {root!r})
 import torch
 from tests.conftest import tiny_config
 from mae.dist import init_distributed, shutdown_distributed
-from training.loop import RunDir
+from training.rundir import RunDir
 from training.pretrain import Pretrainer
 
 cfg = tiny_config("run.steps=4", "run.ckpt_every=2", "run.fsdp=true", "optim.batch_size=8")

@@ -112,18 +112,18 @@ def test_evaluate_errors_are_clear(finetuned, tmp_path, capsys):
 
 def test_random_init_and_raw_pixel_baselines(finetuned):
     _, data, _ = finetuned
-    from mae.data import Preprocessing, load_source
+    from mae.images import Preprocessing
 
     cfg = config16()
-    split = ev.Split.of(load_source(str(data)), cfg.data.val_fraction, cfg.data.split_seed)
+    split = ev.split_of(str(data), cfg.data.val_fraction, cfg.data.split_seed)
     prep = Preprocessing.from_config(cfg)
     train, val, _ = ev.embed_split(ev.RawPixels(), prep, split)
     assert train.embedding.shape == (18, 256)
     np.testing.assert_allclose(np.linalg.norm(train.embedding, axis=1), 1.0, rtol=1e-5)
     assert ev.knn_top1(train, val, 3) == 1.0  # the bars are far apart in pixel space
     enc = ev.random_init_encoder(cfg.model, "avg")
-    emb = ev.embed_dataset(enc, ev.ImageDataset(split.source, split.val_idx, prep))
+    emb = ev.embed_dataset(enc, ev.ImageDataset(split.source, split.val, prep))
     assert emb.embedding.shape == (6, 32) and emb.logits is None
-    again = ev.embed_dataset(ev.random_init_encoder(cfg.model, "avg"), ev.ImageDataset(split.source, split.val_idx,
+    again = ev.embed_dataset(ev.random_init_encoder(cfg.model, "avg"), ev.ImageDataset(split.source, split.val,
                                                                                          prep))
     np.testing.assert_array_equal(emb.embedding, again.embedding)  # seeded

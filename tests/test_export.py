@@ -111,7 +111,7 @@ def test_top1_agreement_is_a_binomial_test_not_a_flip_count():
 
 def test_judged_and_calibration_images_never_overlap():
     from export.parity import reference_images
-    from mae.data import Preprocessing
+    from mae.images import Preprocessing
 
     prep = Preprocessing((1, 16, 16), (0.5,), (0.5,), "bicubic", 1.0)
     for count in (8, 64, 512):

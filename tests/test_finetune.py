@@ -11,11 +11,12 @@ from torch import nn
 
 from cli.main import main as cli
 from mae.config import Config
-from mae.data import load_source
+from mae.dist import init_distributed
 from mae.model import MaskedAutoencoder
+from mae.sources import load_source
 from tests.finetune_helpers import config16, labelled_folder, mae_checkpoint
 from training import finetune as ft
-from training.loop import RunDir, init_distributed
+from training.rundir import RunDir
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +205,7 @@ def test_finetune_transform_is_seeded_and_shaped():
     erasing run on the batch, on the device."""
     import random
 
-    from mae.data import FinetuneTransform
+    from training.augment import FinetuneTransform
 
     cfg = config16(reprob=1.0)
     t = FinetuneTransform(cfg)

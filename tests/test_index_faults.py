@@ -30,7 +30,7 @@ PARTS = ("manifest.json", "index.faiss", "items.sqlite")
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
     """A tiny artifact, 40 digits in class folders, their index, and 4 more digits to add."""
-    from mae.data import export_source, load_source
+    from mae.sources import export_source, load_source
     from retrieval.build import build_index
 
     tmp = tmp_path_factory.mktemp("faults")

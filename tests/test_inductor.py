@@ -21,7 +21,7 @@ from export.parity import TOLERANCES, ParityError
 from export.runtime import Embedder
 from mae import artifact
 from mae.checkpoint import save_checkpoint
-from mae.data import load_source
+from mae.sources import load_source
 from tests.finetune_helpers import config16
 from training import finetune as ft
 

@@ -153,7 +153,8 @@ def test_noise_reproduces_reconstruction(model):
 
 def test_loss_falls_on_a_fixed_batch():
     from mae.config import IMAGENET_MEAN, IMAGENET_STD
-    from mae.data import Preprocessing, load_source
+    from mae.images import Preprocessing
+    from mae.sources import load_source
 
     torch.manual_seed(0)
     m = MaskedAutoencoder(SMALL)

@@ -141,9 +141,11 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    from mae.data import load_source
-    from training.loop import NonFiniteLossError, RunDir, init_distributed
+    from mae.dist import init_distributed
+    from mae.sources import load_source
+    from training.loop import NonFiniteLossError
     from training.pretrain import Pretrainer
+    from training.rundir import RunDir
 
     class Exploding(Pretrainer):
         def loss(self, model, images, labels):
@@ -157,6 +159,31 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"step 5.*last good checkpoint \(step 4\)"):
         trainer.fit()
     assert torch.load(run.checkpoint, weights_only=True)["step"] == 4
+
+
+def test_a_new_stage_gets_the_run_lifecycle_in_a_few_lines(tmp_path):
+    """What a further training stage writes to get the run folder, config.json, resume and summary.json."""
+    from mae.errors import AlreadyExistsError
+    from training.pretrain import Pretrainer
+    from training.run import run_training
+
+    class Stage(Pretrainer):
+        def summary(self, last):
+            return {"stage_loss": last.get("loss")}
+
+    cfg = tiny_config("run.steps=2", "data.val_fraction=0.05")
+
+    def stage(resume: bool = False) -> dict:
+        return run_training(tmp_path, lambda run, dist: Stage(cfg, run, dist, "digits"), resume=resume,
+                            record={"task": "third", "data_source": "digits"})
+
+    summary = stage()
+    assert summary["task"] == "third" and summary["steps"] == 2 and summary["stage_loss"] == summary["loss"]
+    assert json.loads((tmp_path / "config.json").read_text())["task"] == "third"
+    assert json.loads((tmp_path / "summary.json").read_text())["stage_loss"] == summary["loss"]
+    with pytest.raises(AlreadyExistsError, match="pass --resume"):
+        stage()
+    assert stage(resume=True)["resumed_from_step"] == 2
 
 
 def test_gradient_accumulation_matches_one_big_batch():
@@ -198,7 +225,7 @@ def test_weight_decay_groups_and_schedule():
 def test_bad_images_in_the_validation_split_are_skipped_and_the_run_finishes(tmp_path):
     """All but one held-out image unreadable: pretraining still ends with its checkpoint, metrics and summary,
     and counts them (it used to die at the end with a TypeError and keep nothing)."""
-    from mae.data import load_source, stratified_split
+    from mae.sources import load_source, stratified_split
 
     data = tmp_path / "data"
     rng = np.random.default_rng(0)

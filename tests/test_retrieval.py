@@ -331,7 +331,7 @@ def artifact(tmp_path_factory):
 
     from mae import artifact as artifact_lib
     from mae.config import get_preset
-    from mae.data import Preprocessing
+    from mae.images import Preprocessing
     from mae.model import MaskedAutoencoder
 
     cfg = get_preset("mae_vit_tiny_patch4_32").override(["model.depth=1"])
@@ -345,7 +345,7 @@ def artifact(tmp_path_factory):
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     """Eight distinct bundled photographs as PNG files, plus a corrupt and a truncated one."""
-    from mae.data import export_source, load_source
+    from mae.sources import export_source, load_source
 
     out = tmp_path_factory.mktemp("photos")
     export_source(load_source("photos"), out / "good", [0, 1, 2, 3, 4, 6, 7, 8])  # not 5: chelsea is cat
@@ -485,7 +485,7 @@ def test_search_with_another_artifact_is_refused(tmp_path, artifact, photos, tmp
 
 def test_sharded_on_disk_build_add_remove(tmp_path, artifact):
     """Two worker processes fill shards of one trained IVF, merged into memory-mapped on-disk lists."""
-    from mae.data import export_source, load_source
+    from mae.sources import export_source, load_source
     from retrieval.build import add_images, build_index
 
     source = load_source("digits")

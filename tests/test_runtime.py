@@ -12,7 +12,7 @@ from export.formats import BackendUnavailable
 from export.ort import session_options
 from export.runtime import Embedder
 from mae import artifact
-from mae.data import load_source
+from mae.sources import load_source
 from tests.export_helpers import LABELS, copy_artifact, exported
 
 
@@ -108,8 +108,8 @@ def test_embed_files_streams_and_skips_bad(plain, tmp_path, images):
         Image.fromarray(im).save(folder / ("sub" if i % 2 else "") / f"{i}.png")
     (folder / "broken.png").write_bytes(b"not a png")
     embedder = Embedder.load(plain, backend="onnx", batch_size=4)
-    from mae.data import list_images
     from mae.files import sha256_file
+    from mae.sources import list_images
 
     files, _ = list_images([folder])
     done = embedder.embed_files(files, workers=0, progress=False)

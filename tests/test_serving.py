@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mae.data import ImageTooLargeError, decode_image
+from mae.images import ImageTooLargeError, decode_image
 from tests.serving_support import (
     Server,
     build_index,
@@ -101,7 +101,7 @@ def wide_png(width: int, height: int) -> bytes:
 
 
 def test_every_mode_decodes_to_model_pixels():
-    from mae.data import Preprocessing
+    from mae.images import Preprocessing
     from serving.images import Upload, to_pixels
     from serving.settings import Limits
 
@@ -156,7 +156,7 @@ def test_images_that_cost_far_more_than_their_bytes_are_refused_from_the_header(
 
     from bentoml.exceptions import BentoMLException
 
-    from mae.data import Preprocessing
+    from mae.images import Preprocessing
     from serving.images import Upload, to_pixels
     from serving.settings import Limits
 

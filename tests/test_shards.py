@@ -37,7 +37,7 @@ def packed(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_pack_keeps_bytes_labels_and_the_split(packed):
-    from mae.data import load_source, stratified_split
+    from mae.sources import load_source, split_data, stratified_split
 
     folder, out = packed
     index = json.loads((out / "index.json").read_text())
@@ -56,6 +56,8 @@ def test_pack_keeps_bytes_labels_and_the_split(packed):
     assert label == source.labels[key]
     shards = open_shards(out)
     assert shards.train.total == 32 and shards.val.total == 8 and shards.classes == ["c0", "c1"]
+    split = split_data(out)  # the split every stage reads from --data: the packed one
+    assert split.sharded and split.train.total == 32 and split.val_size == 8 and split.labelled
     pattern = f"{out}/train-{{000000..{len(index['splits']['train']) - 1:06d}}}.tar"
     by_pattern = open_shards(pattern)
     assert by_pattern.train.total == 32 and by_pattern.val.total == 8  # the val shards found through index.json
@@ -124,8 +126,8 @@ def test_corrupt_member_is_skipped_and_counted(packed, tmp_path):
 def test_shard_training_resumes_exactly(packed, tmp_path):
     """N steps straight == stopped at a checkpoint + resumed (two DataLoader workers: per-worker positions)."""
     from mae.dist import init_distributed
-    from training.loop import RunDir
     from training.pretrain import Pretrainer
+    from training.rundir import RunDir
 
     cfg = tiny_config("run.steps=10", "run.ckpt_every=4", "optim.batch_size=4", "data.num_workers=2",
                       "data.shuffle_buffer=8")

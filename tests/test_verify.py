@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from bench.retrieval import edit
-from mae.data import PHOTOS, load_source
 from mae.images import Box, load_pixels
+from mae.sources import PHOTOS, load_source
 from retrieval.verify import PIXEL_THRESHOLD, SIDE, PixelCheck, aligned_correlation, thumbnail
 
 TEXTURES = {"brick", "grass", "gravel"}  # all fine detail: a 24-pixel thumbnail of them is aliasing, not a picture

@@ -30,12 +30,15 @@ import torch
 from torch import nn
 
 from mae import artifact as artifact_lib
-from mae.config import ModelConfig
-from mae.data import ImageDataset, Normalize, Preprocessing, ShardEvalStream, Source, load_source, stratified_split
+from mae.config import DataConfig, ModelConfig
+from mae.datasets import ImageDataset, Normalize, ShardEvalStream
+from mae.errors import UsageError
 from mae.files import atomic_path, write_json_atomic
+from mae.images import Preprocessing
 from mae.model import MaskedAutoencoder
-from mae.shards import ShardSource, is_shard_spec, open_shards
-from training.loop import eval_loader
+from mae.shards import ShardSource
+from mae.sources import DataError, Source, Split, split_data
+from training.data import eval_loader
 
 KNN_K = 20
 KNN_TEMPERATURE = 0.07
@@ -83,8 +86,8 @@ def embed_dataset(encoder: nn.Module, dataset: ImageDataset | ShardEvalStream, b
             logits.append(out[1].float().cpu())
         labels.append(y)
     if not embs:
-        raise ValueError(f"none of the images of {getattr(dataset, 'name', 'the split')} could be read "
-                         f"({skipped} skipped; the warnings name them)")
+        raise DataError(f"none of the images of {getattr(dataset, 'name', 'the split')} could be read "
+                        f"({skipped} skipped; the warnings name them)")
     return Embedded(torch.cat(embs).numpy(), torch.cat(labels).numpy(),
                     torch.cat(logits).numpy() if logits else None, skipped)
 
@@ -217,91 +220,44 @@ def save_confusion_png(cm: np.ndarray, names: Sequence[str], path: str | Path, t
 # ----------------------------------------------------------------------------------------------- a whole evaluation
 
 
-class _Labelled:
-    """What an evaluation asks of any split: the source's name and classes."""
-
-    source: Source | ShardSource
-
-    @property
-    def name(self) -> str:
-        return self.source.name
-
-    @property
-    def classes(self) -> list[str]:
-        return self.source.classes
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.source.classes)
-
-
-@dataclass
-class Split(_Labelled):
-    """The labelled train/val split an evaluation runs on (a bundled set, folder or list of files)."""
-
-    source: Source
-    train_idx: np.ndarray
-    val_idx: np.ndarray
-
-    @classmethod
-    def of(cls, source: Source, val_fraction: float = 0.2, seed: int = 0) -> Split:
-        _check_labelled(source.name, source.labelled, source.classes)
-        train, val = stratified_split(source.labels, val_fraction, seed)
-        if len(val) == 0:
-            raise ValueError(f"{source.name}: the validation split is empty (val_fraction {val_fraction})")
-        return cls(source, train, val)
-
-    def key(self) -> str:
-        h = hashlib.sha256(self.source.name.encode())
-        h.update(self.train_idx.tobytes())
-        h.update(self.val_idx.tobytes())
-        return h.hexdigest()[:16]
-
-    def datasets(self, preprocessing: Preprocessing) -> tuple[ImageDataset, ImageDataset]:
-        return (ImageDataset(self.source, self.train_idx, preprocessing),
-                ImageDataset(self.source, self.val_idx, preprocessing))
+def split_of(data: str | Source | ShardSource, val_fraction: float = DataConfig.val_fraction,
+             seed: int = DataConfig.split_seed) -> Split:
+    """``--data`` as an evaluation split (``mae.sources.split_data``): the seeded stratified split of a source, or
+    a packed shard split; labelled, with two classes or more and a validation split that holds images."""
+    split = split_data(data, val_fraction, seed)
+    if not split.labelled:
+        raise DataError(f"{split.name} has no class labels: evaluation needs a bundled labelled set "
+                        "(mnist5k, digits), a folder with one subfolder per class, or shards packed from one")
+    if split.num_classes < 2:
+        raise DataError(f"{split.name} has {split.num_classes} class; evaluation needs at least two")
+    if split.val_size == 0:
+        if split.sharded:
+            raise DataError(f"{split.name}: these shards have no validation split; pack the source with "
+                            "mae data pack (it writes val-*.tar) and pass the packed folder")
+        raise DataError(f"{split.name}: the validation split is empty (val_fraction {val_fraction})")
+    return split
 
 
-@dataclass
-class ShardSplit(_Labelled):
-    """The split of shards written by ``mae data pack``: its train shards and its val shards, streamed."""
-
-    source: ShardSource
-
-    @classmethod
-    def of(cls, source: ShardSource) -> ShardSplit:
-        _check_labelled(source.name, source.labelled, source.classes)
-        if source.val is None or source.val.total == 0:
-            raise ValueError(f"{source.name}: these shards have no validation split; pack the source with "
-                             "mae data pack (it writes val-*.tar) and pass the packed folder")
-        return cls(source)
-
-    def key(self) -> str:
-        h = hashlib.sha256(self.source.name.encode())
-        for part in (self.source.train, self.source.val):
+def split_key(split: Split) -> str:
+    """What names a split in the embedding cache: the source and exactly which images are on either side."""
+    h = hashlib.sha256(split.name.encode())
+    if split.sharded:
+        for part in (split.train, split.val):
             h.update(json.dumps([[Path(s.url).name, s.count] for s in part.shards]).encode())
-        return h.hexdigest()[:16]
-
-    def datasets(self, preprocessing: Preprocessing) -> tuple[ShardEvalStream, ShardEvalStream]:
-        return ShardEvalStream(self.source.train, preprocessing), ShardEvalStream(self.source.val, preprocessing)
-
-
-def split_of(data: str, val_fraction: float = 0.2, seed: int = 0) -> Split | ShardSplit:
-    """``--data`` as an evaluation split: the seeded stratified split of a source, or a packed shard split."""
-    if is_shard_spec(data):
-        return ShardSplit.of(open_shards(data))
-    return Split.of(load_source(data), val_fraction, seed)
+    else:
+        h.update(split.train.tobytes())
+        h.update(split.val.tobytes())
+    return h.hexdigest()[:16]
 
 
-def _check_labelled(name: str, labelled: bool, classes: list[str]) -> None:
-    if not labelled:
-        raise ValueError(f"{name} has no class labels: evaluation needs a bundled labelled set "
-                         "(mnist5k, digits), a folder with one subfolder per class, or shards packed from one")
-    if len(classes) < 2:
-        raise ValueError(f"{name} has {len(classes)} class; evaluation needs at least two")
+def split_datasets(split: Split, preprocessing: Preprocessing) -> tuple[ImageDataset | ShardEvalStream, ...]:
+    """The train and val images of a split, each once and in order, through ``preprocessing``."""
+    if split.sharded:
+        return ShardEvalStream(split.train, preprocessing), ShardEvalStream(split.val, preprocessing)
+    return ImageDataset(split.source, split.train, preprocessing), ImageDataset(split.source, split.val, preprocessing)
 
 
-def embed_split(encoder: nn.Module, preprocessing: Preprocessing, split: Split | ShardSplit,
+def embed_split(encoder: nn.Module, preprocessing: Preprocessing, split: Split,
                 identity: str | None = None,
                 cache_dir: str | Path | None = None, batch_size: int = 256, workers: int = 0,
                 device: str | torch.device = "cpu") -> tuple[Embedded, Embedded, bool]:
@@ -312,7 +268,7 @@ def embed_split(encoder: nn.Module, preprocessing: Preprocessing, split: Split |
     """
     path = None
     if cache_dir is not None and identity is not None:
-        key = hashlib.sha256(json.dumps([CACHE_FORMAT, identity, split.key(), preprocessing.to_dict()],
+        key = hashlib.sha256(json.dumps([CACHE_FORMAT, identity, split_key(split), preprocessing.to_dict()],
                                         sort_keys=True).encode()).hexdigest()[:20]
         path = Path(cache_dir) / f"embeddings-{key}.npz"
         if path.exists():
@@ -320,7 +276,7 @@ def embed_split(encoder: nn.Module, preprocessing: Preprocessing, split: Split |
                 parts = [Embedded(z[f"{s}_embedding"], z[f"{s}_labels"], z.get(f"{s}_logits"),
                                   int(z[f"{s}_skipped"]) if f"{s}_skipped" in z else 0) for s in ("train", "val")]
             return parts[0], parts[1], True
-    parts = [embed_dataset(encoder, ds, batch_size, workers, device) for ds in split.datasets(preprocessing)]
+    parts = [embed_dataset(encoder, ds, batch_size, workers, device) for ds in split_datasets(split, preprocessing)]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {}
@@ -344,14 +300,14 @@ def score(train: Embedded, val: Embedded, num_classes: int, probe_epochs: int = 
     return out
 
 
-def evaluate_encoder(encoder: nn.Module, preprocessing: Preprocessing, split: Split | ShardSplit, *,
+def evaluate_encoder(encoder: nn.Module, preprocessing: Preprocessing, split: Split, *,
                      labels: Sequence[str] | None = None, identity: str | None = None,
                      cache_dir: str | Path | None = None, confusion_png: str | Path | None = None,
                      probe_epochs: int = 100, workers: int = 0, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Every figure for one encoder on one split. ``labels``: the head's class names, which must match the
     source's classes (a head trained on other classes cannot be scored on these)."""
     if labels is not None and list(labels) != list(split.classes):
-        raise ValueError(f"the model's head predicts {list(labels)[:12]}, but {split.name} has classes "
+        raise UsageError(f"the model's head predicts {list(labels)[:12]}, but {split.name} has classes "
                          f"{split.classes[:12]}; evaluate a head on the classes it was trained for")
     started = time.perf_counter()
     train, val, cached = embed_split(encoder, preprocessing, split, identity, cache_dir, workers=workers,
@@ -374,10 +330,10 @@ def evaluate_encoder(encoder: nn.Module, preprocessing: Preprocessing, split: Sp
 
 def main(args) -> dict[str, Any]:
     """``mae evaluate --checkpoint C | --artifact A --data SRC``."""
-    from mae.config import Config, DataConfig
+    from mae.config import Config
 
     if bool(args.checkpoint) == bool(args.artifact):
-        raise ValueError("give exactly one of --checkpoint and --artifact")
+        raise UsageError("give exactly one of --checkpoint and --artifact")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     data_cfg = DataConfig()
     if args.artifact:

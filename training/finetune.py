@@ -20,7 +20,6 @@ Both keep the best-on-val weights in ``RUN/best.pt`` beside the resumable ``RUN/
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,19 +30,16 @@ from torch import nn
 from mae import artifact as artifact_lib
 from mae.checkpoint import load_checkpoint, load_weights_and_meta, save_checkpoint
 from mae.config import PRESETS, Config, DataConfig, FinetuneConfig, OptimConfig, length_overrides
-from mae.data import FinetuneTransform, Preprocessing, Source
-from mae.files import write_json_atomic
+from mae.dist import Dist
+from mae.errors import UsageError
+from mae.images import Preprocessing
 from mae.model import DECODER_PREFIXES, infer_model_config
-from training.loop import (
-    Dist,
-    RunDir,
-    Trainer,
-    eval_loader,
-    init_distributed,
-    resume_config,
-    shutdown_distributed,
-    training_data,
-)
+from mae.sources import DataError, Source
+from training.augment import FinetuneTransform
+from training.data import eval_loader, training_data
+from training.loop import Trainer
+from training.run import resumed_config, run_training
+from training.rundir import CHECKPOINT, RunDir
 
 FINETUNE_HEAD_STD = 2e-5  # official main_finetune.py: trunc_normal_(model.head.weight, std=2e-5)
 PROBE_HEAD_STD = 0.01  # official main_linprobe.py: trunc_normal_(model.head.weight, std=0.01)
@@ -102,7 +98,7 @@ def finetune_config(base: Config, linear_probe: bool, overrides: Sequence[str] =
         if key.startswith("optim."):
             field = _OPTIM_TO_FINETUNE.get(key[len("optim."):], (None, None))[1 if linear_probe else 0]
             hint = f"--set finetune.{field}=..." if field else "the finetune section (mae finetune --help)"
-            raise ValueError(f"mae finetune reads its optimiser from finetune.*, not {key}: use {hint}")
+            raise UsageError(f"mae finetune reads its optimiser from finetune.*, not {key}: use {hint}")
     return base.replace(run={"steps": None}).override(overrides)
 
 
@@ -155,7 +151,7 @@ def load_encoder(vit: nn.Module, state: dict[str, torch.Tensor], source_grid: tu
     missing = sorted(set(own) - set(weights))
     fresh = {k for k in own if k.startswith(("head.", "fc_norm."))}
     if unexpected or mismatched or set(missing) - fresh:
-        raise ValueError("the init weights do not fit this encoder: "
+        raise UsageError("the init weights do not fit this encoder: "
                          f"missing {sorted(set(missing) - fresh)[:6]}, unexpected {unexpected[:6]}, "
                          f"shape mismatches {mismatched[:4]}")
     vit.load_state_dict(weights, strict=False)
@@ -196,8 +192,8 @@ class Finetuner(Trainer):
         optim, epochs = recipe(cfg, linear_probe)
         sets = training_data(data, cfg, dist, transform, optim.batch_size)
         if not sets.labelled:
-            raise ValueError(f"{sets.name} has no class labels: finetuning needs a labelled set (mnist5k, digits), "
-                             "a folder with one subfolder per class, or shards packed from one")
+            raise DataError(f"{sets.name} has no class labels: finetuning needs a labelled set (mnist5k, digits), "
+                            "a folder with one subfolder per class, or shards packed from one")
         self.labels = list(sets.classes)
         torch.manual_seed(cfg.run.seed)
         vit = build_classifier(cfg, len(self.labels), linear_probe)
@@ -213,7 +209,7 @@ class Finetuner(Trainer):
             self.mixup = None
             if ft.mixup > 0 or ft.cutmix > 0:
                 if ft.batch_size % 2:
-                    raise ValueError(f"mixup/cutmix needs an even batch size, got finetune.batch_size "
+                    raise UsageError(f"mixup/cutmix needs an even batch size, got finetune.batch_size "
                                      f"{ft.batch_size}")
                 self.mixup = Mixup(mixup_alpha=ft.mixup, cutmix_alpha=ft.cutmix, label_smoothing=ft.smoothing,
                                    num_classes=len(self.labels))
@@ -266,7 +262,7 @@ class Finetuner(Trainer):
             if len(images) == 0:
                 continue
             images, labels = self.normalize(images, self.dist.device), labels.to(self.dist.device)
-            with self._autocast():
+            with self.autocast():
                 logits = self.model(images).float()
             correct += int((logits.argmax(1) == labels).sum())
             loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
@@ -289,15 +285,23 @@ class Finetuner(Trainer):
         return {"epoch": round(step / self.steps_per_epoch, 3), "val_top1": top1, "val_loss": loss,
                 "best_val_top1": self.best["top1"], "val_skipped_images": self.val_skipped}
 
+    def run_record(self) -> dict[str, Any]:
+        return {"labels": self.labels, "optimiser": dataclasses.asdict(self.optim), "total_steps": self.total_steps}
+
+    def summary(self, last: dict[str, Any]) -> dict[str, Any]:
+        return {"best_checkpoint": str(self.best_path), "val_top1": last.get("val_top1"),
+                "best_val_top1": self.best["top1"], "best_step": self.best["step"],
+                "val_skipped_images": self.val_skipped}
+
     def checkpoint_extra(self) -> dict[str, Any]:
         """What an artifact needs besides the weights: class names, and the pooling the head was trained on
         (saved here once, so that export reads it instead of guessing it from the weights)."""
-        return {"labels": self.labels, "task": "linear_probe" if self.linear_probe else "finetune",
+        return {"labels": self.labels, "task": task_name(self.linear_probe),
                 "pooling": self.pooling, "best_top1": self.best["top1"], "best_step": self.best["step"]}
 
     def restore_extra(self, ckpt: dict[str, Any]) -> None:
         if list(ckpt.get("labels", self.labels)) != self.labels:
-            raise ValueError(f"the checkpoint was trained on classes {ckpt['labels'][:8]}, this data has "
+            raise UsageError(f"the checkpoint was trained on classes {ckpt['labels'][:8]}, this data has "
                              f"{self.labels[:8]}")
         self.best = {"top1": float(ckpt.get("best_top1", -1.0)), "step": int(ckpt.get("best_step", 0))}
         self.best["epoch"] = round(self.best["step"] / self.steps_per_epoch, 3)
@@ -307,72 +311,29 @@ def finetune(cfg: Config, init: str | Path, out: str | Path, data: str, state: d
              linear_probe: bool = False, resume: bool = False, source_grid: tuple[int, int] | None = None
              ) -> dict[str, Any]:
     """Finetune (or linear-probe) into the run folder ``out``; returns a summary (paths, best val top-1, time)."""
-    dist = init_distributed()
-    trainer = None
-    try:
-        run = RunDir(out, dist)
-        if run.checkpoint.exists() and not resume:
-            raise FileExistsError(f"{run.checkpoint} exists: pass --resume to continue that run, "
-                                  "or choose another --out")
-        trainer = Finetuner(cfg, run, dist, data, state, source_grid, linear_probe)
-        resumed_from = None
-        if resume and run.checkpoint.exists():
-            trainer.resume()
-            resumed_from = trainer.step
-        run.write_config(cfg, {"task": "linear_probe" if linear_probe else "finetune", "init": str(init),
-                               "data_source": data, "labels": trainer.labels, "world_size": dist.world,
-                               "effective_batch": trainer.effective_batch, "lr": trainer.base_lr,
-                               "optimiser": dataclasses.asdict(trainer.optim), "total_steps": trainer.total_steps})
-        started = time.perf_counter()
-        last = trainer.fit()
-        seconds = time.perf_counter() - started
-        summary = {
-            "task": "linear_probe" if linear_probe else "finetune",
-            "run": str(run.path),
-            "checkpoint": str(run.checkpoint),
-            "best_checkpoint": str(trainer.best_path),
-            "init": str(init),
-            "steps": trainer.step,
-            "total_steps": trainer.total_steps,
-            "steps_per_epoch": trainer.steps_per_epoch,
-            "effective_batch": trainer.effective_batch,
-            "lr": trainer.base_lr,
-            "resumed_from_step": resumed_from,
-            "val_top1": last.get("val_top1"),
-            "best_val_top1": trainer.best["top1"],
-            "best_step": trainer.best["step"],
-            "loss": last.get("loss"),
-            "skipped_images": trainer.skipped_images,
-            "val_skipped_images": trainer.val_skipped,
-            "seconds": round(seconds, 1),
-            "world_size": dist.world,
-            "device": str(dist.device),
-        }
-        if dist.is_main:
-            from mae.visualize import loss_curve
+    return run_training(out, lambda run, dist: Finetuner(cfg, run, dist, data, state, source_grid, linear_probe),
+                        resume=resume, record={"task": task_name(linear_probe), "init": str(init), "data_source": data})
 
-            summary["loss_curve"] = str(loss_curve(run.metrics, run.path / "loss_curve.png", ("loss", "val_loss")))
-            write_json_atomic(run.path / "summary.json", summary)
-        return summary
-    finally:
-        trainer = None  # the wrapped model goes before its process group (see shutdown_distributed)
-        shutdown_distributed()
+
+def task_name(linear_probe: bool) -> str:
+    """What a finetune run's checkpoint, config and summary call its task."""
+    return "linear_probe" if linear_probe else "finetune"
 
 
 def main(args) -> dict[str, Any]:
     """``mae finetune --init C --data D --out RUN [--linear-probe] [--epochs N] [--resume] [--set k=v]``."""
-    checkpoint = Path(args.out) / "checkpoint.pt"
+    checkpoint = Path(args.out) / CHECKPOINT
     prefix = "finetune.probe_" if args.linear_probe else "finetune."
     sets = length_overrides(args.epochs, None, args.batch_size, prefix=prefix) + list(args.overrides)
     init_cfg, state = init_config(args.init)
     cfg = finetune_config(init_cfg, args.linear_probe, sets)
     if args.resume and checkpoint.exists():
-        task = "linear_probe" if args.linear_probe else "finetune"
+        task = task_name(args.linear_probe)
         saved_task = load_checkpoint(checkpoint).get("task", task)
         if saved_task != task:
-            raise ValueError(f"{checkpoint} is a {saved_task} run; {'drop' if not args.linear_probe else 'add'} "
+            raise UsageError(f"{checkpoint} is a {saved_task} run; {'drop' if not args.linear_probe else 'add'} "
                              "--linear-probe to resume it")
-        cfg = resume_config(checkpoint, cfg, asked=bool(sets))
+    cfg = resumed_config(args.out, cfg, resume=args.resume, asked=bool(sets))
     summary = finetune(cfg, args.init, args.out, args.data, state, linear_probe=args.linear_probe,
                        resume=args.resume, source_grid=init_cfg.model.grid_size)
     what = "linear probe" if args.linear_probe else "finetune"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -11,20 +10,17 @@ import torch
 from torch import nn
 
 from mae.config import Config
-from mae.data import Preprocessing, PretrainTransform
-from mae.files import write_json_atomic
+from mae.dist import Dist
+from mae.errors import UsageError
+from mae.images import Preprocessing
 from mae.model import MaskedAutoencoder
-from mae.visualize import loss_curve, reconstruction_grid
-from training.loop import (
-    Dist,
-    RunDir,
-    Trainer,
-    eval_loader,
-    init_distributed,
-    resume_config,
-    shutdown_distributed,
-    training_data,
-)
+from mae.sources import Source
+from mae.visualize import reconstruction_grid
+from training.augment import PretrainTransform
+from training.data import eval_loader, training_data
+from training.loop import Trainer
+from training.run import resumed_config, run_training
+from training.rundir import RunDir
 
 VIS_IMAGES = 8
 VAL_IMAGES = 512  # cap on the images scored for val_loss at each periodic evaluation
@@ -35,8 +31,8 @@ class Pretrainer(Trainer):
 
     log_name = "pretrain"
 
-    def __init__(self, cfg: Config, run: RunDir, dist: Dist, data: str | Any):
-        """``data``: a ``--data`` spec, or a ``mae.data.Source`` (split as a folder would be)."""
+    def __init__(self, cfg: Config, run: RunDir, dist: Dist, data: str | Path | Source):
+        """``data``: a ``--data`` spec, or a ``mae.sources.Source`` (split as a folder would be)."""
         transform = PretrainTransform(cfg)
         sets = training_data(data, cfg, dist, transform, cfg.optim.batch_size, val_limit=VAL_IMAGES,
                              val_fallback=VIS_IMAGES)
@@ -63,13 +59,20 @@ class Pretrainer(Trainer):
             if len(images) == 0:
                 continue
             noise = torch.rand(len(images), self.cfg.model.num_patches, generator=gen).to(self.dist.device)
-            with self._autocast():
+            with self.autocast():
                 loss, _, _ = self.model(self.normalize(images, self.dist.device), noise=noise)
             total += loss.item() * len(images)
             count += len(images)
         self.model.train()
         self.val_skipped = skipped
         return total / count if count else None
+
+    def summary(self, last: dict[str, Any]) -> dict[str, Any]:
+        out = {"val_loss": last.get("val_loss"), "val_skipped_images": self.val_skipped}
+        if self.dist.is_main:
+            pictures = sorted((self.run.path / "reconstructions").glob("*.png"))
+            out["reconstruction"] = str(pictures[-1]) if pictures else None
+        return out
 
     def periodic(self, step: int, final: bool) -> dict[str, float]:
         if not (self.dist.is_main or self.fsdp):  # a sharded model's forward needs every rank
@@ -83,7 +86,7 @@ class Pretrainer(Trainer):
         if good:
             images = self.normalize(torch.stack([g[0] for g in good]), self.dist.device)
             noise = torch.rand(len(good), self.cfg.model.num_patches, generator=torch.Generator().manual_seed(0))
-            with self._autocast():
+            with self.autocast():
                 grid = reconstruction_grid(self.model, images, self.preprocessing.mean, self.preprocessing.std,
                                            noise=noise.to(self.dist.device))
             if self.dist.is_main:
@@ -95,50 +98,8 @@ class Pretrainer(Trainer):
 
 def pretrain(cfg: Config, out: str | Path, data: str, resume: bool = False) -> dict[str, Any]:
     """Pretrain from ``cfg`` into the run folder ``out``; returns a summary (paths, steps, losses, time)."""
-    dist = init_distributed()
-    trainer = None
-    try:
-        run = RunDir(out, dist)
-        if run.checkpoint.exists() and not resume:
-            raise FileExistsError(
-                f"{run.checkpoint} exists: pass --resume to continue that run, or choose another --out")
-        trainer = Pretrainer(cfg, run, dist, data)
-        resumed_from = None
-        if resume and run.checkpoint.exists():
-            trainer.resume()
-            resumed_from = trainer.step
-        run.write_config(cfg, {"data_source": data, "world_size": dist.world,
-                               "effective_batch": trainer.effective_batch, "lr": trainer.base_lr})
-        started = time.perf_counter()
-        last = trainer.fit()
-        seconds = time.perf_counter() - started
-        summary = {
-            "run": str(run.path),
-            "checkpoint": str(run.checkpoint),
-            "steps": trainer.step,
-            "total_steps": trainer.total_steps,
-            "steps_per_epoch": trainer.steps_per_epoch,
-            "effective_batch": trainer.effective_batch,
-            "lr": trainer.base_lr,
-            "resumed_from_step": resumed_from,
-            "loss": last.get("loss"),
-            "val_loss": last.get("val_loss"),
-            "skipped_images": trainer.skipped_images,
-            "val_skipped_images": trainer.val_skipped,
-            "seconds": round(seconds, 1),
-            "world_size": dist.world,
-            "rank": dist.rank,
-            "device": str(dist.device),
-        }
-        if dist.is_main:
-            summary["loss_curve"] = str(loss_curve(run.metrics, run.path / "loss_curve.png", ("loss", "val_loss")))
-            recon = sorted((run.path / "reconstructions").glob("*.png"))
-            summary["reconstruction"] = str(recon[-1]) if recon else None
-            write_json_atomic(run.path / "summary.json", summary)
-        return summary
-    finally:
-        trainer = None  # the wrapped model goes before its process group (see shutdown_distributed)
-        shutdown_distributed()
+    return run_training(out, lambda run, dist: Pretrainer(cfg, run, dist, data), resume=resume,
+                        record={"data_source": data})
 
 
 def main(args) -> dict[str, Any]:
@@ -151,12 +112,9 @@ def main(args) -> dict[str, Any]:
                  f"enc {r['encoder']:<24} dec {r['decoder']:<22} {r['summary']}" for r in rows]
         return {"presets": rows, "text": "\n".join(lines)}
     if not args.data or not args.out:
-        raise ValueError("--data and --out are required (or --list-presets)")
-    cfg = config_from_args(args)
-    checkpoint = Path(args.out) / "checkpoint.pt"
-    if args.resume and checkpoint.exists():
-        asked = args.overrides or args.epochs is not None or args.steps is not None or args.batch_size is not None
-        cfg = resume_config(checkpoint, cfg, asked=bool(asked))
+        raise UsageError("--data and --out are required (or --list-presets)")
+    asked = args.overrides or args.epochs is not None or args.steps is not None or args.batch_size is not None
+    cfg = resumed_config(args.out, config_from_args(args), resume=args.resume, asked=bool(asked))
     summary = pretrain(cfg, args.out, args.data, resume=args.resume)
     if summary["rank"] != 0:
         return 0  # under torchrun only rank 0 reports
