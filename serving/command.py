@@ -85,7 +85,7 @@ def command_line(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         from retrieval.index import Index
 
         index = Path(args.index).resolve()
-        Index.load(index, artifact_sha256=config["sha256"])  # refuses an index built with another artifact
+        Index.load(index, artifact_sha256=config.sha256)  # refuses an index built with another artifact
     keys = _keys_file(getattr(args, "api_keys", ""))
     origins = [_origin(o) for o in getattr(args, "cors_origin", [])]
     settings = Settings(artifact=str(artifact), index=str(index or ""), backend=args.backend,

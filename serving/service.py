@@ -380,17 +380,16 @@ class MAEService:
     def __init__(self) -> None:
         import torch
 
-        from mae.artifact import read_config
-        from mae.data import Preprocessing
+        from mae.artifact_config import ArtifactConfig
 
         install_log_filter()
         torch.set_num_threads(1)  # many small per-image resizes in parallel threads, not one large one
         path = _require_artifact()
-        self.config = read_config(path)
-        self.sha256: str = self.config["sha256"]
-        self.dim = int(self.config["embed_dim"])
-        self.labels: list[str] | None = self.config.get("labels")
-        self.preprocessing = Preprocessing.from_dict(self.config["preprocessing"])
+        self.config = ArtifactConfig.read(path)
+        self.sha256: str = self.config.sha256
+        self.dim = self.config.embed_dim
+        self.labels: list[str] | None = list(self.config.labels) if self.config.labels else None
+        self.preprocessing = self.config.preprocessing
         # Every index call runs on one thread that also opened it: the catalogue is SQLite, whose connections
         # belong to the thread that made them, and FAISS parallelises a search internally anyway.
         self._index_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mae-index")
