@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU run (bench/device.py): device.json, device.md and device.log into OUT, in at most 8 minutes.
+# The one prepared GPU run (bench/device/): device.json, device.md and device.log into OUT, in at most 8 minutes.
 #
 #   bash bench/device_wheels.sh             # here, once: the wheels the GPU machine lacks, into .whl/
 #   bash bench/device.sh OUT                # on the GPU machine, from the repository root, .whl/ carried along

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Wheels the GPU machine's device run needs and its image lacks, for CPython 3.12 on x86-64 Linux, into .whl/
-# (ignored by git; carry it to the GPU machine with the source). bench/device.py's environment stage installs
+# (ignored by git; carry it to the GPU machine with the source). bench/device's environment stage installs
 # them there with `pip install --no-index --no-deps --target /tmp/site .whl/*.whl`.
 #
 #   bash bench/device_wheels.sh          # then, on the GPU machine: bash bench/device.sh OUT

@@ -9,7 +9,7 @@ median is reported, so load from other processes hits both sides alike.
     python bench/pretrain.py --gpu                            # CUDA: ViT-B/16 and ViT-L/16 at 224, bf16, MFU
 
 The pieces (``Candidate``, ``bench_candidates``, ``analytic_step_flops``, ``matmul_peak``) are importable:
-``bench/device.py`` builds its pretraining-step stage from them.
+``bench/device/stages/pretrain_step.py`` builds its stage from them.
 """
 
 from __future__ import annotations

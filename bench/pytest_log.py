@@ -1,4 +1,5 @@
-"""A pytest plugin for bench/device.py: one JSON line per test phase outcome, appended as each one ends.
+"""A pytest plugin for bench/device/ (its pytest_gpu stage): one JSON line per test phase outcome, appended as each
+one ends.
 
 Why not JUnit XML: pytest writes that file only when the session ends, so a run stopped at its time budget would
 report nothing, not even the tests that had finished. Loaded with ``-p bench.pytest_log``; writes to the file

@@ -38,10 +38,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.formats import FILES, INDUCTOR_PRECISIONS, BackendUnavailable
-from export.parity import DEFAULT_DATA, TOLERANCES, prove, reference_images, torch_outputs
+from export.formats import FILES, INDUCTOR_PRECISIONS, BackendUnavailable, ExportError, tolerance
+from export.parity import DEFAULT_DATA, prove, reference_images, torch_outputs
 from mae import artifact as artifact_lib
+from mae.artifact_config import ArtifactConfig
+from mae.errors import UsageError
 from mae.files import write_json_atomic
+from mae.hardware import cpu_isa
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ PARITY_IMAGES = 128
 MIN_TORCH = (2, 6)  # aoti_compile_and_package(ep, package_path=...) and aoti_load_package as used here
 
 
-class InductorUnavailable(RuntimeError):
+class InductorUnavailable(BackendUnavailable):
     """AOTInductor cannot compile or run here (old torch, no GPU for a CUDA package, other CPU ISA)."""
 
 
@@ -95,8 +98,6 @@ def device_identity(device: torch.device) -> dict[str, Any]:
         props = torch.cuda.get_device_properties(device)
         return {"device_type": "cuda", "device_name": props.name, "compute_capability": f"{props.major}.{props.minor}"}
     isas = cpu_isas()
-    from export.onnx import cpu_isa
-
     return {"device_type": "cpu", "device_name": cpu_isa()["cpu"] or platform.processor() or "unknown CPU",
             "cpu_isa": isas[0] if isas else "none"}
 
@@ -111,7 +112,7 @@ def read_sidecar(path: str | Path) -> dict[str, Any] | None:
         return None
 
 
-def mismatch(path: str | Path, config: dict[str, Any], device: str | None = None) -> str | None:
+def mismatch(path: str | Path, config: ArtifactConfig, device: str | None = None) -> str | None:
     """Why the artifact's ``encoder.pt2`` cannot run here on ``device`` (None when it can).
 
     ``device`` None means the device it was compiled for; otherwise its type must match.
@@ -123,9 +124,9 @@ def mismatch(path: str | Path, config: dict[str, Any], device: str | None = None
     side = read_sidecar(path)
     if not (path / FILE).exists() or side is None:
         return f"no {FILE} (mae export --inductor)"
-    if side.get("artifact_sha256") != config["sha256"]:
+    if side.get("artifact_sha256") != config.sha256:
         return (f"{FILE} was compiled from other weights (artifact sha256 {str(side.get('artifact_sha256'))[:12]}, "
-                f"this artifact is {config['sha256'][:12]}); re-run `mae export --inductor` for this artifact")
+                f"this artifact is {config.sha256[:12]}); re-run `mae export --inductor` for this artifact")
     if side.get("torch") != torch.__version__:
         return (f"{FILE} was compiled with torch {side.get('torch')}; this is torch {torch.__version__} "
                 "(a package only loads in the torch that built it): re-run `mae export --inductor` here")
@@ -202,8 +203,6 @@ def run_package(model: Any, pixels: torch.Tensor, max_batch: int) -> list[torch.
 def check_batches(model: Any, art: artifact_lib.Artifact, device: torch.device, tolerance: float,
                   batches: Sequence[int] = CHECK_BATCHES) -> dict[str, float]:
     """Run odd batch sizes against eager fp32: a batch dimension baked in at compile time fails here."""
-    from export.onnx import ExportError
-
     gen = torch.Generator().manual_seed(0)
     encoder = art.encoder.float().cpu().eval()
     worst: dict[str, float] = {}
@@ -240,12 +239,12 @@ def export_inductor(path: str | Path, *, device: str | None = None, precision: s
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InductorUnavailable("--inductor-device cuda: no CUDA GPU is visible to torch")
     if dev.type not in ("cuda", "cpu"):
-        raise ValueError(f"AOTInductor export supports cuda and cpu devices, got {dev}")
+        raise UsageError(f"AOTInductor export supports cuda and cpu devices, got {dev}")
     precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
     if precision not in INDUCTOR_PRECISIONS:
-        raise ValueError(f"inductor precision must be one of {INDUCTOR_PRECISIONS}, got {precision!r}")
+        raise UsageError(f"inductor precision must be one of {INDUCTOR_PRECISIONS}, got {precision!r}")
     if max_batch < EXAMPLE_BATCH:
-        raise ValueError(f"max_batch must be >= {EXAMPLE_BATCH}, got {max_batch}")
+        raise UsageError(f"max_batch must be >= {EXAMPLE_BATCH}, got {max_batch}")
     file, sidecar = path / FILE, path / SIDECAR
     file.unlink(missing_ok=True)  # a failed compile must not leave the previous weights' package behind
     sidecar.unlink(missing_ok=True)
@@ -257,11 +256,11 @@ def export_inductor(path: str | Path, *, device: str | None = None, precision: s
             "outputs": names, "artifact_sha256": art.sha256, "compile_seconds": round(seconds, 1)}
     write_json_atomic(sidecar, side)
 
-    tolerance = TOLERANCES[f"inductor_{precision}"]
+    bound = tolerance("inductor", precision)
     record: dict[str, Any] = {**side, "file": FILE, "bytes": file.stat().st_size}
     try:
         model = load_package(file, dev)
-        record["batches_cosine_min"] = check_batches(model, art, dev, tolerance["cosine"])
+        record["batches_cosine_min"] = check_batches(model, art, dev, bound["cosine"])
         pixels, _, data_info = reference_images(list(data), parity_images, art.preprocessing)
         reference = torch_outputs(art, pixels, tokens=False)
         out = run_package(model, torch.from_numpy(pixels).to(dev), max_batch)
@@ -271,7 +270,7 @@ def export_inductor(path: str | Path, *, device: str | None = None, precision: s
         file.unlink(missing_ok=True)
         sidecar.unlink(missing_ok=True)
         raise
-    return prove(path, RECORD_KEY, record, reference, got, tolerance=tolerance, files=[file, sidecar])
+    return prove(path, RECORD_KEY, record, reference, got, tolerance=bound, files=[file, sidecar])
 
 
 def summary_line(record: dict[str, Any]) -> str:
@@ -288,13 +287,22 @@ def summary_line(record: dict[str, Any]) -> str:
             f"{', '.join(parts)}")
 
 
+def export_from_args(path: Path, args: Any, data: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """``mae export --inductor`` (the AOTInductor row of ``export.formats``): the package, its parity record and the
+    line that summarises it."""
+    record = export_inductor(path, device=args.inductor_device, precision=args.inductor_precision, data=data,
+                             parity_images=args.parity_images, max_batch=args.batch_max)
+    return {RECORD_KEY: record}, [summary_line(record)]
+
+
+
 # ----------------------------------------------------------------------------------------------- runtime
 
 
 class InductorBackend:
     """``Embedder`` backend: numpy in, numpy out, the AOTInductor package in between (CUDA or CPU)."""
 
-    def __init__(self, path: Path, config: dict[str, Any], device: str | None = None, precision: str | None = None):
+    def __init__(self, path: Path, config: ArtifactConfig, device: str | None = None, precision: str | None = None):
         reason = self.unavailable(path, config, device, precision)
         if reason:
             raise BackendUnavailable(f"inductor backend: {reason}")
@@ -309,7 +317,7 @@ class InductorBackend:
         self.name = f"inductor-{kind}-{side['precision']}"
 
     @staticmethod
-    def unavailable(path: Path, config: dict[str, Any], device: str | None = None,
+    def unavailable(path: Path, config: ArtifactConfig, device: str | None = None,
                     precision: str | None = None) -> str | None:
         """Why the package cannot run here (no encoder.pt2, other torch / device / weights / precision), or None."""
         reason = mismatch(path, config, device)

@@ -41,7 +41,15 @@ import torch
 from torch import nn
 
 from export.formats import FILES as FILES_TABLE
-from export.formats import ONNX_PRECISIONS, onnx_key
+from export.formats import (  # noqa: F401  (ExportError: re-exported)
+    META_SHA,
+    ONNX_PRECISIONS,
+    ExportError,
+    onnx_file,
+    onnx_key,
+    require_made_from,
+    tolerance,
+)
 from export.ort import cpu_session
 from export.parity import (
     DEFAULT_DATA,
@@ -49,6 +57,7 @@ from export.parity import (
     PARITY_IMAGES,
     output_names,
     prove,
+    read_onnx_stamp,
     reference_images,
     stamp_onnx,
     torch_outputs,
@@ -56,6 +65,8 @@ from export.parity import (
 )
 from mae import artifact as artifact_lib
 from mae.artifact import Artifact
+from mae.artifact_config import ArtifactConfig
+from mae.errors import UsageError
 from mae.hardware import cpu_isa
 
 log = logging.getLogger(__name__)
@@ -69,10 +80,6 @@ MAX_BATCH = 1 << 16
 RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
                         "Bernoulli", "Dropout"})
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GiB limit, with margin: larger weights go to FILE.data
-
-
-class ExportError(RuntimeError):
-    """The exporter produced no usable graph (bad shapes, random ops, checker failure)."""
 
 
 # ----------------------------------------------------------------------------------------------- graph
@@ -98,7 +105,7 @@ def export_fp32(art: Artifact, path: str | Path, *, tokens: bool = False, opset:
     does not pass the checks).
     """
     if opset < 17:
-        raise ValueError(f"opset must be >= 17 (LayerNormalization), got {opset}")
+        raise UsageError(f"opset must be >= 17 (LayerNormalization), got {opset}")
     path = Path(path)
     graph = _Graph(art.encoder.cpu().eval(), tokens).eval()
     x = torch.randn(EXAMPLE_BATCH, *art.preprocessing.input_size)
@@ -372,7 +379,7 @@ def export_onnx(path: str | Path, *, fp16: bool = False, int8: bool = False, tok
     for precision in ("fp16", "int8"):  # a fresh fp32 export makes older derived files stale
         if not {"fp16": fp16, "int8": int8}[precision]:
             remove_onnx(path / FILES[precision])
-    kept = {k: v for k, v in art.config.get("export", {}).items() if k not in ("onnx", "onnx_fp16", "onnx_int8")}
+    kept = {k: v for k, v in art.config.export.items() if k not in map(onnx_key, ONNX_PRECISIONS)}
     pixels, calibration, data_info = reference_images(list(data), parity_images, art.preprocessing)
     record = update_export_record(path, {**kept, "artifact_sha256": art.sha256, "versions": _versions(),
                                          "parity_data": data_info}, reset=True)
@@ -384,12 +391,12 @@ def export_onnx(path: str | Path, *, fp16: bool = False, int8: bool = False, tok
         info["file"] = file.name
         key = onnx_key(precision)
         record[key] = prove(path, key, info, reference, onnx_outputs(file, pixels, names),
-                            neighbours=precision != "fp32", files=[file])
+                            tolerance=tolerance("onnx", precision), neighbours=precision != "fp32", files=[file])
 
     judge("fp32", export_fp32(art, path / FILES["fp32"], tokens=tokens, opset=opset, exporter=exporter))
     if fp16:
         info = convert_fp16(path / FILES["fp32"], path / FILES["fp16"], art.sha256)
-        mha, depth = info["attention_fusion"]["MultiHeadAttention_nodes"], int(art.config["model"]["depth"])
+        mha, depth = info["attention_fusion"]["MultiHeadAttention_nodes"], int(art.config.model["depth"])
         if mha != depth:
             log.warning("attention fusion: %d MultiHeadAttention nodes for %d blocks (%s exporter)", mha, depth,
                         record["onnx"]["exporter"])
@@ -436,3 +443,25 @@ def summary_lines(record: dict[str, Any]) -> list[str]:
             extra = f", {info['attention_fusion']['MultiHeadAttention_nodes']} MultiHeadAttention"
         lines.append(f"  {info['file']:<18} {info['bytes'] / 1e6:7.1f} MB  {', '.join(parts)}{extra}")
     return lines
+
+
+# ----------------------------------------------------------------------------------------------- the registry's hooks
+
+
+def export_from_args(path: Path, args: Any, data: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """``mae export --onnx / --fp16 / --int8 / --tokens`` (the ONNX row of ``export.formats``): the files, their
+    export record and the lines that summarise it."""
+    record = export_onnx(path, fp16=args.fp16, int8=args.int8, tokens=args.tokens, data=data,
+                         parity_images=args.parity_images)
+    lines = [f"ONNX ({record['onnx']['exporter']} exporter, opset {record['onnx']['opset']}); parity vs PyTorch on "
+             f"{record['parity_data']['images']} real images ({', '.join(record['parity_data']['sources'])}):"]
+    return record, lines + summary_lines(record)
+
+
+def verify(path: Path, config: ArtifactConfig) -> None:
+    """Every ONNX file of the artifact parses and was made from its weights (its bytes: ``check_recorded``)."""
+    for precision in ONNX_PRECISIONS:
+        file = onnx_file(path, precision)
+        if file.exists():
+            require_made_from(read_onnx_stamp(file).get(META_SHA), config, file,
+                              "re-run `mae export --onnx` for this artifact")

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mae.errors import UsageError
 from mae.hardware import usable_cores
 
 
@@ -21,6 +22,8 @@ def session_options(threads: int | None = None) -> Any:
 
     env = os.environ.get("MAE_ORT_THREADS")
     if threads is None and env:
+        if not env.strip().isdigit():
+            raise UsageError(f"MAE_ORT_THREADS must be a whole number of threads, got {env!r}")
         threads = int(env)
     if threads is None:
         threads = usable_cores()

@@ -2,9 +2,10 @@
 
 One place for what every format (ONNX fp32 / fp16 / int8, TensorRT, compiled torch) uses: the reference images
 (bundled real images, split into a judged half and an int8-calibration half that never overlap), the reference
-outputs, the comparison figures, the tolerances, the verdict, and the record in the artifact's config.json
-(``export.<key>``). A file that misses its tolerance is deleted and ``ParityError`` is raised, so a file on disk
-has passed. It also holds the stamp that ties an exported file to the weights it came from.
+outputs, the comparison figures, the verdict against a tolerance (each format's row in ``export.formats`` gives its
+own), and the record in the artifact's config.json (``export.<key>``). A file that misses its tolerance is deleted
+and ``ParityError`` is raised, so a file on disk has passed. It also holds the stamp that ties an exported file to
+the weights it came from.
 
 Top-1 agreement of a head is judged as a statistical test, not a count: with ~250 judged images, a 99% rule
 read literally allows two flips, and a classifier's near-ties flip by the noise of int8 arithmetic, which
@@ -22,9 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.formats import META_PRECISION, META_SHA, require_made_from  # noqa: F401  (stamps: torch-free)
-from mae import artifact as artifact_lib
+from export.formats import (
+    META_PRECISION,
+    META_SHA,
+    TOLERANCES,  # noqa: F401  (re-exported: the tolerances live in the registry's rows)
+    require_made_from,
+)
 from mae.artifact import Artifact
+from mae.artifact_config import CONFIG, ArtifactConfig, ArtifactError, write_config
+from mae.errors import UsageError, UserError
 from mae.files import sha256_file
 from mae.images import Preprocessing
 from mae.sources import load_source
@@ -36,23 +43,9 @@ NEIGHBOURS = 10
 ALPHA = 0.01
 """Significance of the top-1 agreement test: a good file is failed by chance at most this often."""
 
-TOLERANCES: dict[str, dict[str, float]] = {
-    "onnx": {"cosine": 0.99999},
-    "onnx_fp16": {"cosine": 0.999, "top1_agreement": 0.99},
-    "onnx_int8": {"cosine": 0.99, "top1_agreement": 0.99},
-    # TensorRT fp32 may use TF32 matmuls, hence 0.9999 rather than the ONNX fp32 file's 0.99999.
-    "tensorrt_fp32": {"cosine": 0.9999, "top1_agreement": 0.99},
-    "tensorrt_fp16": {"cosine": 0.999, "top1_agreement": 0.99},
-    "tensorrt_bf16": {"cosine": 0.99, "top1_agreement": 0.99},
-    # inductor reorders reductions (and on GPUs may pick other matmul kernels), hence fp32's 0.9999
-    "inductor_fp32": {"cosine": 0.9999, "top1_agreement": 0.99},
-    "inductor_bf16": {"cosine": 0.99, "top1_agreement": 0.99},
-}
-"""Per record key: minimum cosine with PyTorch fp32 (every image, every output) and the top-1 agreement of a
-head that the file must not be shown to fall below (see the module docstring)."""
 
-class ParityError(RuntimeError):
-    """An exported file whose outputs differ from PyTorch by more than its tolerance."""
+class ParityError(UserError, RuntimeError):
+    """An exported file whose outputs differ from PyTorch by more than its tolerance (the file is deleted)."""
 
 
 # ----------------------------------------------------------------------------------------------- references
@@ -66,7 +59,7 @@ def reference_images(specs: Sequence[str], count: int, preprocessing: Preprocess
     int8 is never judged on the images it was calibrated on.
     """
     if count < 2:
-        raise ValueError(f"need at least 2 parity images, got {count}")
+        raise UsageError(f"need at least 2 parity images, got {count}")
     per_source = max(1, count // max(len(specs), 1))
     judged: list[torch.Tensor] = []
     calibration: list[torch.Tensor] = []
@@ -87,7 +80,7 @@ def reference_images(specs: Sequence[str], count: int, preprocessing: Preprocess
             taken += j % 2 == 0
         used[source.name] = taken
     if not calibration:
-        raise ValueError(f"{', '.join(specs)} gave {len(judged)} image(s): parity needs at least 2 distinct images")
+        raise UsageError(f"{', '.join(specs)} gave {len(judged)} image(s): parity needs at least 2 distinct images")
     info = {"sources": used, "images": len(judged), "calibration_images": len(calibration)}
     return torch.stack(judged).numpy(), torch.stack(calibration).numpy(), info
 
@@ -179,11 +172,10 @@ def failures(figures: dict[str, Any], tolerance: dict[str, float]) -> list[str]:
 
 
 def prove(path: Path, key: str, info: dict[str, Any], reference: dict[str, np.ndarray],
-          got: dict[str, np.ndarray], *, tolerance: dict[str, float] | None = None, neighbours: bool = True,
+          got: dict[str, np.ndarray], *, tolerance: dict[str, float], neighbours: bool = True,
           files: Iterable[Path] = ()) -> dict[str, Any]:
-    """Compare ``got`` with ``reference`` under ``tolerance`` (default ``TOLERANCES[key]``), record ``info`` in
+    """Compare ``got`` with ``reference`` under ``tolerance`` (``export.formats.tolerance``), record ``info`` in
     config.json as ``export.<key>``, and on failure delete ``files`` and raise ``ParityError``. Returns ``info``."""
-    tolerance = tolerance if tolerance is not None else TOLERANCES[key]
     files = list(files)
     info["parity"] = compare(reference, got, neighbours)
     problems = failures(info["parity"], tolerance)
@@ -199,17 +191,16 @@ def prove(path: Path, key: str, info: dict[str, Any], reference: dict[str, np.nd
         name = info.get("file", key)
         images = len(next(iter(reference.values())))
         raise ParityError(f"{name} misses its tolerance on {images} real images: {'; '.join(problems)} "
-                          f"(figures in {path / artifact_lib.CONFIG}; file deleted)")
+                          f"(figures in {path / CONFIG}; file deleted)")
     return info
 
 
 def update_export_record(path: Path, updates: dict[str, Any], reset: bool = False) -> dict[str, Any]:
     """Merge ``updates`` into config.json's ``export`` section (``reset``: start it afresh); returns the section."""
-    config = artifact_lib.read_config(path)
-    record = {} if reset else dict(config.get("export") or {})
+    config = ArtifactConfig.read(path)
+    record = {} if reset else dict(config.export)
     record.update(updates)
-    config["export"] = record
-    artifact_lib.write_config(path, config)
+    write_config(path, config.with_export(record))
     return record
 
 
@@ -236,34 +227,29 @@ def read_onnx_stamp(path: str | Path) -> dict[str, str]:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # DecodeError, truncated files, ...
-        raise artifact_lib.ArtifactError(f"{path} is not a readable ONNX file ({type(e).__name__}); "
-                                         "re-run mae export for this artifact") from e
+        raise ArtifactError(f"{path} is not a readable ONNX file ({type(e).__name__}); "
+                            "re-run mae export for this artifact") from e
     if not model.graph.node:  # protobuf parses zero bytes (and some cut-short files) as an empty model
-        raise artifact_lib.ArtifactError(f"{path} holds no ONNX graph (empty or cut short); "
-                                         "re-run mae export for this artifact")
+        raise ArtifactError(f"{path} holds no ONNX graph (empty or cut short); re-run mae export for this artifact")
     return {p.key: p.value for p in model.metadata_props}
 
 
-def check_recorded(file: Path, config: dict[str, Any]) -> None:
+def check_recorded(file: Path, config: ArtifactConfig) -> None:
     """Refuse an exported file whose bytes differ from those that passed parity (``files_sha256`` in its record).
 
     A stamp says which weights a file came from; only its hash says the file is still what was proven. Files
     exported before hashes were recorded are let through (their stamp is still checked by the caller).
     """
-    for entry in (config.get("export") or {}).values():
-        hashes = entry.get("files_sha256") if isinstance(entry, dict) else None
-        recorded = hashes.get(file.name) if isinstance(hashes, dict) else None
-        if recorded is None:
-            continue
-        actual = sha256_file(file)
-        if actual != recorded:
-            raise artifact_lib.ArtifactError(
-                f"{file} is damaged: its bytes hash to {actual[:12]}, not the {recorded[:12]} that passed parity at "
-                "export; re-run mae export for this artifact")
+    recorded = config.recorded_sha256(file.name)
+    if recorded is None:
         return
+    actual = sha256_file(file)
+    if actual != recorded:
+        raise ArtifactError(f"{file} is damaged: its bytes hash to {actual[:12]}, not the {recorded[:12]} that passed "
+                            "parity at export; re-run mae export for this artifact")
 
 
-def check_onnx_stamp(file: Path, config: dict[str, Any]) -> None:
+def check_onnx_stamp(file: Path, config: ArtifactConfig) -> None:
     """An ONNX file that can run for this artifact: readable, stamped with its weights, and undamaged."""
     require_made_from(read_onnx_stamp(file).get(META_SHA), config, file,
                       "re-run `mae export --onnx` for this artifact")

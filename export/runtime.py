@@ -11,7 +11,6 @@ so is one whose bytes differ from those that passed parity at export (``verify_a
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 import warnings
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from export.formats import (
+from export.formats import (  # noqa: F401  (backend_class: re-exported)
     AUTO_ORDER,
     BACKEND_CHOICES,
     BACKENDS,
@@ -31,14 +30,21 @@ from export.formats import (
     ONNX_PRECISIONS,
     Backend,
     BackendUnavailable,
+    MissingFileError,
+    backend_class,
     onnx_file,
     require_made_from,
+    resolve,
 )
-from mae.artifact_config import ArtifactError, verify_weights
+from mae.artifact_config import ArtifactConfig, ArtifactError, verify_weights
+from mae.errors import UsageError
 from mae.images import EncodedImage, ImageError, ImageItem, Preprocessing, read_bytes
 
 if TYPE_CHECKING:
     import torch
+
+    from mae.dist import Dist
+    from mae.shards import ShardSet
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +52,7 @@ log = logging.getLogger(__name__)
 class TorchBackend:
     """Eager PyTorch on the artifact's timm ViT (the reference every other backend is checked against)."""
 
-    def __init__(self, path: Path, config: dict[str, Any], device: str | None = None, precision: str | None = None):
+    def __init__(self, path: Path, config: ArtifactConfig, device: str | None = None, precision: str | None = None):
         import torch
 
         from mae import artifact as artifact_lib
@@ -59,7 +65,7 @@ class TorchBackend:
         self._normalize = None
 
     @staticmethod
-    def unavailable(path: Path, config: dict[str, Any], device: str | None, precision: str | None) -> str | None:
+    def unavailable(path: Path, config: ArtifactConfig, device: str | None, precision: str | None) -> str | None:
         return None if precision in (None, "fp32") else f"runs fp32 only (asked for {precision})"
 
     def run(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
@@ -98,7 +104,7 @@ class OnnxBackend:
     vectors slightly, so it is asked for, never implied).
     """
 
-    def __init__(self, path: Path, config: dict[str, Any], device: str | None = None, precision: str | None = None,
+    def __init__(self, path: Path, config: ArtifactConfig, device: str | None = None, precision: str | None = None,
                  threads: int | None = None):
         from export.ort import session_options
 
@@ -129,7 +135,7 @@ class OnnxBackend:
         self.name = f"onnx-{provider}-{precision}"
 
     @staticmethod
-    def unavailable(path: Path, config: dict[str, Any], device: str | None, precision: str | None) -> str | None:
+    def unavailable(path: Path, config: ArtifactConfig, device: str | None, precision: str | None) -> str | None:
         try:
             import onnxruntime  # noqa: F401
         except ImportError:
@@ -200,8 +206,8 @@ class EmbeddedFiles:
 
         folder = Path(folder)
         if not (folder / "part.json").exists():
-            raise FileNotFoundError(f"{folder} is missing: each rank writes its part beside --out, so --out must be "
-                                    "on a filesystem every node shares (NFS, Lustre, ...)")
+            raise MissingFileError(f"{folder} is missing: each rank writes its part beside --out, so --out must be "
+                                   "on a filesystem every node shares (NFS, Lustre, ...)")
         part = json.loads((folder / "part.json").read_text())
         return cls(np.load(folder / "vectors.npy"), part["positions"], part["sha256"], part["skipped"],
                    part["seconds"], part["names"], part["labels"])
@@ -223,26 +229,28 @@ class EmbeddedFiles:
 class Embedder:
     """Embeddings and class predictions from an artifact, whichever backend runs it."""
 
-    def __init__(self, path: Path, config: dict[str, Any], backend: Backend, batch_size: int = 64):
+    def __init__(self, path: Path, config: ArtifactConfig, backend: Backend, batch_size: int = 64):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UsageError(f"batch_size must be >= 1, got {batch_size}")
         self.path = path
         self.config = config
         self.backend = backend
         self.batch_size = batch_size
-        self.preprocessing = Preprocessing.from_dict(config["preprocessing"])
+        self.preprocessing = config.preprocessing
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", device: str | None = None, batch_size: int = 64,
              precision: str | None = None) -> Embedder:
         """Open an artifact with ``backend``: auto or a name of ``export.formats.BACKENDS``.
 
-        auto: the first backend of the registry that can run here (a TensorRT engine that matches this GPU,
-        then onnxruntime, CUDA provider then CPU, then eager torch); ``precision`` picks its file.
+        auto: the first backend that can run here, in the order ``export.formats.AUTO_ORDER`` gives for the device
+        (on a GPU: a TensorRT engine that matches it, an AOTInductor package compiled for it, onnxruntime with the
+        CUDA provider, eager torch; on a CPU: onnxruntime, a CPU AOTInductor package, eager torch); ``precision``
+        picks its file.
         """
         path = Path(path)
         if backend not in BACKEND_CHOICES:
-            raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+            raise UsageError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
         # Every backend's vectors are tied to the artifact's weights (stamps, parity), so damaged weights make the
         # artifact unusable even for a backend that never reads them.
         config = verify_weights(path)
@@ -255,15 +263,15 @@ class Embedder:
 
     @property
     def sha256(self) -> str:
-        return self.config["sha256"]
+        return self.config.sha256
 
     @property
     def dim(self) -> int:
-        return int(self.config["embed_dim"])
+        return self.config.embed_dim
 
     @property
     def labels(self) -> list[str] | None:
-        return self.config.get("labels")
+        return list(self.config.labels) if self.config.labels else None
 
     @property
     def backend_name(self) -> str:
@@ -306,7 +314,7 @@ class Embedder:
     def classify(self, images: Sequence[ImageItem], k: int = 5) -> list[list[dict[str, Any]]]:
         """Top-k labels with softmax probabilities per image."""
         if not self.labels:
-            raise ValueError(f"artifact {self.path} has no classification head (export a finetuned checkpoint)")
+            raise UsageError(f"artifact {self.path} has no classification head (export a finetuned checkpoint)")
         logits = self.run(self.preprocess(images))["logits"]
         return top_k(logits, self.labels, k)
 
@@ -357,6 +365,53 @@ class Embedder:
                 setattr(result, name, [getattr(result, name)[i] for i in order])
         result.seconds = time.perf_counter() - started
         return result
+
+
+# ----------------------------------------------------------------------------------------------- across ranks
+
+
+def embed_share(embedder: Embedder, collection: Sequence[Path] | ShardSet, *, rank: int = 0, world: int = 1,
+                workers: int = 2, progress: bool = True, desc: str = "embedding") -> EmbeddedFiles:
+    """Rank ``rank`` of ``world``'s share of a collection (image files, or WebDataset shards), embedded: a contiguous
+    run of the files, or whole shards (every world-th sample when there are fewer shards than ranks). Positions
+    are collection positions, so the shares of all ranks ``EmbeddedFiles.concat`` into the collection in order."""
+    if not isinstance(collection, Sequence):
+        return embedder.embed_shards(collection, rank=rank, world=world, workers=workers, progress=progress,
+                                     desc=desc)
+    from mae.dist import rank_slice
+
+    a, b = rank_slice(len(collection), rank, world)
+    return embedder.embed_files(collection[a:b], workers=workers, progress=progress, desc=desc, first=a)
+
+
+def embed_across_ranks(embedder: Embedder, collection: Sequence[Path] | ShardSet, dist: Dist | None = None,
+                       work: Path | None = None, *, workers: int = 2, progress: bool = True,
+                       desc: str = "embedding") -> EmbeddedFiles:
+    """``mae embed`` and ``mae index build`` under torchrun: this rank embeds its share (``embed_share``) and leaves
+    it in ``part_folder(work, rank)``; returns once every rank has, with this rank's part. Rank 0 then reads them
+    all (``load_parts``). ``work`` must be on a filesystem every node sees (``mae.dist.work_folder``). Without
+    ``dist`` (one process) the whole collection is embedded and nothing is written."""
+    if dist is None:
+        return embed_share(embedder, collection, workers=workers, progress=progress, desc=desc)
+    from mae.dist import barrier
+
+    if work is None:
+        raise ValueError("embedding across ranks needs a work folder every rank can write to")
+    done = embed_share(embedder, collection, rank=dist.rank, world=dist.world, workers=workers, progress=progress,
+                       desc=desc)
+    done.save(part_folder(work, dist.rank))
+    barrier(dist)
+    return done
+
+
+def part_folder(work: Path, rank: int) -> Path:
+    """Where rank ``rank`` leaves its part (``EmbeddedFiles.save``: vectors.npy + part.json; others may add files)."""
+    return Path(work) / f"rank{rank}"
+
+
+def load_parts(work: Path, world: int) -> list[EmbeddedFiles]:
+    """Every rank's part, in rank order (rank 0, once ``embed_across_ranks`` has returned on every rank)."""
+    return [EmbeddedFiles.load(part_folder(work, r)) for r in range(world)]
 
 
 def _load_item(item: ImageItem, preprocessing: Preprocessing) -> tuple[torch.Tensor, str]:
@@ -460,50 +515,34 @@ def _collate_items(batch: list[tuple[int, torch.Tensor | None, str | None, str, 
 # ----------------------------------------------------------------------------------------------- verification
 
 
-def verify_artifact(path: str | Path) -> dict[str, Any]:
+def verify_artifact(path: str | Path) -> ArtifactConfig:
     """Check an artifact and every exported file in it before a long-running consumer (``mae serve``) starts.
 
-    The weights must hash to the recorded sha256; each ONNX file must parse, carry this artifact's stamp and
-    hash to the bytes that passed parity; any other exported file with a recorded hash (the TensorRT engine)
-    must still match it, and the engine's record must be readable and made from these weights. Raises
+    The weights must hash to the recorded sha256; each format's own check must pass (``Format.verifier``: an ONNX
+    file parses and carries this artifact's stamp, an engine's record is readable and made from these weights); and
+    every exported file with a recorded hash must still hash to the bytes that passed parity. Raises
     ``ArtifactError`` naming the first bad file; returns the config. A recorded file that is missing is a warning.
     """
-    from export.parity import check_onnx_stamp, check_recorded
-    from export.tensorrt import read_sidecar
+    from export.parity import check_recorded
 
     path = Path(path)
     config = verify_weights(path)
-    for entry in (config.get("export") or {}).values():
-        hashes = entry.get("files_sha256") if isinstance(entry, dict) else None
-        for name in hashes if isinstance(hashes, dict) else ():
-            if not (path / name).exists():  # deleting an exported file is allowed, but said, never silent
-                warnings.warn(f"{path / name} passed parity at export but is missing; it will not be used",
-                              stacklevel=2)
-    for precision in ONNX_PRECISIONS:
-        if onnx_file(path, precision).exists():
-            check_onnx_stamp(onnx_file(path, precision), config)
-    for key, name in FILES.items():
-        if not key.startswith("onnx") and (path / name).is_file():
+    for name in config.recorded_files():
+        if not (path / name).exists():  # deleting an exported file is allowed, but said, never silent
+            warnings.warn(f"{path / name} passed parity at export but is missing; it will not be used", stacklevel=2)
+    for spec in BACKENDS.values():
+        if spec.verifier and any((path / name).exists() for name in spec.files.values()):
+            resolve(spec.verifier)(path, config)
+    for name in FILES.values():
+        if (path / name).is_file():
             check_recorded(path / name, config)
-    if (path / FILES["tensorrt"]).exists() or (path / FILES["tensorrt_sidecar"]).exists():
-        side = read_sidecar(path)
-        require_made_from(side.get("artifact_sha256"), config, path / FILES["tensorrt"],
-                          "re-run `mae export --tensorrt` for this artifact")
     return config
 
 
 # ----------------------------------------------------------------------------------------------- backends
 
 
-def backend_class(name: str) -> type:
-    """The class that runs backend ``name`` (imported on first use: TensorRT and friends load only if asked)."""
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {name!r}")
-    module, _, cls = BACKENDS[name].loader.partition(":")
-    return getattr(importlib.import_module(module), cls)
-
-
-def _auto_backend(path: Path, config: dict[str, Any], device: str | None, precision: str | None) -> Backend:
+def _auto_backend(path: Path, config: ArtifactConfig, device: str | None, precision: str | None) -> Backend:
     """The first backend of ``AUTO_ORDER`` that can run here; each refusal is logged, a failed load is warned.
 
     A backend whose files are all absent is passed over without importing its module (TensorRT's imports torch

@@ -25,16 +25,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.formats import FILES, TENSORRT_PRECISIONS, BackendUnavailable
+from export.formats import FILES, TENSORRT_PRECISIONS, BackendUnavailable, MissingFileError, require_made_from
 from export.parity import check_onnx_stamp
 from mae import artifact as artifact_lib
+from mae.artifact_config import ArtifactConfig, ArtifactError
+from mae.errors import UsageError
 from mae.files import DamagedFileError, read_json, write_json_atomic
 
 PLAN = FILES["tensorrt"]
 SIDECAR = FILES["tensorrt_sidecar"]
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailable(BackendUnavailable):
     """No CUDA GPU or no ``tensorrt`` package here."""
 
 
@@ -73,26 +75,26 @@ def build_engine(path: str | Path, *, precision: str = "fp16", min_batch: int = 
     """Build ``encoder.plan`` for this GPU from the artifact's ONNX file; write the JSON sidecar."""
     trt = _trt()
     path = Path(path)
-    config_json = artifact_lib.read_config(path)
+    config_json = ArtifactConfig.read(path)
     if precision not in TENSORRT_PRECISIONS:
-        raise ValueError(f"TensorRT precision must be one of {TENSORRT_PRECISIONS}, got {precision!r}")
+        raise UsageError(f"TensorRT precision must be one of {TENSORRT_PRECISIONS}, got {precision!r}")
     if not 1 <= min_batch <= opt_batch <= max_batch:
-        raise ValueError(f"need 1 <= min <= opt <= max batch, got {min_batch}/{opt_batch}/{max_batch}")
+        raise UsageError(f"need 1 <= min <= opt <= max batch, got {min_batch}/{opt_batch}/{max_batch}")
     major = major_version()
     typed = major >= 11
     if typed and precision == "bf16":
-        raise ValueError("TensorRT 11 takes precision from the ONNX types and this project writes no bf16 ONNX "
+        raise UsageError("TensorRT 11 takes precision from the ONNX types and this project writes no bf16 ONNX "
                          "graph; build fp16, or use TensorRT 10 for bf16")
     onnx_file = path / FILES["onnx"]
     if not onnx_file.exists():
-        raise FileNotFoundError(f"{onnx_file} is missing; TensorRT builds from it (mae export ... --onnx)")
+        raise MissingFileError(f"{onnx_file} is missing; TensorRT builds from it (mae export ... --onnx)")
     check_onnx_stamp(onnx_file, config_json)
     source = onnx_file.name
     if typed and precision == "fp16":
         from export.onnx import convert_fp16, remove_onnx
 
         typed_file = path / "encoder.fp16.tensorrt.tmp.onnx"
-        convert_fp16(onnx_file, typed_file, config_json["sha256"], fuse=False)
+        convert_fp16(onnx_file, typed_file, config_json.sha256, fuse=False)
         source = f"{onnx_file.name}, converted to fp16 (norms fp32) for the strongly typed network"
         try:
             return _build(trt, path, typed_file, source, config_json, precision, typed, min_batch, opt_batch,
@@ -103,7 +105,7 @@ def build_engine(path: str | Path, *, precision: str = "fp16", min_batch: int = 
                   workspace_gib, timing_cache)
 
 
-def _build(trt: Any, path: Path, onnx_file: Path, source: str, config_json: dict[str, Any], precision: str,
+def _build(trt: Any, path: Path, onnx_file: Path, source: str, config_json: ArtifactConfig, precision: str,
            typed: bool, min_batch: int, opt_batch: int, max_batch: int, workspace_gib: float,
            timing_cache: str | Path | None) -> dict[str, Any]:
     logger = trt.Logger(trt.Logger.WARNING)
@@ -128,7 +130,7 @@ def _build(trt: Any, path: Path, onnx_file: Path, source: str, config_json: dict
                     layer.set_output_type(j, trt.float32)
                 pinned += 1
 
-    c, h, w = config_json["preprocessing"]["input_size"]
+    c, h, w = config_json.preprocessing.input_size
     profile = builder.create_optimization_profile()
     profile.set_shape("pixels", (min_batch, c, h, w), (opt_batch, c, h, w), (max_batch, c, h, w))
     config.add_optimization_profile(profile)
@@ -152,7 +154,7 @@ def _build(trt: Any, path: Path, onnx_file: Path, source: str, config_json: dict
         "onnx_source": source,
         "fp32_layers_pinned": pinned,
         "profile": {"min": min_batch, "opt": opt_batch, "max": max_batch},
-        "artifact_sha256": config_json["sha256"],
+        "artifact_sha256": config_json.sha256,
         "build_seconds": round(seconds, 1),
         "timing_cache": str(cache_path),
     }
@@ -164,18 +166,18 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
     """``encoder.plan.json``; a damaged one is an ArtifactError naming it (re-building the engine rewrites it)."""
     file = Path(path) / SIDECAR
     if not file.exists():
-        raise artifact_lib.ArtifactError(f"{file} is missing: the engine beside it cannot be matched to a GPU and "
-                                          "weights; re-run mae export --tensorrt")
+        raise ArtifactError(f"{file} is missing: the engine beside it cannot be matched to a GPU and weights; re-run "
+                            "mae export --tensorrt")
     try:
         side = read_json(file, "TensorRT engine record")
     except DamagedFileError as e:
-        raise artifact_lib.ArtifactError(f"{e}; re-run mae export --tensorrt") from None
+        raise ArtifactError(f"{e}; re-run mae export --tensorrt") from None
     if not isinstance(side, dict):
-        raise artifact_lib.ArtifactError(f"{file} is not a TensorRT engine record; re-run mae export --tensorrt")
+        raise ArtifactError(f"{file} is not a TensorRT engine record; re-run mae export --tensorrt")
     return side
 
 
-def engine_mismatch(path: str | Path, config: dict[str, Any]) -> str | None:
+def engine_mismatch(path: str | Path, config: ArtifactConfig) -> str | None:
     """Why the artifact's engine cannot run here (None when it can): missing, other GPU / TensorRT / weights."""
     path = Path(path)
     if not (path / PLAN).exists() or not (path / SIDECAR).exists():
@@ -186,7 +188,7 @@ def engine_mismatch(path: str | Path, config: dict[str, Any]) -> str | None:
     import tensorrt as trt
 
     side = read_sidecar(path)
-    here = {"tensorrt": trt.__version__, **gpu_identity(), "artifact_sha256": config["sha256"]}
+    here = {"tensorrt": trt.__version__, **gpu_identity(), "artifact_sha256": config.sha256}
     diffs = [f"{k} {side.get(k)} != {v}" for k, v in here.items() if side.get(k) != v]
     return f"{PLAN} was built for another setup ({', '.join(diffs)})" if diffs else None
 
@@ -242,7 +244,7 @@ def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
 class TensorRTBackend:
     """``Embedder`` backend: numpy in, numpy out, the engine in between."""
 
-    def __init__(self, path: Path, config: dict[str, Any], device: str | None = None, precision: str | None = None):
+    def __init__(self, path: Path, config: ArtifactConfig, device: str | None = None, precision: str | None = None):
         reason = self.unavailable(path, config, device, precision)
         if reason:
             raise BackendUnavailable(f"tensorrt backend: {reason}")
@@ -252,7 +254,7 @@ class TensorRTBackend:
         self.name = f"tensorrt-{side['precision']}"
 
     @staticmethod
-    def unavailable(path: Path, config: dict[str, Any], device: str | None, precision: str | None) -> str | None:
+    def unavailable(path: Path, config: ArtifactConfig, device: str | None, precision: str | None) -> str | None:
         reason = engine_mismatch(path, config)
         if reason is None and precision is not None:
             built = read_sidecar(path).get("precision")
@@ -268,7 +270,8 @@ class TensorRTBackend:
 
 def tensorrt_parity(path: str | Path, data: Any = None, parity_images: int | None = None) -> dict[str, Any]:
     """Run the engine on the bundled real images and compare with eager PyTorch fp32; record; fail loudly."""
-    from export.parity import DEFAULT_DATA, PARITY_IMAGES, TOLERANCES, prove, reference_images, torch_outputs
+    from export.formats import tolerance
+    from export.parity import DEFAULT_DATA, PARITY_IMAGES, prove, reference_images, torch_outputs
 
     path = Path(path)
     art = artifact_lib.load(path)
@@ -280,5 +283,28 @@ def tensorrt_parity(path: str | Path, data: Any = None, parity_images: int | Non
         out = runner(torch.from_numpy(pixels).to(runner.device))
     got = {k: v.cpu().numpy() for k, v in out.items() if k in reference}
     record = {**side, "file": PLAN, "bytes": (path / PLAN).stat().st_size, "parity_data": info}
-    return prove(path, "tensorrt", record, reference, got, tolerance=TOLERANCES[f"tensorrt_{side['precision']}"],
+    return prove(path, "tensorrt", record, reference, got, tolerance=tolerance("tensorrt", side["precision"]),
                  files=[path / PLAN])
+
+
+# ----------------------------------------------------------------------------------------------- the registry's hooks
+
+
+def export_from_args(path: Path, args: Any, data: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """``mae export --tensorrt`` (the TensorRT row of ``export.formats``; the ONNX row has run): the engine for this
+    GPU, its parity record and the line that summarises it."""
+    build_engine(path, precision=args.trt_precision, min_batch=args.batch_min, opt_batch=args.batch_opt,
+                 max_batch=args.batch_max, timing_cache=args.timing_cache)
+    record = tensorrt_parity(path, data, args.parity_images)
+    emb = record["parity"]["embedding"]
+    line = (f"  {PLAN:<18} TensorRT {record['tensorrt']} {record['precision']} on {record['gpu']} (sm "
+            f"{record['compute_capability']}): cos min {emb['cosine_min']:.6f}, top-10 nbr overlap "
+            f"{emb['top10_neighbour_overlap']:.3f}")
+    return {"tensorrt": record}, [line]
+
+
+def verify(path: Path, config: ArtifactConfig) -> None:
+    """An engine (or its record) in the artifact has a readable record and was built from these weights."""
+    if (path / PLAN).exists() or (path / SIDECAR).exists():
+        require_made_from(read_sidecar(path).get("artifact_sha256"), config, path / PLAN,
+                          "re-run `mae export --tensorrt` for this artifact")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import platform
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -30,8 +31,11 @@ import mae
 from mae.artifact_config import (  # noqa: F401  (re-exported: the names consumers import from mae.artifact)
     CONFIG,
     FORMAT,
+    POOLINGS,
     WEIGHTS,
+    ArtifactConfig,
     ArtifactError,
+    ArtifactSource,
     content_sha256,
     read_config,
     verify_weights,
@@ -41,7 +45,6 @@ from mae.config import Config
 from mae.files import sha256_file
 from mae.images import Preprocessing
 
-POOLINGS = ("token", "avg")
 # A pretrained (not finetuned) encoder's embedding: the mean of the final-normed patch tokens. The MAE loss never
 # reaches the class token except through the decoder's attention, which has the patch tokens too, while every
 # patch token must carry what its masked neighbours need; so avg is the safer default early in training and for
@@ -53,7 +56,7 @@ DEFAULT_PRETRAINED_POOLING = "avg"
 class Encoder(nn.Module):
     """A timm ViT that returns the L2-normalised embedding (N, D) and, with a head, logits (N, K).
 
-    This is the exact graph every backend runs (torch eager, ONNX, TensorRT): no masking, no randomness.
+    This is the exact graph every backend runs (torch eager, ONNX, TensorRT, AOTInductor): no masking, no randomness.
     """
 
     def __init__(self, vit: nn.Module):
@@ -77,7 +80,7 @@ class Encoder(nn.Module):
         return self.vit.forward_features(pixels)[:, self.vit.num_prefix_tokens :]
 
 
-def vit_kwargs(model_cfg: dict[str, Any], pooling: str, fc_norm: bool, num_classes: int) -> dict[str, Any]:
+def vit_kwargs(model_cfg: Mapping[str, Any], pooling: str, fc_norm: bool, num_classes: int) -> dict[str, Any]:
     """timm ``VisionTransformer`` keyword arguments for an MAE encoder config (the dict form of ModelConfig)."""
     if pooling not in POOLINGS:
         raise ArtifactError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -121,25 +124,28 @@ class Artifact:
     """A loaded artifact: the torch encoder plus everything needed to feed it and interpret its outputs."""
 
     path: Path
-    config: dict[str, Any]
+    config: ArtifactConfig
     encoder: Encoder
-    preprocessing: Preprocessing
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.config.preprocessing
 
     @property
     def sha256(self) -> str:
-        return self.config["sha256"]
+        return self.config.sha256
 
     @property
     def embed_dim(self) -> int:
-        return int(self.config["embed_dim"])
+        return self.config.embed_dim
 
     @property
     def labels(self) -> list[str] | None:
-        return self.config.get("labels")
+        return list(self.config.labels) if self.config.labels else None
 
     @property
     def pooling(self) -> str:
-        return self.config["pooling"]
+        return self.config.pooling
 
 
 def save(
@@ -208,18 +214,17 @@ def load(path: str | Path, device: str | torch.device = "cpu", verify: bool = Tr
     if any(problems):
         raise ArtifactError(f"{WEIGHTS} does not match {CONFIG}: {' '.join(p for p in problems if p)}")
     encoder = Encoder(vit).eval().to(device)
-    return Artifact(path, config, encoder, Preprocessing.from_dict(config["preprocessing"]))
+    return Artifact(path, config, encoder)
 
 
-def artifact_vit_kwargs(path: Path, config: dict[str, Any]) -> dict[str, Any]:
+def artifact_vit_kwargs(path: Path, config: ArtifactConfig) -> dict[str, Any]:
     """The ViT an artifact's weights belong to, built from the fields its sha256 covers (model, pooling, fc_norm,
     labels). The ``timm`` section repeats them for ``timm.create_model``; one that disagrees is refused."""
     try:
-        kwargs = vit_kwargs(config["model"], config["pooling"], bool(config.get("fc_norm", False)),
-                            len(config.get("labels") or []))
+        kwargs = vit_kwargs(config.model, config.pooling, config.fc_norm, config.num_classes)
     except (KeyError, TypeError) as e:
         raise ArtifactError(f"{path / CONFIG}: its model section is incomplete ({e})") from e
-    timm_kwargs = (config.get("timm") or {}).get("kwargs")
+    timm_kwargs = config.timm.get("kwargs")
     if timm_kwargs != kwargs:
         raise ArtifactError(f"{path / CONFIG}: its timm section disagrees with its model, pooling and labels "
                             f"(timm {timm_kwargs}, expected {kwargs}); re-export the artifact")
@@ -238,6 +243,7 @@ class CheckpointEncoder:
     fc_norm: bool
     labels: list[str] | None
     source: dict[str, Any]
+    """config.json's ``source``: {"checkpoint": absolute path, "sha256": of its bytes} (``ArtifactSource``)."""
     config: dict[str, Any] | None = None
     """The training config saved in our checkpoints (None for foreign weights)."""
 
@@ -298,7 +304,7 @@ def read_checkpoint(checkpoint: str | Path, pooling: str | None = None) -> Check
         labels = None
     if pooling == "avg" and not fc_norm and "norm.weight" not in state:
         raise ArtifactError(f"{checkpoint}: neither norm nor fc_norm weights; not a complete ViT encoder")
-    source = {"checkpoint": str(Path(checkpoint).resolve()), "sha256": sha256_file(_weights_file(checkpoint))}
+    source = ArtifactSource(str(Path(checkpoint).resolve()), sha256_file(weights_file(checkpoint))).to_dict()
     return CheckpointEncoder(state, dataclasses.asdict(model_cfg), preprocessing, pooling, fc_norm,
                              list(labels) if labels else None, source, saved)
 
@@ -358,7 +364,8 @@ def fold_probe_head(state: dict[str, torch.Tensor], eps: float = 1e-6) -> dict[s
     return out
 
 
-def _weights_file(path: str | Path) -> Path:
+def weights_file(path: str | Path) -> Path:
+    """The file a checkpoint path names: RUN/checkpoint.pt for a run folder, else the path itself."""
     path = Path(path)
     return path / "checkpoint.pt" if path.is_dir() else path
 

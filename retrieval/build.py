@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from export.runtime import EmbeddedFiles, Embedder
+from export.runtime import EmbeddedFiles, Embedder, embed_across_ranks, load_parts, part_folder
 from mae.files import sha256_file
 from mae.shards import ShardSource, is_shard_spec, open_shards
 from retrieval import index as index_lib
@@ -376,21 +376,6 @@ def _fill_shard(artifact: str, files: list[str], labels: list[str | None], first
 # ----------------------------------------------------------------------------------------------- torchrun
 
 
-def embed_part(embedder: Embedder, collection_: ShardSource | tuple[list[Path], list[str | None]], rank: int,
-               world: int, *, batch_size: int, workers: int, progress: bool) -> EmbeddedFiles:
-    """This rank's share of a collection, embedded: whole shards, or a contiguous run of files."""
-    from mae.dist import rank_slice
-
-    embedder.batch_size = batch_size
-    desc = f"embedding (rank {rank})"
-    if isinstance(collection_, ShardSource):
-        return embedder.embed_shards(collection_.train, rank=rank, world=world, workers=workers, progress=progress,
-                                     desc=desc)
-    files, _ = collection_
-    a, b = rank_slice(len(files), rank, world)
-    return embedder.embed_files(files[a:b], workers=workers, progress=progress, desc=desc, first=a)
-
-
 def items_of(done: EmbeddedFiles, collection_: ShardSource | tuple[list[Path], list[str | None]]) -> list[Item]:
     """The catalogue item of each row: its path (or SHARD#KEY), sha256 and class label."""
     if isinstance(collection_, ShardSource):
@@ -427,10 +412,9 @@ def _build_distributed(artifact: str | Path, collection_: ShardSource | tuple[li
         embedder = Embedder.load(artifact, backend=backend, device=device, batch_size=batch_size)
         work = work_folder(out, "index")
         started = time.perf_counter()
-        done = embed_part(embedder, collection_, dist.rank, dist.world, batch_size=batch_size, workers=workers,
-                          progress=progress and dist.is_main)
-        done.save(work / f"rank{dist.rank}")
-        barrier(dist)
+        done = embed_across_ranks(embedder, collection_.train if isinstance(collection_, ShardSource)
+                                  else collection_[0], dist, work, workers=workers,
+                                  progress=progress and dist.is_main, desc=f"embedding (rank {dist.rank})")
         plan: dict[str, Any] = {}
         if dist.is_main:
             try:
@@ -442,7 +426,7 @@ def _build_distributed(artifact: str | Path, collection_: ShardSource | tuple[li
             raise RuntimeError(f"index build across {dist.world} ranks: {plan['error']}")
         if plan["ivf"]:  # ids by collection position, so the ranks never need to agree on them
             ids = np.asarray([p + 1 for p in done.positions], np.int64)
-            index_lib.fill_shard(plan["trained"], done.vectors, ids, work / f"rank{dist.rank}" / "index.faiss")
+            index_lib.fill_shard(plan["trained"], done.vectors, ids, part_folder(work, dist.rank) / "index.faiss")
         barrier(dist)
         counts = all_gather_objects(len(done.positions), dist)
         summary: dict[str, Any] = {"rank": dist.rank, "world_size": dist.world, "images_embedded": counts[dist.rank]}
@@ -464,7 +448,7 @@ def _plan_distributed(work: Path, world: int, dim: int, factory: str, max_memory
                       ) -> dict[str, Any]:
     """Rank 0, once every part is written: the factory for the whole collection, and for an IVF the trained
     (empty) index, trained on a sample of all the parts' vectors."""
-    parts = [EmbeddedFiles.load(work / f"rank{r}") for r in range(world)]
+    parts = load_parts(work, world)
     n = sum(len(p.positions) for p in parts)
     choice = (tuning.choose_factory(n, dim, max_memory=max_memory) if factory == "auto"
               else tuning.FactoryChoice(factory, "given with --factory"))
@@ -490,13 +474,13 @@ def _finish_distributed(work: Path, plan: dict[str, Any], embedder: Embedder,
                         extra: dict[str, Any], *, factory: str, max_memory: int | None, target_recall: float,
                         seed: int, overwrite: bool, started: float, world: int) -> dict[str, Any]:
     """Rank 0: the parts merged into INDEX/ (on disk for an IVF, in memory otherwise)."""
-    parts = [EmbeddedFiles.load(work / f"rank{r}") for r in range(world)]
+    parts = load_parts(work, world)
     extra = dict(extra, embed_backend=embedder.backend_name, world_size=world)
     seen = sum(len(p.positions) + len(p.skipped) for p in parts)
     if plan["ivf"]:
         results = [{"ids": [q + 1 for q in p.positions], "items": items_of(p, collection_), "skipped": p.skipped,
-                    "seconds": p.seconds, "vectors": str(work / f"rank{r}" / "vectors.npy"),
-                    "index": str(work / f"rank{r}" / "index.faiss")} for r, p in enumerate(parts)]
+                    "seconds": p.seconds, "vectors": str(part_folder(work, r) / "vectors.npy"),
+                    "index": str(part_folder(work, r) / "index.faiss")} for r, p in enumerate(parts)]
         import faiss
 
         trained = faiss.read_index(plan["trained"])

@@ -314,9 +314,9 @@ def _manifest_for(path: Path, parts: Parts, artifact: str | Path | None, actions
     raw = dict(parts.raw_manifest or {})
     sha = None
     if artifact is not None:
-        from mae.artifact import read_config
+        from mae.artifact_config import ArtifactConfig
 
-        sha = read_config(artifact)["sha256"]
+        sha = ArtifactConfig.read(artifact).sha256
         raw["artifact"] = str(Path(artifact).resolve())
     elif isinstance(raw.get("artifact_sha256"), str) and raw["artifact_sha256"]:
         sha = raw["artifact_sha256"]
@@ -356,9 +356,9 @@ def _manifest_for(path: Path, parts: Parts, artifact: str | Path | None, actions
 def _artifact_dim(artifact: str | Path | None) -> int:
     if not artifact:
         raise ValueError("neither the index file nor the manifest survives: pass --artifact to start over")
-    from mae.artifact import read_config
+    from mae.artifact_config import ArtifactConfig
 
-    return int(read_config(artifact)["embed_dim"])
+    return ArtifactConfig.read(artifact).embed_dim
 
 
 def _describe(index: Any) -> str:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from export.formats import AUTO_ORDER, BACKEND_CHOICES
+from export.formats import BACKEND_CHOICES, BACKEND_HELP
 from mae.errors import UsageError
 from mae.flags import add_json_flag
 from serving.settings import Limits, Settings
@@ -45,8 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allowed-hosts", default=d.allowed_hosts, metavar="NAMES",
                    help="comma-separated names clients reach the server by (Host header); default: loopback names")
     p.add_argument("--backend", default=d.backend, choices=BACKEND_CHOICES,
-                   help="model backend (auto: the first that can run, on a GPU "
-                        f"{', '.join(AUTO_ORDER['cuda'])}; on a CPU {', '.join(AUTO_ORDER['cpu'])})")
+                   help=BACKEND_HELP)
     p.add_argument("--no-batching", action="store_true", help="one model call per request (the benchmark baseline)")
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="most images in one model call")
     p.add_argument("--max-latency-ms", type=int, default=d.max_latency_ms,
@@ -96,7 +95,7 @@ def command_line(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         from retrieval.index import Index
 
         index = Path(args.index).resolve()
-        Index.load(index, artifact_sha256=config["sha256"])  # refuses an index built with another artifact
+        Index.load(index, artifact_sha256=config.sha256)  # refuses an index built with another artifact
     keys = _keys_file(getattr(args, "api_keys", ""))
     origins = [_origin(o) for o in getattr(args, "cors_origin", [])]
     settings = Settings(artifact=str(artifact), index=str(index or ""), backend=args.backend,

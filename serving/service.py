@@ -91,17 +91,16 @@ class MAEService:
     def __init__(self) -> None:
         import torch
 
-        from mae.artifact import read_config
-        from mae.images import Preprocessing
+        from mae.artifact_config import ArtifactConfig
 
         install_log_filter()
         torch.set_num_threads(1)  # many small per-image resizes in parallel threads, not one large one
         path = require_artifact()
-        self.config = read_config(path)
-        self.sha256: str = self.config["sha256"]
-        self.dim = int(self.config["embed_dim"])
-        self.labels: list[str] | None = self.config.get("labels")
-        self.preprocessing = Preprocessing.from_dict(self.config["preprocessing"])
+        self.config = ArtifactConfig.read(path)
+        self.sha256: str = self.config.sha256
+        self.dim = self.config.embed_dim
+        self.labels: list[str] | None = list(self.config.labels) if self.config.labels else None
+        self.preprocessing = self.config.preprocessing
         self.index_access = IndexAccess(SETTINGS.index, self.sha256, write_wait_s=SETTINGS.write_wait_s,
                                         absolute_paths=SETTINGS.absolute_paths)
         self._decoder = FairPool(max(2, SETTINGS.model_threads), HEAVY_IMAGE_PIXELS)

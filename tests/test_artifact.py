@@ -58,7 +58,7 @@ def test_finetuned_round_trip_identical_with_labels(tmp_path):
     path = save_checkpoint(tmp_path / "ft.pt", {"model": vit.state_dict(), "step": 1, "config": cfg.to_dict(),
                                                  "labels": names, "task": "finetune"})
     art = artifact.load(artifact.from_checkpoint(path, tmp_path / "art"))
-    assert art.labels == names and art.pooling == "avg" and art.config["fc_norm"] is True
+    assert art.labels == names and art.pooling == "avg" and art.config.fc_norm is True
     with torch.no_grad():
         embedding, logits = art.encoder(X)
         assert torch.equal(logits, vit(X))
@@ -76,7 +76,7 @@ def test_linear_probe_head_is_folded_exactly(tmp_path, pool):
     path = save_checkpoint(tmp_path / "probe.pt", {"model": vit.state_dict(), "step": 1, "config": cfg.to_dict(),
                                                     "labels": list("abcd"), "task": "linear_probe"})
     art = artifact.load(artifact.from_checkpoint(path, tmp_path / "art"))
-    assert art.pooling == pool and not art.config["fc_norm"]
+    assert art.pooling == pool and not art.config.fc_norm
     with torch.no_grad():
         torch.testing.assert_close(art.encoder(X)[1], vit(X), rtol=1e-5, atol=1e-5)
 
@@ -126,7 +126,7 @@ def test_timm_create_model_loads_the_artifact_weights(tmp_path, finetuned):
         path = mae_checkpoint(tmp_path / "c.pt", cfg)
     out = artifact.from_checkpoint(path, tmp_path / "art")
     art = artifact.load(out)
-    t = art.config["timm"]
+    t = art.config.timm
     kwargs = dict(t["kwargs"], img_size=tuple(t["kwargs"]["img_size"]))
     model = timm.create_model(t["model_name"], pretrained=True,
                               pretrained_cfg_overlay=dict(file=str(out / artifact.WEIGHTS),
@@ -156,7 +156,7 @@ def test_timm_eval_transform_gives_the_same_tensors_as_preprocessing(tmp_path, c
     cfg = get_preset("mae_vit_tiny_patch4_32").override(
         ["model.depth=1", "model.img_size=64", "data.crop_pct=0.875", f"model.in_chans={channels}"])
     art = artifact.load(artifact.from_random_init(tmp_path / "art", cfg))
-    t = art.config["timm"]
+    t = art.config.timm
     model = timm.create_model(t["model_name"], pretrained=True, pretrained_cfg_overlay=dict(
         file=str(art.path / artifact.WEIGHTS), **t["pretrained_cfg_overlay"]), **t["kwargs"])
     transform = create_transform(**resolve_data_config({}, model=model))
@@ -194,3 +194,56 @@ def test_errors_name_the_problem(tmp_path):
 
     with pytest.raises(CheckpointError, match="no weights file"):
         artifact.from_checkpoint(tmp_path / "nope.pt", tmp_path / "x")
+
+
+def test_the_config_is_read_once_into_typed_frozen_fields_and_written_back_unchanged(tmp_path):
+    """``ArtifactConfig``: what every consumer reads. The file's JSON survives a rewrite (unknown fields too), and the
+    typed view cannot be changed behind the file's back."""
+    import dataclasses
+
+    from export.parity import update_export_record
+    from mae.artifact_config import ArtifactConfig, ArtifactSource
+    from mae.errors import UserError
+    from mae.images import Preprocessing
+
+    cfg = config16()
+    out = artifact.from_checkpoint(mae_checkpoint(tmp_path / "pre.pt", cfg), tmp_path / "art")
+    raw = json.loads((out / artifact.CONFIG).read_text())
+    config = ArtifactConfig.read(out)
+    assert config.sha256 == raw["sha256"] and config.embed_dim == 32 and config.labels is None
+    assert isinstance(config.preprocessing, Preprocessing) and config.pooling == raw["pooling"]
+    assert config.source == ArtifactSource(raw["source"]["checkpoint"], raw["source"]["sha256"])
+    assert config.model["depth"] == raw["model"]["depth"] and config.export == {} and config.to_dict() == raw
+    assert artifact.load(out).config.to_dict() == raw
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.sha256 = "0" * 64
+    with pytest.raises(TypeError):
+        config.model["depth"] = 7
+    (out / artifact.CONFIG).write_text(json.dumps({**raw, "from_a_later_version": {"kept": True}}))
+    update_export_record(out, {"onnx": {"passed": True}})
+    again = json.loads((out / artifact.CONFIG).read_text())
+    assert again["from_a_later_version"] == {"kept": True} and again["export"] == {"onnx": {"passed": True}}
+    assert {k: v for k, v in again.items() if k not in ("export", "from_a_later_version")} == raw
+    artifact.verify_weights(out)  # the identity does not cover export records or unknown fields
+
+    for key, bad, says in (("labels", "cat", "labels must be a list"), ("pooling", "max", "pooling must be one of"),
+                           ("export", [], "'export' must be a JSON object"), ("embed_dim", "wide", "embed_dim")):
+        (out / artifact.CONFIG).write_text(json.dumps({**raw, key: bad}))
+        with pytest.raises(artifact.ArtifactError, match=says) as e:
+            ArtifactConfig.read(out)
+        assert str(out / artifact.CONFIG) in str(e.value) and isinstance(e.value, UserError), key
+
+
+def test_reading_an_artifact_config_imports_neither_torch_nor_timm(tmp_path):
+    """onnxruntime consumers (mae search, mae embed --backend onnx) read artifacts through mae.artifact_config."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = artifact.from_random_init(tmp_path / "art", config16(), labels=["a", "b"])
+    code = ("import sys; from mae.artifact_config import verify_weights; c = verify_weights(sys.argv[1]); "
+            "assert c.labels == ('a', 'b') and c.num_classes == 2; "
+            "assert not {'torch', 'timm'} & set(sys.modules), sorted({'torch', 'timm'} & set(sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""The prepared GPU run (bench/device.py): its dry run on this CPU, stage by stage, so it cannot rot while no GPU
+"""The prepared GPU run (bench/device/): its dry run on this CPU, stage by stage, so it cannot rot while no GPU
 is at hand; and the parts that decide what a real run reports (budgets, failures, goals, the FLOP formula)."""
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import time
 import pytest
 import torch
 
-from bench import device
+from bench.device import harness, report
+from bench.device import stage as device
+from bench.device.stages import NAMES, STAGES, pytest_gpu
 from tests.conftest import ROOT
 
 REASONED = (device.SKIPPED, device.UNAVAILABLE)
@@ -37,17 +39,17 @@ def dry_run(tmp_path_factory):
 def test_every_stage_runs_at_toy_size_or_says_why_not(dry_run):
     record = dry_run["record"]
     assert record["mode"] == "dry-run"
-    assert [s["name"] for s in record["stages"]] == list(device.STAGES)
+    assert [s["name"] for s in record["stages"]] == list(NAMES)
     for s in record["stages"]:
         assert s["status"] in (device.OK, *REASONED), f"{s['name']}: {s['status']} {s.get('error')}\n{dry_run['md']}"
-        assert s["budget_s"] >= device.BUDGETS[s["name"]][1]  # its own budget, at least, whatever came before
-        assert s["seconds"] <= s["budget_s"] + device.TERM_GRACE_S + 1
+        assert s["budget_s"] >= harness.BUDGETS[s["name"]][1]  # its own budget, at least, whatever came before
+        assert s["seconds"] <= s["budget_s"] + harness.TERM_GRACE_S + 1
         for key, item in s["result"].get("items", {}).items():
             assert item["status"] in (device.OK, *REASONED), f"{s['name']} {key}: {item}"
             if item["status"] in REASONED:
                 assert len(item.get("reason", "")) > 10, f"{s['name']} {key} is {item['status']} without a reason"
     assert dry_run["proc"].returncode == 0, dry_run["proc"].stderr[-3000:]
-    for name in device.STAGES:
+    for name in NAMES:
         assert f"| {name} |" in dry_run["md"]
 
 
@@ -116,18 +118,18 @@ def test_a_hung_stage_is_stopped_at_its_budget_and_keeps_its_partial_result(tmp_
     code = (f"import json, time; open({str(result)!r}, 'w').write(json.dumps({{'status': 'running', "
             f"'progress': 'half', 'rows': [1]}})); time.sleep(60)")
     started = time.monotonic()
-    stage = device.run_stage("x", [sys.executable, "-c", code], dict(os.environ), 3.0, result, tmp_path / "log")
-    assert time.monotonic() - started < 3.0 + device.TERM_GRACE_S
+    stage = harness.run_stage("x", [sys.executable, "-c", code], dict(os.environ), 3.0, result, tmp_path / "log")
+    assert time.monotonic() - started < 3.0 + harness.TERM_GRACE_S
     assert stage["status"] == device.TIMEOUT and "half" in stage["error"] and stage["result"]["rows"] == [1]
 
 
 def test_a_stage_gets_the_time_earlier_ones_left_within_the_deadline():
-    own = device.BUDGETS["finetune"][0]
-    assert device.stage_timeout("finetune", 0.0, 1000.0, dry=False) == own
-    assert device.stage_timeout("finetune", 25.0, 1000.0, dry=False) == own + 25.0  # banked time
-    assert device.stage_timeout("finetune", -30.0, 1000.0, dry=False) == own  # an overrun costs no one else
-    assert device.stage_timeout("finetune", 25.0, 20.0, dry=False) == 20.0  # never past the deadline
-    assert sum(b for b, _ in device.BUDGETS.values()) <= device.RUN_BUDGET["gpu"] <= 480
+    own = harness.BUDGETS["finetune"][0]
+    assert harness.stage_timeout("finetune", 0.0, 1000.0, dry=False) == own
+    assert harness.stage_timeout("finetune", 25.0, 1000.0, dry=False) == own + 25.0  # banked time
+    assert harness.stage_timeout("finetune", -30.0, 1000.0, dry=False) == own  # an overrun costs no one else
+    assert harness.stage_timeout("finetune", 25.0, 20.0, dry=False) == 20.0  # never past the deadline
+    assert sum(b for b, _ in harness.BUDGETS.values()) <= harness.RUN_BUDGET["gpu"] <= 480
 
 
 def test_a_failing_stage_fails_alone(tmp_path, monkeypatch):
@@ -138,8 +140,8 @@ def test_a_failing_stage_fails_alone(tmp_path, monkeypatch):
                 f"import json; open({str(result)!r}, 'w').write(json.dumps({{'status': 'ok', 'summary': 'fine'}}))")
         return [sys.executable, "-c", body]
 
-    monkeypatch.setattr(device, "stage_command", command)
-    code = device.main([str(tmp_path / "out"), "--dry-run", "--work", str(tmp_path / "work")])
+    monkeypatch.setattr(harness, "stage_command", command)
+    code = harness.main([str(tmp_path / "out"), "--dry-run", "--work", str(tmp_path / "work")])
     record = json.loads((tmp_path / "out" / "device.json").read_text())
     status = {s["name"]: s["status"] for s in record["stages"]}
     assert code == 1 and status.pop("pretrain_step") == device.FAILED and set(status.values()) == {device.OK}
@@ -160,7 +162,7 @@ def test_goals_are_judged_from_the_figures_and_never_from_missing_ones():
             {"view": "model", "runner": "inductor package bf16", "batch": 256, "images_per_s": 9000.0,
              "vs_eager": 2.4}]}},
         {"name": "serving", "status": "ok", "result": {"on_over_off": 4.2, "errors": 0}}]}
-    goals = {g["goal"]: g["status"] for g in device.judge_goals(record)}
+    goals = {g["goal"]: g["status"] for g in report.judge_goals(record)}
     assert goals["ViT-L/16 MAE pretraining >= 2,500 img/s"] == "met"
     assert goals["ViT-L/16 MFU >= 40% (of the datasheet bf16 peak)"] == "missed"  # the datasheet's, when known
     assert goals["ViT-B/16 MAE pretraining >= 5,000 img/s"] == "missed"
@@ -171,7 +173,7 @@ def test_goals_are_judged_from_the_figures_and_never_from_missing_ones():
     assert goals["GPU-compiled embedding at batch 256 >= 8,000 img/s"] == "met"
     assert goals["serving: batching on >= 5x off at 32 clients"] == "missed"
     assert goals["serving: 0 errors"] == "met"
-    md = device.markdown({**record, "started": "now", "command": "x", "budget_s": 470, "goals": device.judge_goals(
+    md = report.markdown({**record, "started": "now", "command": "x", "budget_s": 470, "goals": report.judge_goals(
         record)})
     assert "| serving: 0 errors | 0 errors | met |" in md
 
@@ -187,7 +189,7 @@ def test_pytest_outcomes_become_items_with_reasons(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text("".join(json.dumps(x) + "\n" for x in lines))
     st = device.Stage("pytest_gpu", tmp_path, tmp_path / "r.json", True, 10)
-    device.record_tests(st, log)
+    pytest_gpu.record_tests(st, log)
     items = st.result["items"]
     assert items["test:tests/test_r.py"] == {"status": device.SKIPPED, "reason": "could not import 'faiss'",
                                              "outcome": "skipped"}
@@ -196,3 +198,16 @@ def test_pytest_outcomes_become_items_with_reasons(tmp_path):
     assert items["test:tests/test_a.py::fixture"]["outcome"] == "error"
     assert items["test:tests/test_a.py::later"]["status"] == device.FAILED  # a failed teardown fails the test
     assert st.result["counts"] == {"skipped": 1, "passed": 1, "failed": 1, "error": 2}
+
+
+def test_every_stage_module_follows_the_protocol():
+    """A stage is one module and one line in ``stages.STAGES``: everything the harness and the report use of it."""
+    assert len(set(NAMES)) == len(STAGES) and NAMES[0] == "environment"
+    for module in STAGES:
+        gpu, dry = module.BUDGET
+        assert gpu > 0 and dry > 0 and callable(module.run), module.NAME
+        assert module.report({}) == [], f"{module.NAME} reports a section for a stage that measured nothing"
+        for goal in module.goals({}, False):  # a stage that did not run measured nothing
+            assert isinstance(goal, device.Goal) and goal.value is None, (module.NAME, goal)
+    parsed = harness.parser().parse_args(["out", "--stage", NAMES[-1]])
+    assert parsed.stage == NAMES[-1]

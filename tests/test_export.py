@@ -154,7 +154,7 @@ def test_head_logits_and_top1(head):
 
 def test_parity_failure_is_loud_and_recorded(head, tmp_path, monkeypatch):
     path = copy_artifact(head, tmp_path / "art")
-    monkeypatch.setitem(TOLERANCES, "onnx", {"cosine": 1.5})  # unreachable: must fail
+    monkeypatch.setitem(TOLERANCES, "onnx_fp32", {"cosine": 1.5})  # unreachable: must fail
     with pytest.raises(ParityError, match="encoder.onnx misses its tolerance"):
         onnx_export.export_onnx(path, parity_images=8)
     assert not (path / FILES["fp32"]).exists()

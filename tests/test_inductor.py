@@ -20,6 +20,7 @@ from export.formats import BackendUnavailable
 from export.parity import TOLERANCES, ParityError
 from export.runtime import Embedder
 from mae import artifact
+from mae.artifact_config import ArtifactConfig
 from mae.checkpoint import save_checkpoint
 from mae.sources import load_source
 from tests.finetune_helpers import config16
@@ -68,10 +69,10 @@ def _copy(src, dst):
 
 def test_export_records_parity_and_the_setup_it_is_bound_to(compiled):
     assert (compiled / inductor.FILE).exists() and (compiled / inductor.SIDECAR).exists()
-    config = artifact.read_config(compiled)
-    record = config["export"]["inductor"]
+    config = ArtifactConfig.read(compiled)
+    record = config.export["inductor"]
     assert record["passed"] is True and record["precision"] == "fp32" and record["device_type"] == "cpu"
-    assert record["torch"] == torch.__version__ and record["artifact_sha256"] == config["sha256"]
+    assert record["torch"] == torch.__version__ and record["artifact_sha256"] == config.sha256
     assert record["batch"] == {"min": 1, "max": 16} and record["cpu_isa"] in inductor.cpu_isas()
     assert record["parity_data"]["images"] >= 20 and set(record["parity_data"]["sources"]) == {"digits", "photos"}
     assert record["parity"]["embedding"]["cosine_min"] >= TOLERANCES["inductor_fp32"]["cosine"]
@@ -114,7 +115,7 @@ def test_mae_embed_runs_the_inductor_backend(compiled, tmp_path):
 def test_a_package_from_other_weights_is_refused(compiled, tmp_path):
     path = _copy(compiled, tmp_path / "stale")
     artifact.from_random_init(path, config16(), labels=LABELS, seed=7)  # new weights, old encoder.pt2 left behind
-    config = artifact.read_config(path)
+    config = ArtifactConfig.read(path)
     reason = inductor.InductorBackend.unavailable(path, config, None)
     assert reason and "other weights" in reason
     with pytest.raises(BackendUnavailable, match="other weights"):
@@ -126,7 +127,7 @@ def test_another_torch_or_device_is_refused(compiled, tmp_path):
     path = _copy(compiled, tmp_path / "other-torch")
     side = json.loads((path / inductor.SIDECAR).read_text())
     (path / inductor.SIDECAR).write_text(json.dumps({**side, "torch": "2.0.0"}))
-    config = artifact.read_config(path)
+    config = ArtifactConfig.read(path)
     with pytest.raises(BackendUnavailable, match=r"compiled with torch 2\.0\.0; this is torch"):
         Embedder.load(path, backend="inductor")
     with pytest.raises(BackendUnavailable, match="compiled for cpu, not cuda"):

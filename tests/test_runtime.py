@@ -182,7 +182,7 @@ def test_tensorrt_engine_parity(plain, tmp_path, images):
     assert json.loads((path / SIDECAR).read_text())["profile"] == {"min": 1, "opt": 8, "max": 16}
     record = tensorrt_parity(path, ["mnist5k", "photos"], 32)
     assert record["passed"] and record["parity"]["embedding"]["cosine_min"] >= 0.999
-    assert engine_mismatch(path, artifact.read_config(path)) is None
+    assert engine_mismatch(path, artifact.ArtifactConfig.read(path)) is None
     trt = Embedder.load(path, backend="auto", batch_size=40)  # 40 > max 16: sliced
     assert trt.backend_name.startswith("tensorrt")
     ref = Embedder.load(path, backend="torch").embed(images)
