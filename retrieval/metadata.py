@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from retrieval.catalog import Item, _clean_tags
+from retrieval.catalog import Item, clean_tags
 
 UNSET = object()  # a label the sidecar does not give: the item keeps its own
 
@@ -86,7 +86,7 @@ def read_sidecar(path: str | Path, roots: Sequence[str | Path]) -> Sidecar:
             raise ValueError(f"{path}:{where}: 'tags' must be an object of name: value")
         tags = {**{k.removeprefix("tag."): v for k, v in record.items() if v not in (None, "")}, **tags}
         try:
-            clean = _clean_tags(tags)
+            clean = clean_tags(tags)
         except ValueError as e:
             raise ValueError(f"{path}:{where}: {e}") from e
         given = Path(name.strip()).expanduser()

@@ -35,12 +35,24 @@ from typing import Any
 import faiss
 import numpy as np
 
-from mae.files import sha256_file
-from retrieval import index as index_lib
+from mae.files import fsync_dir, sha256_file
 from retrieval.catalog import FILENAME as CATALOG_FILE
 from retrieval.catalog import Catalog, CatalogError, Item, Row
-from retrieval.index import INDEX_FILE, MANIFEST, Index, IndexDamagedError, faiss_ids
-from retrieval.tuning import apply_params, faiss_message, make_index, train, train_size
+from retrieval.engine import IndexDamagedError
+from retrieval.faiss_store import (
+    FORMAT,
+    INDEX_FILE,
+    MANIFEST,
+    METRIC,
+    check_artifact,
+    commit_generation,
+    now,
+    read_base,
+    read_manifest,
+    write_lock,
+)
+from retrieval.faiss_vectors import faiss_ids, rebuilt, supports_remove
+from retrieval.tuning import apply_params, faiss_message, find_sub_index, make_index, train, train_size
 
 DAMAGED = ".damaged"
 
@@ -60,7 +72,7 @@ class Parts:
 def read_parts(path: Path) -> Parts:
     parts = Parts()
     try:
-        parts.manifest = index_lib.read_manifest(path)
+        parts.manifest = read_manifest(path)
     except (IndexDamagedError, RuntimeError) as e:
         parts.errors["manifest"] = _first(e)
         try:
@@ -95,7 +107,7 @@ def read_parts(path: Path) -> Parts:
 
 def _read_index(path: Path, manifest: dict[str, Any] | None) -> Any:
     if manifest is not None:
-        return index_lib._read_faiss(path, manifest, False)
+        return read_base(path, manifest, False)
     file = path / INDEX_FILE
     if not file.exists():
         raise FileNotFoundError(f"{file} is missing")
@@ -112,7 +124,7 @@ def _salvage(catalog: Catalog, ids: np.ndarray | None) -> list[Row]:
     otherwise rows are read in id order up to the first bad page.
     """
     rows: list[Row] = []
-    query = f"SELECT {catalog._columns} FROM items"
+    query = f"SELECT {catalog.columns} FROM items"
     if ids is None:
         try:
             for r in catalog.conn.execute(query + " ORDER BY id"):
@@ -234,7 +246,7 @@ def repair(path: str | Path, artifact: str | Path | None = None, *, batch_size: 
         before["repaired"] = False
         before["text"] += "\n  nothing to repair"
         return before
-    with index_lib._file_lock(path):
+    with write_lock(path):
         parts = read_parts(path)
         actions: list[str] = []
         dropped: list[dict[str, Any]] = []
@@ -269,26 +281,26 @@ def repair(path: str | Path, artifact: str | Path | None = None, *, batch_size: 
             dropped += [{"id": int(i), "path": None, "why": "a vector with no catalogue row"} for i in orphans]
         catalog = _fresh_catalog(path, rows, parts, actions)
         catalog.reserve_ids(int(ids.max()) if len(ids) else 0)
-        idx = Index(path, manifest, index, catalog)
         new_gen = gen + 1
+        removable = supports_remove(index)
         if len(orphans):
-            if idx.removable:
+            if removable:
                 index.remove_ids(faiss.IDSelectorBatch(orphans))
                 actions.append(f"removed {len(orphans)} vector(s) that no catalogue row describes")
             else:
                 catalog.insert([Item(f"<lost vector {i}>", f"lost-{i}") for i in orphans.tolist()], new_gen,
                                ids=orphans.tolist())
                 catalog.mark_removed(orphans.tolist(), new_gen)
-                if idx.on_disk:
+                if manifest.get("ivfdata"):
                     actions.append(f"tombstoned {len(orphans)} vector(s) that no catalogue row describes "
                                    "(on-disk lists cannot remove vectors)")
                 else:
-                    idx._rebuild(new_gen)
-                    idx.manifest["compacted"] = new_gen
-                    actions.append(f"rebuilt the {idx.factory} index without {len(orphans)} vector(s) that no "
-                                   "catalogue row describes")
-        idx._commit(new_gen)
-        idx._refresh()
+                    index = rebuilt(index, manifest["factory"], catalog.live_ids(new_gen),
+                                    manifest.get("search_params", {}))
+                    manifest["compacted"] = new_gen
+                    actions.append(f"rebuilt the {manifest['factory']} index without {len(orphans)} vector(s) that "
+                                   "no catalogue row describes")
+        commit_generation(path, manifest, catalog, new_gen, index=index, removable=removable)
         catalog.close()
     after = check(path)
     lines = [f"{path}: repaired, generation {new_gen}, {after.get('count', 0)} live items"]
@@ -331,18 +343,18 @@ def _manifest_for(path: Path, parts: Parts, artifact: str | Path | None, actions
     params: dict[str, Any] = {}
     if index is not None:
         ivf = faiss.try_extract_index_ivf(index)
-        hnsw = index_lib.find_sub_index(index, faiss.IndexHNSW)
+        hnsw = find_sub_index(index, faiss.IndexHNSW)
         if ivf is not None:
             params["nprobe"] = int(ivf.nprobe)
         elif hnsw is not None:
             params["efSearch"] = int(hnsw.hnsw.efSearch)
     manifest = {
-        "format": index_lib.FORMAT, "generation": gen, "artifact_sha256": sha, "dim": dim,
-        "metric": index_lib.METRIC, "normalized": True, "factory": factory, "factory_requested": factory,
+        "format": FORMAT, "generation": gen, "artifact_sha256": sha, "dim": dim,
+        "metric": METRIC, "normalized": True, "factory": factory, "factory_requested": factory,
         "factory_reason": "recovered by mae index check --repair", "nlist": None, "ivfdata": None,
         "search_params": params, "tuning": {}, "build": {}, "faiss_version": faiss.__version__,
-        "created": raw.get("created") if isinstance(raw.get("created"), str) else index_lib._now(),
-        "updated": index_lib._now(), "count": 0, "ntotal": 0, "tombstones": 0, "compacted": 0,
+        "created": raw.get("created") if isinstance(raw.get("created"), str) else now(),
+        "updated": now(), "count": 0, "ntotal": 0, "tombstones": 0, "compacted": 0,
     }
     for key in ("artifact", "images", "embed_backend"):
         if key in raw:
@@ -366,7 +378,7 @@ def _describe(index: Any) -> str:
     if index is None:
         return "Flat"
     ivf = faiss.try_extract_index_ivf(index)
-    hnsw = index_lib.find_sub_index(index, faiss.IndexHNSW)
+    hnsw = find_sub_index(index, faiss.IndexHNSW)
     if ivf is not None:
         inner = faiss.downcast_index(ivf)
         codes = f"PQ{inner.pq.M}" if isinstance(inner, faiss.IndexIVFPQ) else "Flat"
@@ -394,7 +406,7 @@ def _fresh_catalog(path: Path, rows: list[Row], parts: Parts, actions: list[str]
         os.replace(file, aside)
         actions.append(f"kept the previous {CATALOG_FILE} as {aside.name}")
     os.replace(tmp, file)
-    index_lib.fsync_dir(path)
+    fsync_dir(path)
     return Catalog(file)
 
 
@@ -402,14 +414,14 @@ def _reembed(path: Path, manifest: dict[str, Any], live: list[Row], artifact: st
              workers: int, progress: bool, dropped: list[dict[str, Any]], actions: list[str]) -> tuple[Any, list[Row]]:
     """A new FAISS index of the same factory from the catalogue's files, embedded with the index's artifact."""
     from export.runtime import Embedder
-    from retrieval.build import embed_items
+    from retrieval.embedding import embed_items
 
     source = artifact or manifest.get("artifact")
     if not source or not Path(source).exists():
         raise ValueError(f"{path / INDEX_FILE} is lost and the artifact that built it is not at hand: pass "
                          f"--artifact to embed the {len(live)} catalogued images again")
     embedder = Embedder.load(source, batch_size=batch_size)
-    index_lib.check_artifact(path, manifest, embedder.sha256)
+    check_artifact(path, manifest, embedder.sha256)
     keep, files = [], []
     for r in live:
         p = Path(r.path)

@@ -398,7 +398,7 @@ class MAEService:
         if SETTINGS.index:
             from retrieval.index import Index
 
-            self.index = self._index_thread.submit(Index.load, SETTINGS.index, artifact_sha256=self.sha256).result()
+            self.index = self._index_thread.submit(Index.open, SETTINGS.index, artifact_sha256=self.sha256).result()
         self._decoder = FairPool(max(2, SETTINGS.model_threads), HEAVY_IMAGE_PIXELS)
         self._backend: dict[str, Any] | None = None
         self.items = Items(self, LIMITS, absolute_paths=SETTINGS.absolute_paths, write_wait_s=SETTINGS.write_wait_s)

@@ -20,9 +20,9 @@ faiss = pytest.importorskip("faiss")
 
 from faiss.contrib.evaluation import knn_intersection_measure  # noqa: E402
 
-from retrieval import index as index_lib  # noqa: E402
 from retrieval import tuning as tuning_lib  # noqa: E402
 from retrieval.catalog import Item  # noqa: E402
+from retrieval.faiss_vectors import selector_params  # noqa: E402
 from retrieval.index import Index, IndexMismatchError, build  # noqa: E402
 from retrieval.tuning import choose_factory  # noqa: E402
 
@@ -124,7 +124,7 @@ def test_filtered_search_through_opq_and_idmap_wrappers():
         tuning_lib.train(index, x)
         index.add_with_ids(x, ids)
         tuning_lib.apply_params(index, {k: 1 for k in params})  # the selector path must not fall back to these
-        p, _keep = index_lib._selector_params(index, params, sel)
+        p, _keep = selector_params(index, params, sel)
         _, found = index.search(x[:20], 5, params=p)
         assert not np.isin(found, dead).any() and (found > 0).all()
         exact = faiss.IndexFlatIP(64)
@@ -248,9 +248,10 @@ CRASH_SCRIPT = textwrap.dedent("""
     import numpy as np
     sys.path.insert(0, {root!r})
     from tests.test_retrieval import lowrank, items_for
+    import faiss
     from retrieval import index as index_lib
     phase = sys.argv[2]
-    real_replace, real_write = os.replace, index_lib.faiss.write_index
+    real_replace, real_write = os.replace, faiss.write_index
 
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
@@ -267,8 +268,8 @@ CRASH_SCRIPT = textwrap.dedent("""
             die()  # rows for the new generation are in the catalogue; no index file yet
         real_write(index, path)
 
-    index_lib.os.replace = replace
-    index_lib.faiss.write_index = write_index
+    os.replace = replace
+    faiss.write_index = write_index
     idx = index_lib.Index.load(sys.argv[1])
     if phase == "loop":
         for i in range(10_000):
