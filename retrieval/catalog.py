@@ -65,6 +65,12 @@ CREATE INDEX IF NOT EXISTS tags_id ON tags (id);
 CREATE INDEX IF NOT EXISTS items_label ON items (label);
 CREATE INDEX IF NOT EXISTS items_added ON items (added);
 """
+# Added with the append log: a write's recovery and the tombstone query look rows up by generation and removal,
+# which without these would scan the whole table (50-100 ms at a million rows) on every write.
+_SCHEMA_3 = """
+CREATE INDEX IF NOT EXISTS items_generation ON items (generation);
+CREATE INDEX IF NOT EXISTS items_removed ON items (removed);
+"""
 _LIVE = "generation <= ? AND (removed IS NULL OR removed > ?)"
 
 
@@ -200,7 +206,7 @@ class Catalog:
     @_guarded
     def _prepare(self, create: bool) -> None:
         if create:
-            self.conn.executescript(_SCHEMA + _SCHEMA_2)
+            self.conn.executescript(_SCHEMA + _SCHEMA_2 + _SCHEMA_3)
         tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if "items" not in tables:
             raise CatalogError(f"{self.path} has no items table: it is not an index catalogue")
@@ -212,6 +218,9 @@ class Catalog:
             self.conn.executescript(_SCHEMA_2)
             columns.add("tags")
             tables.add("tags")
+        indexes = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        if not self.read_only and not {"items_generation", "items_removed"} <= indexes:
+            self.conn.executescript(_SCHEMA_3)  # once, for a catalogue from before the log (seconds at 1M rows)
         self._has_tags = "tags" in tables
         # the SELECT list that ``row_of`` reads (tags as NULL in a read-only catalogue from before tags)
         self.columns = "id, path, label, sha256, added, generation, removed, " + (
@@ -293,6 +302,10 @@ class Catalog:
     @_guarded
     def recover(self, committed: int) -> int:
         """Undo what writes after the committed generation left (a crash between catalogue and manifest)."""
+        with self.lock:  # a read first: most writes find nothing to undo, and a transaction costs an fsync
+            if not self.conn.execute("SELECT EXISTS (SELECT 1 FROM items WHERE generation > ?) OR EXISTS "
+                                     "(SELECT 1 FROM items WHERE removed > ?)", (committed, committed)).fetchone()[0]:
+                return 0
         with self.transaction() as c:
             c.execute("DELETE FROM tags WHERE id IN (SELECT id FROM items WHERE generation > ?)", (committed,))
             n = c.execute("DELETE FROM items WHERE generation > ?", (committed,)).rowcount
@@ -302,6 +315,10 @@ class Catalog:
     @_guarded
     def purge_removed(self, committed: int) -> int:
         """Forget removed rows once the committed index no longer holds their vectors."""
+        with self.lock:
+            found = self.conn.execute("SELECT EXISTS (SELECT 1 FROM items WHERE removed <= ?)", (committed,))
+            if not found.fetchone()[0]:
+                return 0
         with self.transaction() as c:
             c.execute("DELETE FROM tags WHERE id IN (SELECT id FROM items WHERE removed IS NOT NULL AND removed <= ?)",
                       (committed,))

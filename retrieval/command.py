@@ -1,4 +1,4 @@
-"""``mae index build|add|remove|info|duplicates|check`` and ``mae search``: their flags, and thin handlers over
+"""``mae index build|add|remove|info|duplicates|compact|check`` and ``mae search``: their flags, and thin handlers over
 retrieval.build and retrieval.index (imported inside the handlers: building ``mae``'s parser must not load faiss).
 
 Every ``--index`` (and ``--out`` of build) is an index name, whichever engine holds it (``retrieval.engine``):
@@ -29,7 +29,7 @@ INDEX_HELP = "the index: a folder (FAISS), or SCHEME:... of another engine (e.g.
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``index`` (build, add, remove, info, duplicates, check) and ``search`` to ``mae``."""
+    """Add ``index`` (build, add, remove, info, duplicates, compact, check) and ``search`` to ``mae``."""
     p = sub.add_parser("index", help="build and change a similarity index over an image collection")
     isub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
     i = isub.add_parser("build", help="embed a collection with an artifact and index it")
@@ -81,6 +81,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--show", metavar="PNG", help="write a picture: one row per group")
     add_json_flag(i)
     i.set_defaults(handler="retrieval.command:index_duplicates")
+    i = isub.add_parser("compact", help="fold what writes appended into the index (FAISS: a new index.faiss; "
+                                        "writes do this by themselves past a threshold)")
+    i.add_argument("--index", required=True, help=INDEX_HELP)
+    i.add_argument("--if-due", action="store_true",
+                   help="only when the log has passed the thresholds a write would compact at")
+    add_json_flag(i)
+    i.set_defaults(handler="retrieval.command:index_compact")
     i = isub.add_parser("check", help="check that the parts of an index agree; --repair rebuilds what survives")
     i.add_argument("--index", required=True, help=INDEX_HELP)
     i.add_argument("--repair", action="store_true",
@@ -90,6 +97,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_json_flag(i)
     i.set_defaults(handler="retrieval.command:index_check")
 
+    _register_search(sub)
+
+
+def _register_search(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("search", help="nearest images of an image (or of an indexed item) in an index")
     p.add_argument("--index", required=True, help=INDEX_HELP + " (mae index build)")
     p.add_argument("image", nargs="?", help="query image file (or --id)")
@@ -136,7 +147,7 @@ def index_remove(args: argparse.Namespace) -> dict[str, Any]:
     lines = [f"removed {len(result.ids)} item(s) from {idx.name}; {idx.count} left"]
     if info.get("tombstones"):
         lines.append(f"  {info['tombstones']} removed vector(s) stay in the {idx.factory} index as tombstones, "
-                     "filtered at search (rebuilt when they pass 20%)")
+                     "filtered at search, until a compaction drops them (HNSW: rebuilt past 20%)")
     if result.rebuilt:
         lines.append(f"  rebuilt the {idx.factory} index without the removed vectors")
     if result.missing:
@@ -173,6 +184,13 @@ def index_info(args: argparse.Namespace) -> dict[str, Any]:
         "tags       " + (", ".join(f"{k}: {v}" for k, v in list(info["tags"].items())[:12]) or "none"),
         "folders    " + (", ".join(info["roots"][:-1]) or "none recorded"),
     ]
+    if info.get("log"):
+        g = info["log"]
+        lines.append(f"log        {g['vectors']} added, {g['removed']} removed since index.faiss was compacted at "
+                     f"generation {g['base_generation']} ({g['bytes'] / 1024:.0f} KiB); "
+                     + (f"due for compaction: {g['compaction_due']}" if g.get("compaction_due") else
+                        f"compacts by itself past {g['thresholds']['fraction']:.0%} of the collection and "
+                        f"{g['thresholds']['minimum']} changes (mae index compact: now)"))
     if info.get("auto_factory_now") not in (None, info["factory"]) and info["count"]:
         lines.append(f"note       auto would now choose {info['auto_factory_now']} for {info['count']} items "
                      "(rebuild with mae index build to switch)")
@@ -293,6 +311,23 @@ def index_duplicates(args: argparse.Namespace) -> dict[str, Any]:
         lines.append(f"groups sheet: {result['sheet']}")
     result["text"] = "\n".join(lines)
     return result
+
+
+def index_compact(args: argparse.Namespace) -> dict[str, Any]:
+    from retrieval.index import Index
+
+    idx = Index.open(args.index, gpu=False)
+    before = idx.info().get("log") or {}
+    report = idx.compact(force=not args.if_due)
+    if report.get("compacted"):
+        text = (f"compacted {idx.name} at generation {report.get('generation')}: folded "
+                f"{report.get('folded_vectors', 0)} added vector(s) and {report.get('folded_removals', 0)} removal(s) "
+                f"in {report.get('seconds', 0):.2f} s" + ("; rebuilt without its tombstones" if report.get("rebuilt")
+                                                          else ""))
+    else:
+        text = f"{idx.name}: not compacted ({report.get('reason')})"
+    report.update(log_before=before, text=text)
+    return report
 
 
 def index_check(args: argparse.Namespace) -> dict[str, Any] | int:

@@ -34,16 +34,20 @@ import faiss
 import numpy as np
 
 from mae.files import fsync, fsync_dir, write_json_atomic
+from retrieval import faiss_log
 from retrieval.catalog import FILENAME as CATALOG_FILE
 from retrieval.catalog import Catalog, CatalogError
 from retrieval.engine import IndexBusyError, IndexDamagedError, mismatch, repair_hint
+from retrieval.faiss_log import valid_ranges
 from retrieval.tuning import FactoryChoice, faiss_message
 
-FORMAT = 1
+FORMAT = 2  # 2: the append log (base_generation, base_ntotal, log, log_vectors, log_removed)
 MANIFEST = "manifest.json"
 INDEX_FILE = "index.faiss"
 TRAINED_FILE = "trained.faiss"
 LOCK_FILE = ".lock"
+COMPACT_LOCK_FILE = ".compact.lock"
+COMPACTING = "index.compacting.faiss"  # a compaction's new index.faiss, until it commits
 UPLOADS = "uploads"
 METRIC = "inner_product"
 
@@ -87,6 +91,22 @@ def read_manifest(path: Path) -> dict[str, Any]:
     images = manifest.get("images")
     if images is not None and not (isinstance(images, list) and all(isinstance(i, str) for i in images)):
         raise damaged(path, f"{file}: 'images' must be a list of folders, got {images!r}")
+    # Before the append log (format 1) index.faiss held everything: a log-less manifest says so.
+    manifest.setdefault("base_generation", manifest["generation"])
+    manifest.setdefault("base_ntotal", manifest["ntotal"])
+    for key in ("log_vectors", "log_removed", "tombstones", "compacted"):
+        manifest.setdefault(key, 0)
+    manifest.setdefault("log", [])
+    for key in ("base_generation", "base_ntotal", "log_vectors", "log_removed", "tombstones", "compacted"):
+        if not _whole(manifest[key]):
+            raise damaged(path, f"{file}: {key!r} must be a whole number >= 0, got {manifest[key]!r}")
+    if not valid_ranges(manifest["log"]):
+        raise damaged(path, f"{file}: 'log' must be a list of [segment, start, end], got {manifest['log']!r}")
+    if manifest["base_generation"] > manifest["generation"] or \
+            manifest["base_ntotal"] + manifest["log_vectors"] != manifest["ntotal"]:
+        raise damaged(path, f"{file}: the base ({manifest['base_ntotal']} vectors at generation "
+                            f"{manifest['base_generation']}) and the log ({manifest['log_vectors']}) do not add up to "
+                            f"{manifest['ntotal']} vectors at generation {manifest['generation']}")
     return manifest
 
 
@@ -122,8 +142,9 @@ def check_artifact(path: Path, manifest: dict[str, Any], sha256: str | None) -> 
 
 
 def read_base(path: Path, manifest: dict[str, Any], mmap: bool) -> faiss.Index:
-    """The committed generation's index file: ``index.G.faiss`` while its rename is pending, else index.faiss."""
-    gen = manifest["generation"]
+    """The committed base (the index file as of ``base_generation`` B): ``index.B.faiss`` while its rename is
+    pending, else index.faiss."""
+    gen = manifest["base_generation"]
     staged = path / f"index.{gen}.faiss"
     candidates = [staged, path / INDEX_FILE] if staged.exists() else [path / INDEX_FILE]
     for i, file in enumerate(candidates):
@@ -164,19 +185,48 @@ def read_index_file(file: Path, folder: Path, manifest: dict[str, Any], mmap: bo
     return index
 
 
-def recover(path: Path, manifest: dict[str, Any], catalog: Catalog, removable: bool) -> None:
-    """Finish or undo what an interrupted write left (call under the write lock)."""
-    gen = manifest["generation"]
-    staged = path / f"index.{gen}.faiss"
+def recover(path: Path, manifest: dict[str, Any], catalog: Catalog) -> None:
+    """Finish or undo what an interrupted write or compaction left (call under the write lock).
+
+    A base whose commit is done but whose rename is pending is renamed; files no committed generation names
+    are deleted (an index file a crash staged, the uncommitted end of the log, folded log segments and
+    inverted lists), except the work of a compaction that is running now; catalogue rows of uncommitted
+    generations are deleted, and removed rows whose vectors have left index.faiss are forgotten.
+    """
+    staged = path / f"index.{manifest['base_generation']}.faiss"
     if staged.exists():  # committed, rename pending
         os.replace(staged, path / INDEX_FILE)
+    busy = compaction_running(path)
     for f in path.iterdir():
         stray_index = re.fullmatch(r"index\.\d+\.faiss(\.tmp)?|index\.faiss\.tmp|manifest\.json(\.\w+)?\.tmp", f.name)
-        stray_lists = f.name.endswith(".ivfdata") and f.name != manifest.get("ivfdata")
-        if stray_index or stray_lists:
+        compacting = f.name.startswith(COMPACTING) or f.name.endswith(".ivfdata") and f.name != manifest.get("ivfdata")
+        if stray_index and not (busy and f.name.endswith(".tmp")) or compacting and not busy:
             remove_if_exists(f)
-    catalog.recover(gen)
-    catalog.purge_removed(gen if removable else manifest.get("compacted", 0))
+    faiss_log.discard_uncommitted(path, faiss_log.ranges(manifest))
+    catalog.recover(manifest["generation"])
+    catalog.purge_removed(manifest["compacted"])
+
+
+@contextlib.contextmanager
+def compaction_lock(path: Path) -> Iterator[bool]:
+    """``INDEX/.compact.lock``, taken without waiting: yields whether this process got it (one compaction at a
+    time; writers go on meanwhile)."""
+    with open(path / COMPACT_LOCK_FILE, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def compaction_running(path: Path) -> bool:
+    """Whether some process (this one included) holds the compaction lock now."""
+    with compaction_lock(path) as got:
+        return not got
 
 
 @contextlib.contextmanager
@@ -228,25 +278,31 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def commit_generation(path: Path, manifest: dict[str, Any], catalog: Catalog, gen: int, *, index: faiss.Index | None,
-           removable: bool) -> dict[str, Any]:
-    """Phase 2 of a write whose catalogue rows (tagged ``gen``) are stored: index file, then manifest (the commit
-    point), then the rename of the index file; returns the committed manifest. ``index`` None (a metadata-only
-    write): the committed index file stays as it is. ``removable``: whether the index drops removed vectors
-    (else they stay as tombstones, counted in the manifest)."""
-    staged = path / f"index.{gen}.faiss"
-    if index is not None:
-        write_index(index, staged)
-    manifest = dict(manifest)
-    manifest.update(generation=gen, ntotal=int(index.ntotal) if index is not None else manifest["ntotal"],
-                    count=catalog.count(gen), updated=now(),
-                    tombstones=0 if removable else len(catalog.tombstones(gen, manifest.get("compacted", 0))))
+def commit_base(path: Path, manifest: dict[str, Any], catalog: Catalog, staged: Path) -> dict[str, Any]:
+    """Commit ``manifest``, whose new base (index.faiss as of its ``base_generation`` B) is the file ``staged``.
+
+    The base is renamed to ``index.B.faiss``, the manifest replaced (the commit point), then ``index.B.faiss``
+    renamed over index.faiss; a crash between leaves what ``read_base`` and ``recover`` finish or undo. The
+    caller holds the write lock and has stored the catalogue's side; returns the committed manifest.
+    """
+    target = path / f"index.{manifest['base_generation']}.faiss"
+    if staged != target:
+        os.replace(staged, target)
+    manifest = dict(manifest, format=FORMAT, updated=now())
     write_json_atomic(path / MANIFEST, manifest)  # the commit point
-    if index is not None:
-        os.replace(staged, path / INDEX_FILE)
+    os.replace(target, path / INDEX_FILE)
     fsync_dir(path)
-    recover(path, manifest, catalog, removable)
+    recover(path, manifest, catalog)
     return manifest
+
+
+def rewritten(manifest: dict[str, Any], catalog: Catalog, gen: int, index: faiss.Index, removable: bool
+              ) -> dict[str, Any]:
+    """The manifest of generation ``gen`` whose base ``index`` holds everything (an empty log): a repair's."""
+    compacted = gen if removable else manifest.get("compacted", 0)
+    return dict(manifest, generation=gen, base_generation=gen, base_ntotal=int(index.ntotal), ntotal=int(index.ntotal),
+                log=[], log_vectors=0, log_removed=0, count=catalog.count(gen), compacted=compacted,
+                tombstones=len(catalog.tombstones(gen, compacted)))
 
 
 def open_catalog(path: Path) -> Catalog:
@@ -292,7 +348,8 @@ def new_manifest(artifact_sha256: str, dim: int, choice: FactoryChoice, requeste
 
 
 def commit_first(folder: Path, manifest: dict[str, Any], index: faiss.Index, catalog: Catalog) -> None:
-    manifest.update(ntotal=int(index.ntotal), count=catalog.count(1), tombstones=0)
+    manifest.update(ntotal=int(index.ntotal), base_ntotal=int(index.ntotal), base_generation=1, count=catalog.count(1),
+                    tombstones=0, compacted=1, log=[], log_vectors=0, log_removed=0)
     write_index(index, folder / INDEX_FILE)
     write_json_atomic(folder / MANIFEST, manifest)
 

@@ -15,12 +15,15 @@ approximation of the vector: what they search with anyway. A float16 copy beside
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 
+from retrieval.faiss_store import stdout_to_stderr
 from retrieval.tuning import apply_params, faiss_message, find_sub_index, make_index, quantizer_ef, train, train_size
 
 
@@ -149,3 +152,265 @@ def rebuilt(index: faiss.Index, factory: str, live: np.ndarray, params: dict[str
         fresh.add_with_ids(x, live)
     apply_params(fresh, params)
     return fresh
+
+
+# ----------------------------------------------------------------------------------------------- the vectors in memory
+
+IN_PLACE_MAX = 256  # a write of more vectors goes beside the base (cheap to apply) until a compaction folds it
+
+
+class Vectors:
+    """A FAISS folder's vectors in memory: the base (``index.faiss`` as read), what the append log added since,
+    and the ids removed since (``dead``: tombstones, filtered inside every search).
+
+    Where logged vectors go is chosen so that a search costs what it would on one index holding everything, and
+    applying a write costs what the write holds:
+
+    - into the base itself, for an in-memory HNSW graph or IVF lists and writes of at most ``IN_PLACE_MAX``
+      vectors (an HNSW base is given room for ``headroom`` more at load, so that its first add does not
+      reallocate the whole graph); the tuned efSearch / nprobe stay right, as for an index built with them;
+    - beside it, in ``delta``, for everything else: an exact index beside an exact base (the same work as
+      searching one exact index, and no reallocation of a million vectors on a reader's first add) or beside an
+      HNSW base for a large write (exact and cheap to apply, until the compaction that such a write triggers);
+      an empty copy of the IVF beside an IVF base whose lists are mapped from disk (same quantizer and codes:
+      nprobe keeps its meaning). Answers of the base and the delta are merged by score.
+    """
+
+    def __init__(self, base: faiss.Index, searcher: faiss.Index | None = None, *, grow: bool = False,
+                 headroom: int = 0):
+        self.base = base
+        self.searcher = searcher if searcher is not None else base  # a GPU copy of the base, when there is one
+        self.base_ntotal = int(base.ntotal)  # as read
+        self.delta = empty_like(base)
+        self.delta_ids = np.zeros(0, np.int64)  # the ids in ``delta``
+        self.dead = np.zeros(0, np.int64)  # ascending
+        self.logged = 0  # vectors and removals applied from the log
+        self.in_place = grow and self.searcher is base and grows_in_place(base)
+        if self.in_place and headroom:
+            reserve(base, headroom)
+        self._dead_selector: tuple[Any, ...] | None = None
+
+    @property
+    def ntotal(self) -> int:
+        """Vectors held (live and dead)."""
+        return int(self.base.ntotal + self.delta.ntotal)
+
+    def add(self, ids: np.ndarray, x: np.ndarray) -> None:
+        """Vectors (N, D) the log added (already L2-normalised), under their ids."""
+        if not len(ids):
+            return
+        x, ids = np.ascontiguousarray(x, np.float32), np.ascontiguousarray(ids, np.int64)
+        if self.in_place and len(ids) <= IN_PLACE_MAX:
+            self.base.add_with_ids(x, ids)
+        else:
+            self.delta.add_with_ids(x, ids)
+            self.delta_ids = np.concatenate([self.delta_ids, ids])
+        self.logged += len(ids)
+
+    def remove(self, ids: np.ndarray) -> None:
+        """Ids the log removed: their vectors stay, filtered out of every search (tombstones)."""
+        if len(ids):
+            self.dead = np.union1d(self.dead, np.asarray(ids, np.int64))
+            self.logged += len(ids)
+            self._dead_selector = None
+
+    def live_selector(self) -> Any:
+        """An IDSelector that keeps everything but the dead (None when nothing is dead)."""
+        if not len(self.dead):
+            return None
+        if self._dead_selector is None:
+            inner = faiss.IDSelectorBatch(self.dead)
+            self._dead_selector = (faiss.IDSelectorNot(inner), inner)
+        return self._dead_selector[0]
+
+    def search(self, x: np.ndarray, k: int, params: dict[str, Any], sel: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of the base and the delta, merged: scores (N, k') and ids (N, k'), best first.
+
+        ``sel``: an IDSelector applied inside both searches (a filter's bitmap); None: all live vectors.
+        """
+        sel = sel if sel is not None else self.live_selector()
+        if self.base.ntotal and self.delta.ntotal and self.searcher is self.base and both_ivf(self.base, self.delta):
+            return merge(ivf_pair_search(self.base, self.delta, x, k, params, sel), k)
+        parts = []
+        if self.base.ntotal:
+            parts.append(self._search_one(self.base, x, k, params, sel, gpu=self.searcher is not self.base))
+        if self.delta.ntotal:
+            parts.append(self._search_one(self.delta, x, k, params, sel))
+        if not parts:
+            return np.full((len(x), 1), -np.inf, np.float32), np.full((len(x), 1), -1, np.int64)
+        return merge(parts, k)
+
+    def _search_one(self, index: faiss.Index, x: np.ndarray, k: int, params: dict[str, Any], sel: Any,
+                    gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        fetch = min(k, index.ntotal)
+        if sel is None:
+            return (self.searcher if gpu else index).search(x, fetch)
+        if gpu and sel is self.live_selector():  # GPU indexes take no selector: over-fetch and drop the dead
+            D, I = self.searcher.search(x, min(k + len(self.dead), index.ntotal))
+            dead = np.isin(I, self.dead)
+            I, D = np.where(dead, -1, I), np.where(dead, -np.inf, D)
+            order = np.argsort(I < 0, axis=1, kind="stable")
+            return np.take_along_axis(D, order, 1)[:, :fetch], np.take_along_axis(I, order, 1)[:, :fetch]
+        p, _keep = selector_params(index, params, sel)
+        return index.search(x, fetch, params=p)
+
+    def reconstruct(self, ids: np.ndarray, factory: str = "") -> np.ndarray:
+        """The stored vectors (N, D) of ``ids``, from the delta or the base."""
+        ids = np.ascontiguousarray(ids, np.int64)
+        in_delta = np.isin(ids, self.delta_ids) if len(self.delta_ids) else np.zeros(len(ids), bool)
+        if not in_delta.any():
+            return reconstruct(self.base, ids, factory)
+        out = np.empty((len(ids), self.base.d), np.float32)
+        out[in_delta] = reconstruct(self.delta, ids[in_delta], factory)
+        if (~in_delta).any():
+            out[~in_delta] = reconstruct(self.base, ids[~in_delta], factory)
+        return out
+
+    def ids(self) -> np.ndarray:
+        """Every id held (live and dead): int64 (ntotal,)."""
+        return np.concatenate([faiss_ids(self.base), self.delta_ids])
+
+def grows_in_place(index: faiss.Index) -> bool:
+    """Whether vectors can go into ``index`` itself cheaply: an HNSW graph, or IVF lists held in memory."""
+    if find_sub_index(index, faiss.IndexHNSW) is not None:
+        return True
+    ivf = faiss.try_extract_index_ivf(index)
+    return ivf is not None and isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.ArrayInvertedLists)
+
+
+def reserve(index: faiss.Index, extra: int) -> None:
+    """Room for ``extra`` more vectors in an HNSW index's arrays (vectors, levels, links, ids), so that adding
+    them copies nothing: std::vector's growth would otherwise reallocate (and double) the whole graph on the
+    first add after a load. Growing then shrinking a vector keeps its capacity."""
+    hnsw = find_sub_index(index, faiss.IndexHNSW)
+    if hnsw is None or extra <= 0:
+        return
+    graph = hnsw.hnsw
+    per_vector = graph.neighbors.size() / max(hnsw.ntotal, 1)
+    storage = faiss.downcast_index(hnsw.storage)
+    room = [(storage.codes, extra * storage.code_size), (graph.levels, extra), (graph.offsets, extra),
+            (graph.neighbors, int(extra * per_vector * 1.25) + 64)]
+    idmap = faiss.downcast_index(index)
+    if isinstance(idmap, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        room.append((idmap.id_map, extra))
+    for vector, more in room:
+        size = vector.size()
+        vector.resize(size + more)
+        vector.resize(size)
+
+
+def both_ivf(base: faiss.Index, delta: faiss.Index) -> bool:
+    """Whether ``base`` and ``delta`` are bare IVF indexes (no wrapper), as an IVF base and its empty copy are."""
+    return isinstance(faiss.downcast_index(base), faiss.IndexIVF) and isinstance(faiss.downcast_index(delta),
+                                                                                  faiss.IndexIVF)
+
+
+def ivf_pair_search(base: faiss.Index, delta: faiss.Index, x: np.ndarray, k: int, params: dict[str, Any], sel: Any
+                    ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Both IVF searches with one coarse assignment: the queries meet the quantizer once, and the delta's lists
+    are scanned for the same nprobe lists as the base's (what one index holding both would scan)."""
+    base_ivf, delta_ivf = faiss.downcast_index(base), faiss.downcast_index(delta)
+    if sel is not None:
+        p, _keep = selector_params(base_ivf, params, sel)
+    else:
+        p, _keep = faiss.SearchParametersIVF(), []
+        p.nprobe = int(params.get("nprobe", base_ivf.nprobe))
+    nprobe = min(int(p.nprobe), base_ivf.nlist)
+    q_params = p.quantizer_params if sel is not None else None
+    if q_params is None and find_sub_index(base_ivf.quantizer, faiss.IndexHNSW) is not None:
+        q_params = faiss.SearchParametersHNSW()
+        q_params.efSearch = quantizer_ef(nprobe)
+    coarse_d, coarse_i = base_ivf.quantizer.search(x, nprobe, params=q_params)
+    out = []
+    for ivf in (base_ivf, delta_ivf):
+        if ivf.ntotal:
+            fetch = min(k, int(ivf.ntotal))
+            D, I = np.empty((len(x), fetch), np.float32), np.empty((len(x), fetch), np.int64)
+            # the C++ call: faiss's Python wrapper of search_preassigned takes no search parameters (the filter)
+            ivf.search_preassigned_c(len(x), faiss.swig_ptr(x), fetch, faiss.swig_ptr(coarse_i),
+                                     faiss.swig_ptr(coarse_d), faiss.swig_ptr(D), faiss.swig_ptr(I), False, p)
+            out.append((D, I))
+    return out
+
+
+def empty_like(base: faiss.Index) -> faiss.Index:
+    """An empty index that new vectors beside ``base`` go to: an empty copy of an IVF (same quantizer and codes,
+    with an id hash table so that it gives vectors back), an exact inner-product index beside anything else."""
+    ivf = faiss.try_extract_index_ivf(base)
+    top = faiss.downcast_index(base)
+    if ivf is None or not (isinstance(top, faiss.IndexIVF)
+                           or isinstance(top, faiss.IndexPreTransform) and faiss.try_extract_index_ivf(top.index)):
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(base.d))
+    # Copy the structure, not the lists: swap in empty lists for the time of the copy.
+    lists, own, inner_total, outer_total = ivf.invlists, ivf.own_invlists, ivf.ntotal, base.ntotal
+    empty = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+    ivf.own_invlists = False
+    ivf.invlists = empty
+    ivf.ntotal = base.ntotal = 0
+    try:
+        clone = faiss.clone_index(base)
+    finally:
+        ivf.invlists, ivf.own_invlists = lists, own
+        ivf.ntotal, base.ntotal = inner_total, outer_total
+    clone_ivf = faiss.extract_index_ivf(clone)
+    clone_ivf.set_direct_map_type(faiss.DirectMap.NoMap)
+    clone_ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+    return clone
+
+
+def merge(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Answers of several indexes over disjoint ids -> the best k of each row: scores (N, k'), ids (N, k')."""
+    if len(parts) == 1:
+        return parts[0]
+    D = np.concatenate([p[0] for p in parts], axis=1)
+    I = np.concatenate([p[1] for p in parts], axis=1)
+    D = np.where(I < 0, -np.inf, D)
+    order = np.argsort(-D, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(D, order, 1).astype(np.float32), np.take_along_axis(I, order, 1)
+
+
+def fold(base: faiss.Index, adds: Sequence[tuple[np.ndarray, np.ndarray]], dead: np.ndarray, removable: bool,
+         lists_file: Path | None = None) -> faiss.Index:
+    """``base`` (a copy the caller owns: it is changed) with the vectors of ``adds`` ((ids, x) pairs, in log order)
+    added and, when ``removable``, the ``dead`` ids removed: the log folded into one index.
+
+    Vectors are added as the log holds them (exact floats), so an IVF or PQ base encodes them as it encodes
+    everything. An on-disk IVF base (read-only mapped lists) gets a new lists file, ``lists_file``: its lists
+    and the new ones merged there.
+    """
+    ids = np.concatenate([a[0] for a in adds]) if adds else np.zeros(0, np.int64)
+    x = np.concatenate([a[1] for a in adds]) if adds else np.zeros((0, base.d), np.float32)
+    ivf = faiss.try_extract_index_ivf(base)
+    on_disk = ivf is not None and isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists)
+    if on_disk:
+        if lists_file is None:
+            raise ValueError("folding into an on-disk IVF needs the new lists file")
+        merge_on_disk(base, x, ids, lists_file)
+    elif len(ids):
+        base.add_with_ids(np.ascontiguousarray(x, np.float32), np.ascontiguousarray(ids, np.int64))
+    if removable and len(dead):
+        hashed = ivf is not None and ivf.direct_map.type == faiss.DirectMap.Hashtable
+        sel = faiss.IDSelectorArray if hashed else faiss.IDSelectorBatch  # faiss's IVF hash table wants an array
+        base.remove_ids(sel(np.ascontiguousarray(dead, np.int64)))
+    return base
+
+
+def merge_on_disk(index: faiss.Index, x: np.ndarray, ids: np.ndarray, lists_file: Path) -> None:
+    """New vectors go to an in-memory copy of the (empty) IVF, then the mapped lists and it merge into
+    ``lists_file``, which ``index`` then maps."""
+    ivf = faiss.extract_index_ivf(index)
+    ivf.set_direct_map_type(faiss.DirectMap.NoMap)  # the merge bypasses it: rebuilt on next use
+    shard = empty_like(index)
+    if len(ids):
+        shard.add_with_ids(np.ascontiguousarray(x, np.float32), np.ascontiguousarray(ids, np.int64))
+    shard_ivf = faiss.extract_index_ivf(shard)
+    lists_file.unlink(missing_ok=True)
+    invlists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(lists_file))
+    parts = faiss.InvertedListsPtrVector()
+    parts.push_back(ivf.invlists)
+    parts.push_back(shard_ivf.invlists)
+    with stdout_to_stderr():  # faiss prints "resizing ..." on stdout, which belongs to --json
+        ntotal = invlists.merge_from_multiple(parts.data(), parts.size(), False)
+    ivf.replace_invlists(invlists, True)
+    invlists.this.disown()
+    index.ntotal = ivf.ntotal = ntotal
