@@ -11,11 +11,11 @@ waited for by the CLI, for at most ``lock_timeout`` seconds by the server.
 
 **Readers apply only what they have not seen.** ``reload`` (a server calls it before every read) costs a
 ``stat`` when nothing changed; otherwise it reads the log bytes past the end it applied and adds their vectors
-to a delta beside the base and their removals to the tombstones (``faiss_vectors.Vectors``), filtered inside
-every search. Compaction (``retrieval.faiss_compact``) folds the log into a new base, by size and by fraction
-of the collection, or on demand (``mae index compact``), without blocking readers or writers; a reader that
-applied the log up to the fold keeps its state, one that lags behind reads the new base, and a reader whose
-delta has grown past two compactions' worth reads the new base in the background.
+to the base in memory (or beside it) and their removals to the tombstones (``faiss_vectors.Vectors``),
+filtered inside every search. Compaction (``retrieval.faiss_compact``) folds the log into a new base, by size
+and by fraction of the collection, or on demand (``mae index compact``), without blocking readers or writers;
+a reader that applied the log up to the fold keeps its state (and reads the new base in the background once it
+has applied a compaction's worth since its own), one that lags behind the fold reads the new base at once.
 
 **The parts must agree.** Every load checks that the catalogue exists and is readable, that it lists as many
 live items as the manifest counts, that the base and the log hold as many vectors as those items plus the
@@ -231,6 +231,7 @@ class FaissIndex(FaissReads, Index):
         return idx
 
     def close(self) -> None:
+        self.settle()  # a compaction or base load running on this handle's catalogue finishes first
         self.catalog.close()
 
     # ------------------------------------------------------------------ state: a base, the log applied
@@ -271,9 +272,11 @@ class FaissIndex(FaissReads, Index):
                     self.store.remove(record.ids)
             self._log_pos = pos
 
-    def _set_manifest(self, manifest: dict[str, Any]) -> None:
+    def _set_manifest(self, manifest: dict[str, Any], stat: tuple[int, int, int, int] | None = None) -> None:
+        """``stat``: of the manifest file as it was before ``manifest`` was read from it (None: unknown, so the
+        next reload reads the file once); taken after, it could be a newer commit's, which would go unseen."""
         self.manifest = manifest
-        self._stat = manifest_stat(self.path)
+        self._stat = stat
         self._selections.clear()
 
     def _gpu_copy(self, base: faiss.Index, manifest: dict[str, Any]) -> tuple[faiss.Index | None, str]:
@@ -312,10 +315,10 @@ class FaissIndex(FaissReads, Index):
             if manifest["generation"] == self.generation and self._catalog_same():
                 self._stat = stat
                 return False
-            self._catch_up(manifest)
+            self._catch_up(manifest, stat)
             return True
 
-    def _catch_up(self, manifest: dict[str, Any]) -> None:
+    def _catch_up(self, manifest: dict[str, Any], stat: tuple[int, int, int, int] | None = None) -> None:
         """Come to ``manifest``'s generation: apply the log records not seen yet, or load anew when this handle
         lags behind a compaction (or the folder was rebuilt, repaired or replaced)."""
         same_folder = self._catalog_same() and manifest["artifact_sha256"] == self.artifact_sha256 \
@@ -329,7 +332,7 @@ class FaissIndex(FaissReads, Index):
                 records = None  # a compaction committed and deleted a segment meanwhile: load anew
             if records is not None:
                 self._apply(records, since=self.generation)
-                self._set_manifest(manifest)
+                self._set_manifest(manifest, stat)
                 self._check_counts()
                 if self.base_generation < manifest["base_generation"] and self._delta_outgrown():
                     self._in_background("base", self._load_newer_base)
@@ -531,10 +534,11 @@ class FaissIndex(FaissReads, Index):
                      log_vectors=m["log_vectors"] + added, log_removed=m["log_removed"] + removed,
                      tombstones=m["tombstones"] + removed)
         write_json_atomic(self.path / MANIFEST, m)  # the commit point (fsync, rename, fsync of the folder)
+        stat = manifest_stat(self.path)  # nobody else commits while this handle holds the write lock
         if record is not None:
             last = faiss_log.ranges(m)[-1]
             self._apply([(record, (last.file, last.end))], since=self.generation)
-        self._set_manifest(m)
+        self._set_manifest(m, stat)
 
     # ------------------------------------------------------------------ compaction
 
