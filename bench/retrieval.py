@@ -537,7 +537,8 @@ def log_qps(idx: index_lib.Index, folder: Path, x: np.ndarray, args: argparse.Na
     q = lowrank(args.batch1, args.dim, seed=7)
     idx.compaction = type(idx.compaction)(fraction=1.0, minimum=10**12, bytes=1 << 50)
     for i in range(0, len(more), args.qps_batch):  # as uploads arrive: writes of --qps-batch items
-        idx.add(more[i : i + args.qps_batch], [Item(f"/more/{j}.png", f"m{j}") for j in range(i, i + args.qps_batch)])
+        batch = more[i : i + args.qps_batch]
+        idx.add(batch, [Item(f"/more/{j}.png", f"m{j}") for j in range(i, i + len(batch))])
     logged = index_lib.Index.load(folder)  # a reader holding the base and 1% in its delta
     idx.compact()
     compacted = index_lib.Index.load(folder)

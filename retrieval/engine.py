@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import re
 import threading
 from abc import ABC, abstractmethod
@@ -134,8 +135,8 @@ def parse_spec(spec: str | Path | IndexSpec) -> IndexSpec:
     """
     if isinstance(spec, IndexSpec):
         return spec
-    if isinstance(spec, Path):
-        return IndexSpec(DEFAULT_ENGINE, str(spec))
+    if isinstance(spec, os.PathLike):
+        return IndexSpec(DEFAULT_ENGINE, os.fspath(spec))
     if not isinstance(spec, str) or not spec.strip():
         raise UsageError(f"no index given; {accepted_forms()}")
     m = _SCHEME.match(spec)

@@ -167,8 +167,8 @@ class Vectors:
     applying a write costs what the write holds:
 
     - into the base itself, for an in-memory HNSW graph or IVF lists and writes of at most ``IN_PLACE_MAX``
-      vectors (an HNSW base is given room for ``headroom`` more at load, so that its first add does not
-      reallocate the whole graph); the tuned efSearch / nprobe stay right, as for an index built with them;
+      vectors (an HNSW base is given room at load, so that the reallocation of its arrays happens then, not in
+      a request); the tuned efSearch / nprobe stay right, as for an index built with them;
     - beside it, in ``delta``, for everything else: an exact index beside an exact base (the same work as
       searching one exact index, and no reallocation of a million vectors on a reader's first add) or beside an
       HNSW base for a large write (exact and cheap to apply, until the compaction that such a write triggers);
@@ -279,9 +279,10 @@ def grows_in_place(index: faiss.Index) -> bool:
 
 
 def reserve(index: faiss.Index, extra: int) -> None:
-    """Room for ``extra`` more vectors in an HNSW index's arrays (vectors, levels, links, ids), so that adding
-    them copies nothing: std::vector's growth would otherwise reallocate (and double) the whole graph on the
-    first add after a load. Growing then shrinking a vector keeps its capacity."""
+    """Room for at least ``extra`` more vectors in an HNSW index's arrays (vectors, levels, links, ids), so that
+    the reallocation a first add would make (std::vector grows to twice its size, copying everything) happens
+    here, while the index loads, not in the request that applies a write. Growing then shrinking a vector keeps
+    its capacity; the room past the vectors is address space, not resident memory, until vectors fill it."""
     hnsw = find_sub_index(index, faiss.IndexHNSW)
     if hnsw is None or extra <= 0:
         return
@@ -310,23 +311,20 @@ def ivf_pair_search(base: faiss.Index, delta: faiss.Index, x: np.ndarray, k: int
     """Both IVF searches with one coarse assignment: the queries meet the quantizer once, and the delta's lists
     are scanned for the same nprobe lists as the base's (what one index holding both would scan)."""
     base_ivf, delta_ivf = faiss.downcast_index(base), faiss.downcast_index(delta)
-    if sel is not None:
-        p, _keep = selector_params(base_ivf, params, sel)
+    nprobe = min(int(params.get("nprobe", base_ivf.nprobe)), base_ivf.nlist)
+    if sel is None:  # the quantizer's own efSearch (apply_params set it for the tuned nprobe)
+        p = faiss.SearchParametersIVF()
+        p.nprobe = nprobe  # how many lists each row of the assignment holds
+        coarse_d, coarse_i = base_ivf.quantizer.search(x, nprobe)
     else:
-        p, _keep = faiss.SearchParametersIVF(), []
-        p.nprobe = int(params.get("nprobe", base_ivf.nprobe))
-    nprobe = min(int(p.nprobe), base_ivf.nlist)
-    q_params = p.quantizer_params if sel is not None else None
-    if q_params is None and find_sub_index(base_ivf.quantizer, faiss.IndexHNSW) is not None:
-        q_params = faiss.SearchParametersHNSW()
-        q_params.efSearch = quantizer_ef(nprobe)
-    coarse_d, coarse_i = base_ivf.quantizer.search(x, nprobe, params=q_params)
+        p, _keep = selector_params(base_ivf, dict(params, nprobe=nprobe), sel)
+        coarse_d, coarse_i = base_ivf.quantizer.search(x, nprobe, params=p.quantizer_params)
     out = []
     for ivf in (base_ivf, delta_ivf):
         if ivf.ntotal:
             fetch = min(k, int(ivf.ntotal))
             D, I = np.empty((len(x), fetch), np.float32), np.empty((len(x), fetch), np.int64)
-            # the C++ call: faiss's Python wrapper of search_preassigned takes no search parameters (the filter)
+            # the C++ call: faiss's Python wrapper takes no search parameters (the filter, the nprobe)
             ivf.search_preassigned_c(len(x), faiss.swig_ptr(x), fetch, faiss.swig_ptr(coarse_i),
                                      faiss.swig_ptr(coarse_d), faiss.swig_ptr(D), faiss.swig_ptr(I), False, p)
             out.append((D, I))

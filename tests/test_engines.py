@@ -190,6 +190,10 @@ def test_add_remove_annotate_seen_by_another_handle(made):
     assert reader.reload() and reader.count == N + 3 and reader.generation == g + 1
     hit = reader.search(new[1:2], 1, where=["tag.src=t"])[0][0]
     assert hit.id == added.ids[1] and hit.score == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(reader.vectors([added.ids[2]]), new[2:3], atol=1e-5)
+    like = reader.similar(added.ids[2], 5)  # more like a new item, which it leaves out
+    assert added.ids[2] not in [h.id for h in like]
+    assert [h.id for h in like] == [h.id for h in reader.search(new[2:3], 6)[0] if h.id != added.ids[2]][:5]
     removed = writer.remove([added.ids[0], "photos/2023/cats/0000.png", 10**6])
     assert removed.ids == [1, added.ids[0]] and removed.missing == [str(10**6)]
     assert reader.reload() and reader.count == N + 1
