@@ -181,6 +181,9 @@ class Index(ABC):
         self._lock = self.lock  # the old name, for callers that have not moved to public methods yet
         self.lock_timeout: float | None = None
         """Seconds a write waits for another writer before IndexBusyError (None: as long as it takes)."""
+        self.compact_in_background = False
+        """Whether a write that passes the engine's compaction threshold folds on a thread of its own (a server's
+        writes should not wait for it) rather than before it returns (the CLI's); engines without one ignore it."""
 
     # ------------------------------------------------------------------ opening by name
 

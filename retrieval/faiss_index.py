@@ -88,7 +88,7 @@ class FaissIndex(FaissReads, Index):
 
     Searching never blocks on writers (another process may ``add`` meanwhile; ``reload`` picks it up). Writes
     take ``INDEX/.lock``, so two writers never interleave. ``compaction`` (thresholds) and
-    ``compact_in_background`` (a server's writes should not wait for a fold) say how the log is folded.
+    ``compact_in_background`` (``Index``'s) say when and where the log is folded.
     """
 
     engine = "faiss"
@@ -100,7 +100,6 @@ class FaissIndex(FaissReads, Index):
         self.catalog = catalog
         self.mmap = mmap
         self.compaction = Thresholds()
-        self.compact_in_background = False
         self._gpu_wanted = gpu
         self._selections: OrderedDict[tuple, Selection] = OrderedDict()
         self._background: dict[str, threading.Thread] = {}

@@ -339,3 +339,14 @@ def test_an_index_from_before_the_log_opens_and_takes_writes(tmp_path):
     idx.remove([1])
     again = assert_consistent(tmp_path / "i")
     assert again.manifest["format"] == 2 and again.count == 59 and again.search(x[55:56], 1)[0][0].id == 56
+
+
+def test_a_write_past_the_threshold_can_leave_the_fold_to_a_thread(tmp_path):
+    x = lowrank(260, 15)
+    idx = build(tmp_path / "i", x[:200], items_for(200), artifact_sha256=SHA, factory="Flat")
+    idx.compaction = Thresholds(fraction=0.1, minimum=20, bytes=1 << 40)
+    idx.compact_in_background = True
+    idx.add(x[200:260], items_for(60, "/bulk/"))  # 60 changes, over 20: due, folded on a thread
+    idx.settle(timeout=60)
+    assert idx.manifest["log"] == [] and idx.manifest["base_ntotal"] == 260
+    assert_consistent(tmp_path / "i")
