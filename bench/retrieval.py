@@ -15,6 +15,20 @@ with a random bucket 000-999 (a filter independent of the vectors, the hard case
 time, against the named baseline "over-fetch 10k then filter" (the unfiltered top 10,000, then the first 10
 that match), for an HNSW and an IVF index.
 
+``--writes`` measures what a write costs with the append log (``retrieval.faiss_log``): Flat indexes of 256-d
+low-rank vectors at each of ``--sizes``; ``--writes`` single-item adds, each timed, while a reader in another
+process polls ``reload()`` as a server does before every request and reports when the new item answers a
+search, how long that reload took and how many log bytes it read. The named baseline is what a write and
+another worker's reload cost before the log, when every write rewrote index.faiss: writing the whole index
+(temp file + fsync + rename) and reading it, timed in the same run. Then, at the largest size (and at
+``--qps-n`` for ``--qps-factories``), 1% of the collection is added through the log and searches (one query at
+a time, recall@10 against exact search) are timed against the same collection compacted, query by query
+alternating between the two. The 1% arrives in writes of ``--qps-batch`` items (uploads); a write of more than
+``faiss_vectors.IN_PLACE_MAX`` goes beside an HNSW or IVF base until the compaction it triggers.
+
+``--parse`` times the filter parser on filters of 1-64 KB built to make a backtracking expression quadratic,
+against the expression it replaced.
+
 ``--duplicates`` measures near-duplicate grouping (``Index.duplicates``) with an artifact: held-out images and
 edited copies of some of them (resized, cropped to 90%, JPEG quality 30, rotated a few degrees, brightness and
 contrast changed) among distractors, written as files and indexed; pairwise precision and recall of the groups
@@ -25,11 +39,14 @@ per threshold, by the cosine alone and with the pixel check (``retrieval.verify`
     python bench/retrieval.py --n 0 --artifact demo/artifact --images mnist5k   # real embeddings only
     python bench/retrieval.py --filtered --n 1000000  # filtered search, HNSW and IVF
     python bench/retrieval.py --duplicates --artifact demo/artifact             # the default threshold
+    python bench/retrieval.py --writes --sizes 10000,100000,1000000                # the append log
+    python bench/retrieval.py --parse                 # the filter parser, against the old expression
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -436,7 +453,192 @@ def pixel_baseline(images: list[np.ndarray], family: np.ndarray, side: int = 16)
               f"recall {hit / int(same.sum()):.3f}", flush=True)
 
 
-def main() -> None:
+# ----------------------------------------------------------------------------------------------- --writes
+
+
+def watch(folder: str) -> None:
+    """The other worker of ``--writes``: poll ``reload()`` (as a server does before each request) and report, for
+    each new generation, when the newest item answered a search of its own vector, the reload's cost and the log
+    bytes it read (JSON lines on stdout)."""
+    from retrieval import faiss_log
+
+    idx = index_lib.Index.load(folder)
+    logged = faiss_log.committed_bytes(faiss_log.ranges(idx.manifest))
+    print("ready", flush=True)
+    while True:
+        started = time.monotonic()
+        changed = idx.reload()
+        reloaded = time.monotonic()
+        if not changed:
+            time.sleep(0.0005)
+            continue
+        newest = int(idx.live_ids()[-1])  # checked after the timing: the reload alone made it searchable
+        found = idx.search_ids(idx.vectors([newest]), 1)[1][0, 0] == newest
+        now_logged = faiss_log.committed_bytes(faiss_log.ranges(idx.manifest))
+        print(json.dumps({"generation": idx.generation, "seen_at": reloaded, "found": bool(found),
+                          "reload_s": reloaded - started, "bytes": now_logged - logged}), flush=True)
+        logged = now_logged
+
+
+def run_writes(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    import subprocess
+
+    rows = []
+    sizes = [int(v) for v in args.sizes.split(",")]
+    for n in sizes:
+        x = lowrank(n + args.writes, args.dim, seed=5)
+        folder = work / f"writes-{n}"
+        started = time.perf_counter()
+        idx = index_lib.build(folder, x[:n], [Item(f"/w/{i}.png", f"w{i}") for i in range(n)], artifact_sha256="b",
+                              factory="Flat")
+        print(f"\n== {n:,} x {args.dim} Flat built in {time.perf_counter() - started:.1f} s", flush=True)
+        row = {"vectors": n, "index_mib": (folder / index_lib.INDEX_FILE).stat().st_size / 2**20}
+        started = time.perf_counter()  # the baseline: a write and a reload when every write rewrote index.faiss
+        index_lib.write_index(idx.index, folder / "rewrite.faiss")
+        row["rewrite_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        faiss.read_index(str(folder / "rewrite.faiss"))
+        row["reread_s"] = time.perf_counter() - started
+        (folder / "rewrite.faiss").unlink()
+        reader = subprocess.Popen([sys.executable, __file__, "--watch", str(folder)], stdout=subprocess.PIPE, text=True)
+        assert reader.stdout.readline().strip() == "ready"
+        adds, seen, reloads, read = [], [], [], []
+        for j in range(args.writes):
+            started = time.monotonic()
+            idx.add(x[n + j : n + j + 1], [Item(f"/new/{j}.png", f"new{j}")])
+            returned = time.monotonic()
+            report = json.loads(reader.stdout.readline())
+            assert report["found"] and report["generation"] == idx.generation, report
+            adds.append(returned - started)
+            seen.append(report["seen_at"] - returned)
+            reloads.append(report["reload_s"])
+            read.append(report["bytes"])
+            time.sleep(0.02)
+        reader.kill()
+        row.update(add_s=float(np.median(adds)), add_max_s=float(np.max(adds)), seen_s=float(np.median(seen)),
+                   seen_max_s=float(np.max(seen)), reload_s=float(np.median(reloads)), read_bytes=int(np.median(read)))
+        print(f"   {json.dumps(row, default=float)}", flush=True)
+        rows.append(row)
+        if n == sizes[-1]:
+            rows += log_qps(idx, folder, x, args, "Flat")  # x: the collection and the items just added
+        idx.close()
+        del x
+    print_writes(rows)
+    return rows
+
+
+def log_qps(idx: index_lib.Index, folder: Path, x: np.ndarray, args: argparse.Namespace, factory: str
+            ) -> list[dict[str, Any]]:
+    """1% of the collection added through the log, searched against the same vectors compacted."""
+    n = len(x)
+    more = lowrank(n // 100, args.dim, seed=6)  # x are the collection's vectors in id order: ids 1..n
+    q = lowrank(args.batch1, args.dim, seed=7)
+    idx.compaction = type(idx.compaction)(fraction=1.0, minimum=10**12, bytes=1 << 50)
+    for i in range(0, len(more), args.qps_batch):  # as uploads arrive: writes of --qps-batch items
+        batch = more[i : i + args.qps_batch]
+        idx.add(batch, [Item(f"/more/{j}.png", f"m{j}") for j in range(i, i + len(batch))])
+    logged = index_lib.Index.load(folder)  # a reader holding the base and 1% in its delta
+    idx.compact()
+    compacted = index_lib.Index.load(folder)
+    _, gt = faiss.knn(q, np.concatenate([x, more]), 10, metric=faiss.METRIC_INNER_PRODUCT)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(args.search_threads)
+    views = {"log": logged, "compacted": compacted}
+    seconds: dict[str, list[float]] = {name: [] for name in views}
+    found: dict[str, list[np.ndarray]] = {name: [] for name in views}
+    for r in range(args.rounds):  # query by query, alternating: the load of a shared machine drifts in between
+        for i in range(len(q)):
+            for name in (("log", "compacted") if (i + r) % 2 else ("compacted", "log")):
+                started = time.perf_counter()
+                ids = views[name].search_ids(q[i : i + 1], 10)[1][0]
+                seconds[name].append(time.perf_counter() - started)
+                if r == 0:
+                    found[name].append(ids)
+    times = {name: [1 / float(np.median(seconds[name]))] for name in views}  # medians: robust to spikes
+    recall = {name: float(np.mean([len(np.intersect1d(a - 1, b)) / 10 for a, b in zip(found[name], gt)]))
+              for name in views}  # catalogue ids start at 1, ground-truth rows at 0
+    faiss.omp_set_num_threads(threads)
+    rows = []
+    for name in ("compacted", "log"):
+        rows.append({"qps": name, "factory": factory, "vectors": n + len(more), "logged": 0 if name == "compacted"
+                     else len(more), "qps1": float(np.median(times[name])), "recall10": recall[name]})
+    rows[1]["qps1_x"] = rows[1]["qps1"] / rows[0]["qps1"]
+    rows[0]["qps1_x"] = 1.0
+    logged.close()
+    compacted.close()
+    return rows
+
+
+def run_log_qps(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    """``log_qps`` for the approximate factories at ``--qps-n``."""
+    rows = []
+    for factory in [f for f in args.qps_factories.split(";") if f]:
+        x = lowrank(args.qps_n, args.dim, seed=8)
+        folder = work / f"qps-{len(rows)}"
+        idx = index_lib.build(folder, x, [Item(f"/q/{i}.png", f"q{i}") for i in range(len(x))], artifact_sha256="b",
+                              factory=factory)
+        print(f"\n== {factory} at {args.qps_n:,}: tuned {idx.manifest.get('search_params')}", flush=True)
+        rows += log_qps(idx, folder, x, args, factory)
+        idx.close()
+    return rows
+
+
+def print_writes(rows: list[dict[str, Any]]) -> None:
+    writes = [r for r in rows if "add_s" in r]
+    if writes:
+        first = writes[0]
+        head = (f"{'vectors':>10} {'index.faiss':>12} {'add 1 item':>18} {'seen by a reader':>17} {'its reload':>11} "
+                f"{'read':>7} {'before: write':>14} {'before: reload':>15}")
+        print("\n" + head + "\n" + "-" * len(head))
+        for r in writes:
+            ratio = r["add_s"] / first["add_s"]
+            print(f"{r['vectors']:>10,} {r['index_mib']:>8.0f} MiB {r['add_s'] * 1e3:>7.1f} ms ({ratio:>4.1f}x) "
+                  f"{r['seen_s'] * 1e3:>11.1f} ms {r['reload_s'] * 1e3:>8.2f} ms {r['read_bytes']:>6} B "
+                  f"{r['rewrite_s']:>12.2f} s {r['reread_s']:>13.2f} s")
+    qps = [r for r in rows if "qps" in r]
+    if qps:
+        head = f"{'factory':<24} {'vectors':>10} {'in the log':>11} {'QPS@1':>16} {'recall@10':>10}"
+        print("\n" + head + "\n" + "-" * len(head))
+        for r in qps:
+            print(f"{r['factory']:<24} {r['vectors']:>10,} {r['logged']:>11,} {r['qps1']:>8.1f} ({r['qps1_x']:>4.2f}x) "
+                  f"{r['recall10']:>10.3f}")
+
+
+# ----------------------------------------------------------------------------------------------- --parse
+
+OLD_WHERE = r"^\s*(label|path|added|id|sha256|tag\.[^=!<>^\s][^=!<>^]*?)\s*(\^=|!=|>=|<=|=|>|<)(.*)$"  # the baseline
+
+
+def run_parse(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Time to parse (or refuse) a filter of n characters that made the old expression backtrack: ``tag.a``,
+    n spaces, ``b`` (no operator); the old expression is timed up to 8 KB (it is quadratic: 64 KB took minutes)."""
+    import re
+
+    from retrieval.filters import FilterError
+
+    old = re.compile(OLD_WHERE, re.DOTALL)
+    rows = []
+    for n in (1024, 4000, 8192, 65536):  # 4,000: the worst case under the limit, parsed; longer: refused unread
+        text = "tag.a" + " " * n + "b"
+        started = time.perf_counter()
+        for _ in range(args.rounds):
+            with contextlib.suppress(FilterError):
+                parse_filters([text])
+        new_s = (time.perf_counter() - started) / args.rounds
+        old_s = None
+        if n <= 8192:
+            started = time.perf_counter()
+            old.match(text)
+            old_s = time.perf_counter() - started
+        rows.append({"chars": n, "new_ms": new_s * 1e3, "old_ms": None if old_s is None else old_s * 1e3})
+    print(f"\n{'filter chars':>12} {'this parser':>12} {'old expression':>15}")
+    for r in rows:
+        old_text = "-" if r["old_ms"] is None else f"{r['old_ms']:.1f} ms"
+        print(f"{r['chars']:>12,} {r['new_ms']:>9.3f} ms {old_text:>15}")
+    return rows
+
+
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=100_000, help="synthetic collection size (0: none)")
     p.add_argument("--dim", type=int, default=256)
@@ -467,13 +669,41 @@ def main() -> None:
     p.add_argument("--pixel-thresholds", default="0.98,0.985,0.9875,0.99,0.9925,0.995",
                    help="--duplicates: aligned-correlation thresholds to try with the pixel check")
     p.add_argument("--seed", type=int, default=4, help="--duplicates: which originals, distractors and edits")
-    args = p.parse_args()
+    p.add_argument("--writes", type=int, nargs="?", const=20, default=0,
+                   help="the append log instead: this many single-item adds per size (default 20)")
+    p.add_argument("--sizes", default="10000,100000,1000000", help="--writes: Flat index sizes")
+    p.add_argument("--qps-factories", default="", help="--writes: also these factories with 1%% in the log (';')")
+    p.add_argument("--qps-n", type=int, default=200_000, help="--writes: collection size for --qps-factories")
+    p.add_argument("--qps-batch", type=int, default=100, help="--writes: items per write of the 1%% logged")
+    p.add_argument("--parse", action="store_true", help="the filter parser on 1-64 KB filters instead")
+    p.add_argument("--watch", help=argparse.SUPPRESS)  # the other worker of --writes
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.watch:
+        return watch(args.watch)
+    if args.parse:
+        rows = run_parse(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2, default=float))
+        return
     args.max_memory = int(args.max_memory * 2**30) if args.max_memory else None
     extra = [f.strip() for f in args.factories.split(";") if f.strip()]
     generators = {"lowrank": lowrank, "clustered": clustered}
     rows: list[dict[str, Any]] = []
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads; timings share the CPU with "
           "whatever else runs: compare the ratios", flush=True)
+    if args.writes:
+        with tempfile.TemporaryDirectory(prefix="bench-retrieval-") as tmp:
+            rows = run_writes(args, Path(tmp))
+            if args.qps_factories:
+                rows += run_log_qps(args, Path(tmp))
+                print_writes([r for r in rows if r.get("factory") not in (None, "Flat")])
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2, default=float))
+        return
     if args.filtered or args.duplicates:
         with tempfile.TemporaryDirectory(prefix="bench-retrieval-") as tmp:
             if args.duplicates and not args.artifact:

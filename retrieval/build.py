@@ -33,11 +33,12 @@ from typing import Any
 import numpy as np
 
 from export.runtime import EmbeddedFiles, Embedder, embed_across_ranks, load_parts, part_folder
+from mae.errors import UsageError
 from mae.files import sha256_file
 from mae.shards import ShardSource, is_shard_spec, open_shards
 from retrieval import index as index_lib
 from retrieval import tuning
-from retrieval.catalog import Item
+from retrieval.embedding import embed_items, items_of
 from retrieval.metadata import annotate, read_sidecar
 
 log = logging.getLogger(__name__)
@@ -83,19 +84,6 @@ def collection_label(path: Path, roots: Sequence[str]) -> str | None:
     return None
 
 
-def embed_items(embedder: Embedder, files: Sequence[Path] | ShardSource, labels: Sequence[str | None] = (), *,
-                batch_size: int = 64, workers: int = 2, progress: bool = True, desc: str = "embedding"
-                ) -> tuple[EmbeddedFiles, list[Item]]:
-    """Stream ``files`` (or the samples of shards) through the embedder (``Embedder.embed_files`` /
-    ``embed_shards``); the catalogue item of each row."""
-    embedder.batch_size = batch_size
-    if isinstance(files, ShardSource):
-        done = embedder.embed_shards(files.train, workers=workers, progress=progress, desc=desc)
-        return done, items_of(done, files)
-    done = embedder.embed_files(files, workers=workers, progress=progress, desc=desc)
-    return done, items_of(done, (list(files), list(labels)))
-
-
 # ----------------------------------------------------------------------------------------------- build / add
 
 
@@ -114,6 +102,10 @@ def build_index(artifact: str | Path, images: Sequence[str | Path], out: str | P
         read_sidecar(metadata, images)  # a bad sidecar stops the build before any image is embedded
     if shards < 1:
         raise ValueError(f"--shards must be >= 1, got {shards}")
+    engine = index_lib.parse_spec(out).engine
+    if engine != "faiss" and (shards > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        raise UsageError(f"--shards and torchrun builds merge FAISS files on disk: build {out} in one process "
+                         "(or build a FAISS folder and move it with mae index migrate)")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     source = shard_collection(images)
@@ -129,7 +121,7 @@ def build_index(artifact: str | Path, images: Sequence[str | Path], out: str | P
                                      device=device, max_memory=max_memory, target_recall=target_recall,
                                      overwrite=overwrite, seed=seed, extra=extra, progress=progress)
         if metadata is not None and os.environ.get("RANK", "0") == "0":  # the one writer applies the sidecar
-            idx = index_lib.Index.load(out, gpu=False)
+            idx = index_lib.Index.open(out, gpu=False)
             summary.update(annotate(idx, metadata, images))
         return summary
     embedder = Embedder.load(artifact, backend=backend, device=device, batch_size=batch_size)
@@ -149,9 +141,9 @@ def build_index(artifact: str | Path, images: Sequence[str | Path], out: str | P
         figures = {"images_seen": seen, "images_embedded": len(items), "skipped": emb.skipped,
                    "embed_seconds": round(emb.seconds, 2), "images_per_s": emb.images_per_s}
         extra["build"] = dict(figures)
-        idx = index_lib.build(out, emb.vectors, items, artifact_sha256=embedder.sha256, factory=factory,
-                              max_memory=max_memory, target_recall=target_recall, gpu=gpu, seed=seed,
-                              extra=extra, overwrite=overwrite)
+        idx = index_lib.Index.create(out, emb.vectors, items, artifact_sha256=embedder.sha256, factory=factory,
+                                     max_memory=max_memory, target_recall=target_recall, gpu=gpu, seed=seed,
+                                     extra=extra, overwrite=overwrite)
     if metadata is not None:
         figures.update(annotate(idx, metadata, images))
     figures["seconds"] = round(time.perf_counter() - started, 2)
@@ -167,7 +159,7 @@ def add_images(index_path: str | Path, images: Sequence[str | Path], *, artifact
     """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("mae index add runs in one process (an index has one writer); run it without torchrun")
-    idx = index_lib.Index.load(index_path, gpu=False)  # a write: no GPU copy to make
+    idx = index_lib.Index.open(index_path, gpu=False)  # a write: no GPU copy to make
     sidecar = read_sidecar(metadata, [*images, *idx.manifest.get("images", [])]) if metadata is not None else None
     embedder = load_embedder(idx, artifact, backend=backend, device=device, batch_size=batch_size)
     source = shard_collection(images)
@@ -189,7 +181,7 @@ def add_images(index_path: str | Path, images: Sequence[str | Path], *, artifact
 
     hashes = [sha256_file(f) if f.exists() else "" for f in tqdm(files, desc="hashing", unit="img",
                                                                   disable=not progress or None)]
-    known = idx.catalog.by_sha256([h for h in hashes if h], idx.generation)
+    known = idx.ids_by_sha256([h for h in hashes if h])
     seen: set[str] = set()
     todo = []
     duplicates = []
@@ -218,11 +210,11 @@ def load_embedder(idx: index_lib.Index, artifact: str | Path | None, **kwargs: A
     """The artifact an index was built with (from its manifest unless given); refused if its sha256 differs."""
     path = artifact or idx.manifest.get("artifact")
     if not path:
-        raise ValueError(f"{idx.path} does not record its artifact; pass --artifact")
+        raise ValueError(f"{idx.name} does not record its artifact; pass --artifact")
     if not Path(path).exists():
-        raise FileNotFoundError(f"the artifact {path} that built {idx.path} is gone; pass --artifact")
+        raise FileNotFoundError(f"the artifact {path} that built {idx.name} is gone; pass --artifact")
     embedder = Embedder.load(path, **kwargs)
-    index_lib.check_artifact(idx.path, idx.manifest, embedder.sha256)
+    idx.check_artifact(embedder.sha256)
     return embedder
 
 
@@ -230,7 +222,7 @@ def _summary(idx: index_lib.Index, figures: dict[str, Any]) -> dict[str, Any]:
     info = idx.info()
     info.update(figures)
     skipped = figures.get("skipped") or []
-    lines = [f"{idx.path}: {idx.count} images, {idx.factory} ({info['factory_reason'] or 'given'}), "
+    lines = [f"{idx.name}: {idx.count} images, {idx.factory} ({info.get('factory_reason') or 'given'}), "
              f"generation {idx.generation}"]
     if "images_per_s" in figures:
         lines.append(f"  embedded {figures.get('images_embedded', figures.get('added', 0))} images at "
@@ -374,16 +366,6 @@ def _fill_shard(artifact: str, files: list[str], labels: list[str | None], first
 
 
 # ----------------------------------------------------------------------------------------------- torchrun
-
-
-def items_of(done: EmbeddedFiles, collection_: ShardSource | tuple[list[Path], list[str | None]]) -> list[Item]:
-    """The catalogue item of each row: its path (or SHARD#KEY), sha256 and class label."""
-    if isinstance(collection_, ShardSource):
-        classes = collection_.classes
-        return [Item(n, sha, classes[y] if 0 <= y < len(classes) else None)
-                for n, sha, y in zip(done.names, done.sha256, done.labels)]
-    files, labels = collection_
-    return [Item(str(files[p]), sha, labels[p]) for p, sha in zip(done.positions, done.sha256)]
 
 
 def _build_distributed(artifact: str | Path, collection_: ShardSource | tuple[list[Path], list[str | None]],

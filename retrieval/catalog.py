@@ -9,30 +9,34 @@ An existing catalogue is never created anew: a missing, empty or damaged file is
 an empty catalogue beside a full FAISS index would hand out ids that the index already holds (an old vector
 would then answer as a new file). Only ``Catalog.create`` makes one, when an index is built.
 
-Filters (``mae search --where``, ``/search``'s ``where``) are conditions on the catalogue, turned into SQL
-here and into an id selector for FAISS by ``retrieval.index``: ``label=cat``, ``path^=photos/2024/``,
-``added>=2026-01-01``, ``tag.camera=X100``; see ``parse_where``.
+Filters (``mae search --where``, ``/search``'s ``where``) are parsed by ``retrieval.filters`` and turned into
+SQL here (``Catalog.select``), then into an id selector for FAISS by the FAISS engine: ``label=cat``,
+``path^=photos/2024/``, ``added>=2026-01-01``, ``tag.camera=X100``.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import datetime, timezone
 from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
+from mae.errors import UsageError, UserError
+from retrieval.filters import MAX_ID, Condition, is_unicode, parse_filters, parse_where, time_bounds
+
+__all__ = ["FILENAME", "MAX_ID", "Catalog", "CatalogError", "Condition", "Item", "Row", "check_items", "clean_label",
+           "clean_tags", "parse_filters", "parse_where", "row_of"]
+
 FILENAME = "items.sqlite"
 _CHUNK = 900  # stays under SQLite's default limit of 999 bound parameters
-MAX_ID = 2**63 - 1  # SQLite INTEGER and FAISS idx_t: larger numbers name no item
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -61,10 +65,16 @@ CREATE INDEX IF NOT EXISTS tags_id ON tags (id);
 CREATE INDEX IF NOT EXISTS items_label ON items (label);
 CREATE INDEX IF NOT EXISTS items_added ON items (added);
 """
+# Added with the append log: a write's recovery and the tombstone query look rows up by generation and removal,
+# which without these would scan the whole table (50-100 ms at a million rows) on every write.
+_SCHEMA_3 = """
+CREATE INDEX IF NOT EXISTS items_generation ON items (generation);
+CREATE INDEX IF NOT EXISTS items_removed ON items (removed);
+"""
 _LIVE = "generation <= ? AND (removed IS NULL OR removed > ?)"
 
 
-class CatalogError(RuntimeError):
+class CatalogError(UserError, RuntimeError):
     """``items.sqlite`` is missing, empty or damaged: the index cannot say what its vectors stand for."""
 
 
@@ -90,82 +100,7 @@ class Row:
     tags: dict[str, str] | None = None
 
 
-# ----------------------------------------------------------------------------------------------- filters
-
-FIELDS = ("label", "path", "added", "id", "sha256")
-OPERATORS = ("^=", "!=", ">=", "<=", "=", ">", "<")  # longest first: "a>=b" is >=, not >
-_ORDERED = (">=", "<=", ">", "<")
-_ALLOWED = {"label": ("=", "!=", "^="), "path": ("=", "!=", "^="), "sha256": ("=", "!="),
-            "added": ("=", ">=", "<=", ">", "<"), "id": ("=", "!=", ">=", "<=", ">", "<"),
-            "tag": ("=", "!=", "^=", ">=", "<=", ">", "<")}
-_WHERE = re.compile(r"^\s*(label|path|added|id|sha256|tag\.[^=!<>^\s][^=!<>^]*?)\s*(\^=|!=|>=|<=|=|>|<)(.*)$",
-                    re.DOTALL)
-
-
-@dataclass(frozen=True)
-class Condition:
-    """One filter term: ``field op value`` (``tag.NAME`` fields compare the tag's value as text)."""
-
-    field: str
-    op: str
-    value: str
-
-    def __str__(self) -> str:
-        return f"{self.field}{self.op}{self.value}"
-
-    @property
-    def tag(self) -> str | None:
-        return self.field[4:] if self.field.startswith("tag.") else None
-
-
-def parse_where(text: str | Condition) -> Condition:
-    """``"label=cat"`` -> Condition; a ValueError that shows the syntax for anything else.
-
-    Fields: label, path (absolute, or relative as answers show it), added (an ISO date or time, UTC), id,
-    sha256, and tag.NAME. Operators: ``=``, ``!=``, ``^=`` (starts with), ``<``, ``<=``, ``>``, ``>=``.
-    ``label=`` (nothing after it) matches items without a label; ``!=`` also matches items without the field.
-    """
-    if isinstance(text, Condition):
-        return text
-    if not isinstance(text, str):
-        raise ValueError(f"a filter must be a string like 'label=cat', got {type(text).__name__}")
-    m = _WHERE.match(text)
-    if not m:
-        raise ValueError(f"cannot read the filter {text!r}: write FIELD OP VALUE, e.g. label=cat, path^=photos/2024/, "
-                         "added>=2026-01-01, tag.camera=X100 (fields: label, path, added, id, sha256, tag.NAME; "
-                         "operators: = != ^= < <= > >=)")
-    field, op, value = m.group(1).strip(), m.group(2), m.group(3).strip()
-    kind = "tag" if field.startswith("tag.") else field
-    if op not in _ALLOWED[kind]:
-        raise ValueError(f"filter {text!r}: {kind} takes {' '.join(_ALLOWED[kind])}, not {op}")
-    if field == "id" and not re.fullmatch(r"\d{1,19}", value):
-        raise ValueError(f"filter {text!r}: id takes a whole number")
-    if field == "added":
-        _parse_time(value, text)
-    return Condition(field, op, value)
-
-
-def parse_filters(where: Iterable[str | Condition] | str | None) -> tuple[Condition, ...]:
-    """Every condition of a filter (all must hold), validated; ``None`` or empty: no filter."""
-    if where is None:
-        return ()
-    if isinstance(where, (str, Condition)):
-        where = [where]
-    return tuple(parse_where(w) for w in where)
-
-
-def _parse_time(value: str, text: str) -> tuple[datetime, bool]:
-    """(UTC time, whether only a date was given)."""
-    try:
-        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
-            d = date.fromisoformat(value)
-            return datetime(d.year, d.month, d.day, tzinfo=timezone.utc), True
-        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError as e:
-        raise ValueError(f"filter {text!r}: added takes an ISO date or time (2026-01-01 or 2026-01-01T12:00), "
-                         f"got {value!r}") from e
-    t = t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
-    return t, False
+# ----------------------------------------------------------------------------------------------- filters as SQL
 
 
 def _stamp(t: datetime) -> str:
@@ -178,7 +113,7 @@ def _prefix_range(column: str, prefix: str) -> tuple[str, list[Any]]:
 
 
 def _clause(c: Condition, path_prefixes: Callable[[str], list[str]], has_tags: bool) -> tuple[str, list[Any]]:
-    """SQL for one condition over ``items``, and its parameters."""
+    """SQL for one condition (``retrieval.filters``) over ``items``, and its parameters."""
     negate = c.op == "!="
     op = "=" if negate else c.op
     if c.tag is not None:
@@ -191,15 +126,10 @@ def _clause(c: Condition, path_prefixes: Callable[[str], list[str]], has_tags: b
         sql = f"id {'NOT IN' if negate else 'IN'} (SELECT id FROM tags WHERE key = ? AND {inner})"
         return sql, [c.tag, *params]
     if c.field == "id":
-        return f"id {'!=' if negate else op} ?", [int(c.value)]
+        return f"id {'!=' if negate else op} ?", [c.number]
     if c.field == "added":
-        t, whole_day = _parse_time(c.value, str(c))
-        if whole_day:  # a date means the whole (UTC) day
-            start, end = _stamp(t), _stamp(t + timedelta(days=1))
-            return {"=": ("(added >= ? AND added < ?)", [start, end]), ">=": ("added >= ?", [start]),
-                    "<": ("added < ?", [start]), ">": ("added >= ?", [end]),
-                    "<=": ("added < ?", [end])}[op]
-        return f"added {op} ?", [_stamp(t)]
+        bounds = time_bounds(c)
+        return "(" + " AND ".join(f"added {o} ?" for o, _ in bounds) + ")", [_stamp(t) for _, t in bounds]
     if c.field == "label" and c.value == "" and op == "=":
         return ("label IS NOT NULL" if negate else "label IS NULL"), []
     if c.field == "path":
@@ -276,7 +206,7 @@ class Catalog:
     @_guarded
     def _prepare(self, create: bool) -> None:
         if create:
-            self.conn.executescript(_SCHEMA + _SCHEMA_2)
+            self.conn.executescript(_SCHEMA + _SCHEMA_2 + _SCHEMA_3)
         tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if "items" not in tables:
             raise CatalogError(f"{self.path} has no items table: it is not an index catalogue")
@@ -288,8 +218,12 @@ class Catalog:
             self.conn.executescript(_SCHEMA_2)
             columns.add("tags")
             tables.add("tags")
+        indexes = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        if not self.read_only and not {"items_generation", "items_removed"} <= indexes:
+            self.conn.executescript(_SCHEMA_3)  # once, for a catalogue from before the log (seconds at 1M rows)
         self._has_tags = "tags" in tables
-        self._columns = "id, path, label, sha256, added, generation, removed, " + (
+        # the SELECT list that ``row_of`` reads (tags as NULL in a read-only catalogue from before tags)
+        self.columns = "id, path, label, sha256, added, generation, removed, " + (
             "tags" if "tags" in columns else "NULL")
 
     def close(self) -> None:
@@ -313,6 +247,7 @@ class Catalog:
     @_guarded
     def insert(self, items: Sequence[Item], generation: int, ids: Sequence[int] | None = None) -> list[int]:
         """Add rows for ``generation`` (pending until the manifest commits it); returns their ids."""
+        check_items(items)
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         with self.transaction() as c:  # BEGIN IMMEDIATE: no other writer can take ids meanwhile
             if ids is None:
@@ -348,7 +283,7 @@ class Catalog:
         n = 0
         with self.transaction() as c:
             for i, label, tags in updates:
-                clean = clean_tags(tags)
+                clean, label = clean_tags(tags), clean_label(label)
                 n += c.execute("UPDATE items SET label = ?, tags = ? WHERE id = ?",
                                (label, json.dumps(clean, ensure_ascii=False, sort_keys=True) if clean else None,
                                 int(i))).rowcount
@@ -367,6 +302,10 @@ class Catalog:
     @_guarded
     def recover(self, committed: int) -> int:
         """Undo what writes after the committed generation left (a crash between catalogue and manifest)."""
+        with self.lock:  # a read first: most writes find nothing to undo, and a transaction costs an fsync
+            if not self.conn.execute("SELECT EXISTS (SELECT 1 FROM items WHERE generation > ?) OR EXISTS "
+                                     "(SELECT 1 FROM items WHERE removed > ?)", (committed, committed)).fetchone()[0]:
+                return 0
         with self.transaction() as c:
             c.execute("DELETE FROM tags WHERE id IN (SELECT id FROM items WHERE generation > ?)", (committed,))
             n = c.execute("DELETE FROM items WHERE generation > ?", (committed,)).rowcount
@@ -376,6 +315,10 @@ class Catalog:
     @_guarded
     def purge_removed(self, committed: int) -> int:
         """Forget removed rows once the committed index no longer holds their vectors."""
+        with self.lock:
+            found = self.conn.execute("SELECT EXISTS (SELECT 1 FROM items WHERE removed <= ?)", (committed,))
+            if not found.fetchone()[0]:
+                return 0
         with self.transaction() as c:
             c.execute("DELETE FROM tags WHERE id IN (SELECT id FROM items WHERE removed IS NOT NULL AND removed <= ?)",
                       (committed,))
@@ -411,9 +354,9 @@ class Catalog:
         with self.lock:
             for chunk in _chunks(ids):
                 for r in self.conn.execute(
-                    f"SELECT {self._columns} FROM items WHERE id IN ({_marks(chunk)}) AND {_LIVE}",
+                    f"SELECT {self.columns} FROM items WHERE id IN ({_marks(chunk)}) AND {_LIVE}",
                     (*chunk, generation, generation)):
-                    rows[r[0]] = _row(r)
+                    rows[r[0]] = row_of(r)
         return rows
 
     @_guarded
@@ -478,11 +421,11 @@ class Catalog:
         """Every row (all generations when ``generation`` is None), for ``mae index check``."""
         with self.lock:
             if generation is None:
-                cursor = self.conn.execute(f"SELECT {self._columns} FROM items ORDER BY id")
+                cursor = self.conn.execute(f"SELECT {self.columns} FROM items ORDER BY id")
             else:
-                cursor = self.conn.execute(f"SELECT {self._columns} FROM items WHERE {_LIVE} ORDER BY id",
+                cursor = self.conn.execute(f"SELECT {self.columns} FROM items WHERE {_LIVE} ORDER BY id",
                                            (generation, generation))
-            return [_row(r) for r in cursor]
+            return [row_of(r) for r in cursor]
 
     @_guarded
     def count(self, generation: int) -> int:
@@ -534,29 +477,58 @@ class Catalog:
         return "; ".join(str(r[0]) for r in rows[:5])
 
 
-def _row(r: Sequence[Any]) -> Row:
+def row_of(r: Sequence[Any]) -> Row:
+    """A Row from one result of ``SELECT {Catalog.columns}``."""
     tags = json.loads(r[7]) if r[7] else None
     return Row(r[0], r[1], r[2], r[3], r[4], r[5], r[6], tags)
 
 
 def clean_tags(tags: Mapping[str, Any] | None) -> dict[str, str] | None:
-    """Tags as text: keys non-empty strings, values strings (numbers and booleans written as JSON would)."""
+    """Tags as text: keys non-empty strings, values strings (numbers and booleans written as JSON would).
+
+    A UsageError (a ValueError) for anything else, text that is not valid Unicode included: nothing is stored.
+    """
     if not tags:
         return None
     if not isinstance(tags, Mapping):
-        raise ValueError(f"tags must be an object of name: value, got {type(tags).__name__}")
+        raise UsageError(f"tags must be an object of name: value, got {type(tags).__name__}")
     out = {}
     for k, v in tags.items():
         if not isinstance(k, str) or not k.strip() or any(ch in k for ch in "=!<>^"):
-            raise ValueError(f"tag name {k!r} must be non-empty text without = ! < > ^")
+            raise UsageError(f"tag name {k!r} must be non-empty text without = ! < > ^")
         if isinstance(v, bool):
             v = "true" if v else "false"
         elif isinstance(v, (int, float)):
             v = json.dumps(v)
         elif not isinstance(v, str):
-            raise ValueError(f"tag {k!r}: values are text or numbers, got {type(v).__name__}")
+            raise UsageError(f"tag {k!r}: values are text or numbers, got {type(v).__name__}")
+        if not is_unicode(k) or not is_unicode(v):
+            raise UsageError(f"tag {k!r}: names and values must be valid Unicode text (no lone surrogates)")
         out[k.strip()] = v
     return out
+
+
+_clean_tags = clean_tags  # the old name, for callers that have not moved yet
+
+
+def clean_label(label: Any) -> str | None:
+    """A label as stored: text (valid Unicode) or None; a UsageError otherwise, before anything is written."""
+    if label is None:
+        return None
+    if not isinstance(label, str):
+        raise UsageError(f"a label is text, got {type(label).__name__}")
+    if not is_unicode(label):
+        raise UsageError(f"the label {label!r} is not valid Unicode text (it holds a lone surrogate)")
+    return label
+
+
+def check_items(items: Sequence[Item]) -> None:
+    """Refuse, before anything is stored, an item whose path, label or tags cannot be stored."""
+    for it in items:
+        if not isinstance(it.path, str) or not is_unicode(it.path):
+            raise UsageError(f"the path {it.path!r} is not valid Unicode text")
+        clean_label(it.label)
+        clean_tags(it.tags)
 
 
 def _marks(chunk: Sequence) -> str:

@@ -1,6 +1,8 @@
-"""``mae index build|add|remove|info|duplicates|check`` and ``mae search``: their flags, and thin handlers over
-retrieval.build, retrieval.index and retrieval.repair (imported inside the handlers: building ``mae``'s parser
-must not load faiss).
+"""``mae index build|add|remove|info|duplicates|compact|check`` and ``mae search``: their flags, and thin handlers over
+retrieval.build and retrieval.index (imported inside the handlers: building ``mae``'s parser must not load faiss).
+
+Every ``--index`` (and ``--out`` of build) is an index name, whichever engine holds it (``retrieval.engine``):
+a folder (FAISS), or an engine's ``SCHEME:...`` form. The handlers use only ``Index``'s public methods.
 
 ``--json`` answers carry each item's ``path`` as the HTTP API shows it (relative to the indexed folders) and,
 since the command runs where the files are, its absolute ``file`` too.
@@ -23,15 +25,18 @@ if TYPE_CHECKING:
     from retrieval.index import Hit, Index
 
 
+INDEX_HELP = "the index: a folder (FAISS), or SCHEME:... of another engine (e.g. milvus:PATH.db)"
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``index`` (build, add, remove, info, duplicates, check) and ``search`` to ``mae``."""
-    p = sub.add_parser("index", help="build and change a FAISS similarity index over an image collection")
+    """Add ``index`` (build, add, remove, info, duplicates, compact, check) and ``search`` to ``mae``."""
+    p = sub.add_parser("index", help="build and change a similarity index over an image collection")
     isub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
     i = isub.add_parser("build", help="embed a collection with an artifact and index it")
     i.add_argument("--artifact", required=True, help="artifact folder (mae export)")
     i.add_argument("--images", required=True, nargs="+",
                    help="folders (class subfolders become labels), files, .txt lists, or WebDataset shards (one spec)")
-    i.add_argument("--out", required=True, help="index folder to write")
+    i.add_argument("--out", required=True, help="the index to write: " + INDEX_HELP.removeprefix("the index: "))
     i.add_argument("--factory", default="auto",
                    help="auto (exact, HNSW, IVF or IVF-PQ by collection size) or any faiss factory string")
     i.add_argument("--shards", type=int, default=1,
@@ -50,21 +55,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--device", help="torch device for the embedder (default: cuda when available)")
         add_json_flag(q)
     i.set_defaults(handler="retrieval.command:index_build")
-    ia.add_argument("--index", required=True, help="index folder")
+    ia.add_argument("--index", required=True, help=INDEX_HELP)
     ia.add_argument("images", nargs="+", metavar="DIR_OR_FILE", help="folders or image files to add")
     ia.add_argument("--artifact", help="artifact (default: the one recorded in the index manifest)")
     ia.set_defaults(handler="retrieval.command:index_add")
     i = isub.add_parser("remove", help="remove items by path or id")
-    i.add_argument("--index", required=True, help="index folder")
+    i.add_argument("--index", required=True, help=INDEX_HELP)
     i.add_argument("items", nargs="+", metavar="PATH_OR_ID", help="image paths or catalogue ids")
     add_json_flag(i)
     i.set_defaults(handler="retrieval.command:index_remove")
     i = isub.add_parser("info", help="what an index holds and how it searches")
-    i.add_argument("--index", required=True, help="index folder")
+    i.add_argument("--index", required=True, help=INDEX_HELP)
     add_json_flag(i)
     i.set_defaults(handler="retrieval.command:index_info")
     i = isub.add_parser("duplicates", help="group near-copies (resized, cropped, re-encoded) of the same image")
-    i.add_argument("--index", required=True, help="index folder")
+    i.add_argument("--index", required=True, help=INDEX_HELP)
     i.add_argument("--threshold", type=float,
                    help="cosine at or above which two items are candidates (default 0.80 with the pixel check, "
                         "0.998 without: both measured, see README)")
@@ -76,8 +81,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--show", metavar="PNG", help="write a picture: one row per group")
     add_json_flag(i)
     i.set_defaults(handler="retrieval.command:index_duplicates")
+    i = isub.add_parser("compact", help="fold what writes appended into the index (FAISS: a new index.faiss; "
+                                        "writes do this by themselves past a threshold)")
+    i.add_argument("--index", required=True, help=INDEX_HELP)
+    i.add_argument("--if-due", action="store_true",
+                   help="only when the log has passed the thresholds a write would compact at")
+    add_json_flag(i)
+    i.set_defaults(handler="retrieval.command:index_compact")
     i = isub.add_parser("check", help="check that the parts of an index agree; --repair rebuilds what survives")
-    i.add_argument("--index", required=True, help="index folder")
+    i.add_argument("--index", required=True, help=INDEX_HELP)
     i.add_argument("--repair", action="store_true",
                    help="keep what the surviving parts agree on, commit it, and list what was dropped")
     i.add_argument("--artifact", help="with --repair: the artifact that built the index (to embed images again "
@@ -85,8 +97,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_json_flag(i)
     i.set_defaults(handler="retrieval.command:index_check")
 
+    _register_search(sub)
+
+
+def _register_search(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("search", help="nearest images of an image (or of an indexed item) in an index")
-    p.add_argument("--index", required=True, help="index folder (mae index build)")
+    p.add_argument("--index", required=True, help=INDEX_HELP + " (mae index build)")
     p.add_argument("image", nargs="?", help="query image file (or --id)")
     p.add_argument("--id", type=int, help="more like this: the item with this id is the query (and left out)")
     p.add_argument("-k", type=int, default=10, help="neighbours to return (at most the size of the index)")
@@ -124,46 +140,58 @@ def index_add(args: argparse.Namespace) -> dict[str, Any]:
 def index_remove(args: argparse.Namespace) -> dict[str, Any]:
     from retrieval.index import Index
 
-    idx = Index.load(args.index, gpu=False)
+    idx = Index.open(args.index, gpu=False)
     result = idx.remove(args.items)
     info = idx.info()
     info.update(removed=result.ids, missing=result.missing, rebuilt=result.rebuilt)
-    lines = [f"removed {len(result.ids)} item(s) from {idx.path}; {idx.count} left"]
-    if info["tombstones"]:
+    lines = [f"removed {len(result.ids)} item(s) from {idx.name}; {idx.count} left"]
+    if info.get("tombstones"):
         lines.append(f"  {info['tombstones']} removed vector(s) stay in the {idx.factory} index as tombstones, "
-                     "filtered at search (rebuilt when they pass 20%)")
+                     "filtered at search, until a compaction drops them (HNSW: rebuilt past 20%)")
     if result.rebuilt:
         lines.append(f"  rebuilt the {idx.factory} index without the removed vectors")
     if result.missing:
         lines.append(f"  not in the index: {', '.join(result.missing[:10])}")
     info["text"] = "\n".join(lines)
     if result.missing and not result.ids:
-        raise KeyError(f"nothing removed: {', '.join(result.missing[:10])} not in {idx.path}")
+        raise KeyError(f"nothing removed: {', '.join(result.missing[:10])} not in {idx.name}")
     return info
 
 
 def index_info(args: argparse.Namespace) -> dict[str, Any]:
     from retrieval.index import Index
 
-    idx = Index.load(args.index, gpu=False)
+    idx = Index.open(args.index, gpu=False)
     info = idx.info()
-    t = info["tuning"]
+    t = info.get("tuning") or {}
     labels = info["labels"]
+    held = f", {info['ntotal']} vectors" if "ntotal" in info else ""
+    held += f", {info['tombstones']} tombstones" if info.get("tombstones") is not None else ""
     lines = [
-        f"index      {info['index']}",
-        f"items      {info['count']} (generation {info['generation']}, {info['ntotal']} vectors in FAISS, "
-        f"{info['tombstones']} tombstones)",
-        f"factory    {info['factory']} ({info['factory_reason']})",
-        f"search     {info['search_params'] or 'exact'}"
+        f"index      {info['index']} ({info['engine']})",
+        f"items      {info['count']} (generation {info['generation']}{held})",
+        f"factory    {info['factory']}" + (f" ({info['factory_reason']})" if info.get("factory_reason") else ""),
+        f"search     {info.get('search_params') or 'exact'}"
         + (f", recall@10 {t.get('recall@10')} on {t.get('queries')} held-out queries" if t.get("queries") else ""),
         f"artifact   {info['artifact_sha256'][:12]} ({info['artifact']})",
         f"dim        {info['dim']}, {info['metric']} on L2-normalised vectors",
-        f"on disk    {info['bytes'] / 2**20:.1f} MiB" + (", memory-mapped inverted lists" if info["on_disk"] else ""),
+    ]
+    if "bytes" in info:
+        lines.append(f"on disk    {info['bytes'] / 2**20:.1f} MiB"
+                     + (", memory-mapped inverted lists" if info.get("on_disk") else ""))
+    lines += [
         "labels     " + (", ".join(f"{k or '(none)'}: {v}" for k, v in list(labels.items())[:12]) or "none"),
         "tags       " + (", ".join(f"{k}: {v}" for k, v in list(info["tags"].items())[:12]) or "none"),
         "folders    " + (", ".join(info["roots"][:-1]) or "none recorded"),
     ]
-    if info["auto_factory_now"] != info["factory"] and info["count"]:
+    if info.get("log"):
+        g = info["log"]
+        lines.append(f"log        {g['vectors']} added, {g['removed']} removed since index.faiss was compacted at "
+                     f"generation {g['base_generation']} ({g['bytes'] / 1024:.0f} KiB); "
+                     + (f"due for compaction: {g['compaction_due']}" if g.get("compaction_due") else
+                        f"compacts by itself past {g['thresholds']['fraction']:.0%} of the collection and "
+                        f"{g['thresholds']['minimum']} changes (mae index compact: now)"))
+    if info.get("auto_factory_now") not in (None, info["factory"]) and info["count"]:
         lines.append(f"note       auto would now choose {info['auto_factory_now']} for {info['count']} items "
                      "(rebuild with mae index build to switch)")
     info["text"] = "\n".join(lines)
@@ -181,11 +209,11 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("give a query image or --id N (an item of the index), not both")
     if args.min_score is not None and not math.isfinite(args.min_score):
         raise ValueError(f"--min-score must be a number, got {args.min_score}")
-    idx = Index.load(args.index)
+    idx = Index.open(args.index)
     k = min(args.k, max(idx.count, 1))  # more neighbours than items cannot come back
     if args.id is not None:
         if idx.row(args.id) is None:
-            raise KeyError(f"no item {args.id} in {idx.path}")
+            raise KeyError(f"no item {args.id} in {idx.name}")
         query_path = Path(idx.row(args.id).path)
         hits = idx.similar(args.id, k, where=args.where, min_score=args.min_score)
         described = f"item {args.id} ({query_path})"
@@ -197,12 +225,12 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
         hits = idx.search(embedder.embed([query_path]), k, where=args.where, min_score=args.min_score)[0]
         described = str(query_path)
     result: dict[str, Any] = {
-        "query": str(query_path.resolve()), "query_id": args.id, "index": str(idx.path), "k": k, "count": idx.count,
+        "query": str(query_path.resolve()), "query_id": args.id, "index": idx.name, "k": k, "count": idx.count,
         "where": list(args.where or []), "min_score": args.min_score,
         "neighbours": [dict(rank=r + 1, **hit_json(idx, h)) for r, h in enumerate(hits)],
     }
     scope = f" matching {' and '.join(args.where)}" if args.where else ""
-    lines = [f"{len(hits)} nearest{scope} of {idx.count} in {idx.path} to {described}:"]
+    lines = [f"{len(hits)} nearest{scope} of {idx.count} in {idx.name} to {described}:"]
     lines += [f"  {r + 1:>3}  {h.score:.4f}  {h.label or '-':<10}  {h.path}" for r, h in enumerate(hits)]
     if not hits:
         lines.append("  (the index is empty)" if not idx.count else "  (no item matches)")
@@ -233,11 +261,11 @@ def index_duplicates(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--threshold is a cosine in [-1, 1], got {args.threshold}")
     if args.pixel_threshold is not None and not pixels:
         raise ValueError("--pixel-threshold is for the pixel check, which --no-pixel-check turns off")
-    idx = Index.load(args.index)
+    idx = Index.open(args.index)
     check = None
     if pixels:
         def files(ids: Sequence[int]) -> dict[int, str]:
-            return {i: r.path for i, r in idx.catalog.get(list(ids), idx.generation).items()}
+            return {i: r.path for i, r in idx.rows(ids).items()}
 
         pixel_threshold = verify.PIXEL_THRESHOLD if args.pixel_threshold is None else args.pixel_threshold
         check = verify.PixelCheck(files, pixel_threshold)
@@ -252,11 +280,11 @@ def index_duplicates(args: argparse.Namespace) -> dict[str, Any]:
         groups = idx.duplicates(args.threshold, progress=progress, check=check)
     finally:
         bar.close()
-    rows = idx.catalog.get([i for g in groups for i, _ in g], idx.generation)
+    rows = idx.rows([i for g in groups for i, _ in g])
     out = [[{"id": i, "best_score": s, "path": idx.relative(rows[i].path), "file": rows[i].path,
              "label": rows[i].label} for i, s in g if i in rows] for g in groups]
     copies = sum(len(g) - 1 for g in out)
-    result: dict[str, Any] = {"index": str(idx.path), "threshold": args.threshold, "count": idx.count,
+    result: dict[str, Any] = {"index": idx.name, "threshold": args.threshold, "count": idx.count,
                               "groups": out, "items_in_groups": sum(map(len, out)), "redundant": copies,
                               "pixel_check": None}
     how = f"cosine >= {args.threshold}"
@@ -265,7 +293,7 @@ def index_duplicates(args: argparse.Namespace) -> dict[str, Any]:
         kept = sum(s >= check.threshold for s in check.scores.values())
         result["pixel_check"] = {"threshold": check.threshold, "pairs_checked": len(check.scores),
                                  "pairs_kept": kept, "unreadable": {str(i): why for i, why in check.unreadable.items()}}
-    lines = [f"{len(out)} group(s) of near-copies ({how}) among {idx.count} items in {idx.path}; "
+    lines = [f"{len(out)} group(s) of near-copies ({how}) among {idx.count} items in {idx.name}; "
              f"{copies} item(s) could go"]
     if check is not None:
         lines.append(f"  pixel check: {kept} of {len(check.scores)} candidate pairs line up")
@@ -285,16 +313,33 @@ def index_duplicates(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def index_compact(args: argparse.Namespace) -> dict[str, Any]:
+    from retrieval.index import Index
+
+    idx = Index.open(args.index, gpu=False)
+    before = idx.info().get("log") or {}
+    report = idx.compact(force=not args.if_due)
+    if report.get("compacted"):
+        text = (f"compacted {idx.name} at generation {report.get('generation')}: folded "
+                f"{report.get('folded_vectors', 0)} added vector(s) and {report.get('folded_removals', 0)} removal(s) "
+                f"in {report.get('seconds', 0):.2f} s" + ("; rebuilt without its tombstones" if report.get("rebuilt")
+                                                          else ""))
+    else:
+        text = f"{idx.name}: not compacted ({report.get('reason')})"
+    report.update(log_before=before, text=text)
+    return report
+
+
 def index_check(args: argparse.Namespace) -> dict[str, Any] | int:
     """Exit 0 when the index is sound (or was repaired to soundness), 1 otherwise, after printing the report."""
-    from retrieval import repair
+    from retrieval.index import Index
 
     if args.repair:
-        report = repair.repair(args.index, args.artifact, progress=True)
+        report = Index.repair(args.index, args.artifact, progress=True)
     else:
         if args.artifact:
             raise ValueError("--artifact is for --repair (it embeds images again, or names the model)")
-        report = repair.check(args.index)
+        report = Index.check(args.index)
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "text"}, default=str))
     else:

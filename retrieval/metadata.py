@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from mae.errors import UsageError
 from retrieval.catalog import Item, clean_tags
 
 UNSET = object()  # a label the sidecar does not give: the item keeps its own
@@ -124,7 +125,14 @@ def _jsonl(path: Path):
 def _csv(path: Path):
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        if not reader.fieldnames or "path" not in reader.fieldnames:
-            raise ValueError(f"{path}: the CSV header needs a 'path' column")
-        for n, row in enumerate(reader, 2):
-            yield f"line {n}", {k: v for k, v in row.items() if k is not None}
+        try:
+            if not reader.fieldnames or "path" not in reader.fieldnames:
+                raise UsageError(f"{path}: the CSV header needs a 'path' column")
+            for n, row in enumerate(reader, 2):
+                yield f"line {n}", {k: v for k, v in row.items() if k is not None}
+        except csv.Error as e:  # e.g. a field past the csv module's limit (131,072 characters): a bound we keep
+            where = f"line {reader.line_num + 1}"  # the line being read when the error came
+            limit = csv.field_size_limit()
+            why = (f"a field is longer than {limit:,} characters, the most a path, label or tag may have"
+                   if "field larger than field limit" in str(e) else f"not readable as CSV ({e})")
+            raise UsageError(f"{path}:{where}: {why}") from None

@@ -1,7 +1,8 @@
 """``mae index check [--repair]``: say which parts of an index disagree, and rebuild what the survivors allow.
 
 An index is three parts that must describe the same items: ``manifest.json`` (the committed generation and
-its counts), ``index.faiss`` (the vectors, by id) and ``items.sqlite`` (what each id stands for). Loading
+its counts), ``index.faiss`` with its append log (the vectors, by id) and ``items.sqlite`` (what each id stands
+for). Loading
 refuses an index whose parts disagree (``retrieval.index``); this module is the way out.
 
 ``check`` reads each part on its own, so that one damaged part does not hide the state of the others, then
@@ -9,7 +10,8 @@ compares them: live counts, vector counts, and the id sets themselves (every liv
 vector an item or a tombstone, no vector at or past the catalogue's next id).
 
 ``repair`` keeps everything two parts still agree on, under the write lock, and commits it as a new
-generation; what cannot be kept is listed, never silently lost:
+generation whose index.faiss holds every vector (the log folded in, up to any damage in it); what cannot be
+kept is listed, never silently lost:
 
 - catalogue missing or damaged: the rows SQLite can still read are kept; vectors left without a row are
   dropped (removed, or tombstoned where the index cannot remove), and the ids of all of them stay reserved,
@@ -35,12 +37,27 @@ from typing import Any
 import faiss
 import numpy as np
 
-from mae.files import sha256_file
-from retrieval import index as index_lib
+from mae.files import fsync_dir, sha256_file
+from retrieval import faiss_log
 from retrieval.catalog import FILENAME as CATALOG_FILE
 from retrieval.catalog import Catalog, CatalogError, Item, Row
-from retrieval.index import INDEX_FILE, MANIFEST, Index, IndexDamagedError, faiss_ids
-from retrieval.tuning import apply_params, faiss_message, make_index, train, train_size
+from retrieval.engine import IndexDamagedError
+from retrieval.faiss_store import (
+    FORMAT,
+    INDEX_FILE,
+    MANIFEST,
+    METRIC,
+    check_artifact,
+    commit_base,
+    now,
+    read_base,
+    read_manifest,
+    rewritten,
+    write_index,
+    write_lock,
+)
+from retrieval.faiss_vectors import faiss_ids, fold, rebuilt, supports_remove
+from retrieval.tuning import apply_params, faiss_message, find_sub_index, make_index, train, train_size
 
 DAMAGED = ".damaged"
 
@@ -51,16 +68,25 @@ class Parts:
 
     manifest: dict[str, Any] | None = None
     raw_manifest: dict[str, Any] | None = None  # a JSON object that failed validation: its usable fields
-    index: Any = None
+    index: Any = None  # the base (index.faiss)
+    adds: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # the log's (ids, vectors), in order
     rows: list[Row] | None = None
     rows_complete: bool = True
     errors: dict[str, str] = field(default_factory=dict)
+
+    def ids(self) -> np.ndarray:
+        """Every id the base and the log hold."""
+        return np.concatenate([faiss_ids(self.index), *(a[0] for a in self.adds)])
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal) + sum(len(a[0]) for a in self.adds)
 
 
 def read_parts(path: Path) -> Parts:
     parts = Parts()
     try:
-        parts.manifest = index_lib.read_manifest(path)
+        parts.manifest = read_manifest(path)
     except (IndexDamagedError, RuntimeError) as e:
         parts.errors["manifest"] = _first(e)
         try:
@@ -72,6 +98,13 @@ def read_parts(path: Path) -> Parts:
         parts.index = _read_index(path, parts.manifest)
     except (IndexDamagedError, RuntimeError, FileNotFoundError) as e:
         parts.errors["index"] = _first(e)
+    if parts.manifest is not None:
+        try:  # the records before any damage are kept
+            for record, _ in faiss_log.read(path, faiss_log.ranges(parts.manifest), parts.manifest["dim"]):
+                if record.kind == faiss_log.ADD:
+                    parts.adds.append((record.ids, record.vectors))
+        except faiss_log.LogDamagedError as e:
+            parts.errors["log"] = str(e)
     file = path / CATALOG_FILE
     try:
         catalog = Catalog(file, read_only=True)
@@ -86,7 +119,7 @@ def read_parts(path: Path) -> Parts:
             parts.rows = catalog.rows()
         except CatalogError as e:
             parts.errors["catalogue"] = str(e)
-            known = faiss_ids(parts.index) if parts.index is not None else None
+            known = parts.ids() if parts.index is not None else None
             parts.rows, parts.rows_complete = _salvage(catalog, known), False
         finally:
             catalog.close()
@@ -95,7 +128,7 @@ def read_parts(path: Path) -> Parts:
 
 def _read_index(path: Path, manifest: dict[str, Any] | None) -> Any:
     if manifest is not None:
-        return index_lib._read_faiss(path, manifest, False)
+        return read_base(path, manifest, False)
     file = path / INDEX_FILE
     if not file.exists():
         raise FileNotFoundError(f"{file} is missing")
@@ -112,7 +145,7 @@ def _salvage(catalog: Catalog, ids: np.ndarray | None) -> list[Row]:
     otherwise rows are read in id order up to the first bad page.
     """
     rows: list[Row] = []
-    query = f"SELECT {catalog._columns} FROM items"
+    query = f"SELECT {catalog.columns} FROM items"
     if ids is None:
         try:
             for r in catalog.conn.execute(query + " ORDER BY id"):
@@ -163,11 +196,14 @@ def check(path: str | Path) -> dict[str, Any]:
             problems.append(f"{path / CATALOG_FILE} lists {len(live)} live items but {path / MANIFEST} counts "
                             f"{m['count']}")
     if parts.index is not None:
-        ids = faiss_ids(parts.index)
-        report["vectors"] = int(parts.index.ntotal)
-        if m is not None and parts.index.ntotal != m["ntotal"]:
+        ids = parts.ids()
+        report["vectors"] = parts.ntotal
+        if m is not None and parts.index.ntotal != m["base_ntotal"]:
             problems.append(f"{path / INDEX_FILE} holds {parts.index.ntotal} vectors but {path / MANIFEST} says "
-                            f"{m['ntotal']}")
+                            f"{m['base_ntotal']}")
+        elif m is not None and "log" not in parts.errors and parts.ntotal != m["ntotal"]:
+            problems.append(f"{path / INDEX_FILE} and its log hold {parts.ntotal} vectors but {path / MANIFEST} "
+                            f"says {m['ntotal']}")
         if parts.rows is not None:
             gen = m["generation"] if m is not None else max((r.generation for r in parts.rows), default=0)
             live_ids = {r.id for r in _live(parts.rows, gen)}
@@ -234,62 +270,14 @@ def repair(path: str | Path, artifact: str | Path | None = None, *, batch_size: 
         before["repaired"] = False
         before["text"] += "\n  nothing to repair"
         return before
-    with index_lib._file_lock(path):
+    with write_lock(path):
         parts = read_parts(path)
         actions: list[str] = []
         dropped: list[dict[str, Any]] = []
         manifest = _manifest_for(path, parts, artifact, actions)
-        gen = manifest["generation"]
-        rows = parts.rows
-        if rows is None:
-            rows = []
-            actions.append(f"{CATALOG_FILE} was unreadable: no item descriptions survive")
-        elif not parts.rows_complete or "catalogue" in parts.errors:
-            actions.append(f"salvaged {len(rows)} row(s) from the damaged {CATALOG_FILE}")
-        live = _live(rows, gen)
-        index = parts.index
-        if index is None:
-            index, live = _reembed(path, manifest, live, artifact, batch_size, workers, progress, dropped, actions)
-            live_ids = {r.id for r in live}
-            rows = [r for r in rows if r.id in live_ids or (r.removed is not None and r.removed <= gen)]
-            manifest["ivfdata"] = None
-            manifest["tombstones"] = 0
-            manifest["compacted"] = gen
-        ids = faiss_ids(index)
-        in_index = set(ids.tolist())
-        for r in live:
-            if r.id not in in_index:
-                dropped.append({"id": r.id, "path": r.path, "why": "its vector is not in the index"})
-        rows = [r for r in rows if r.id in in_index or r.removed is not None]
-        # Removed rows whose vectors already left the index are forgotten; the others stay tombstones.
-        rows = [r for r in rows if r.removed is None or r.id in in_index]
-        described = {r.id for r in rows}
-        orphans = np.asarray(sorted(in_index - described), np.int64)
-        if len(orphans):
-            dropped += [{"id": int(i), "path": None, "why": "a vector with no catalogue row"} for i in orphans]
-        catalog = _fresh_catalog(path, rows, parts, actions)
-        catalog.reserve_ids(int(ids.max()) if len(ids) else 0)
-        idx = Index(path, manifest, index, catalog)
-        new_gen = gen + 1
-        if len(orphans):
-            if idx.removable:
-                index.remove_ids(faiss.IDSelectorBatch(orphans))
-                actions.append(f"removed {len(orphans)} vector(s) that no catalogue row describes")
-            else:
-                catalog.insert([Item(f"<lost vector {i}>", f"lost-{i}") for i in orphans.tolist()], new_gen,
-                               ids=orphans.tolist())
-                catalog.mark_removed(orphans.tolist(), new_gen)
-                if idx.on_disk:
-                    actions.append(f"tombstoned {len(orphans)} vector(s) that no catalogue row describes "
-                                   "(on-disk lists cannot remove vectors)")
-                else:
-                    idx._rebuild(new_gen)
-                    idx.manifest["compacted"] = new_gen
-                    actions.append(f"rebuilt the {idx.factory} index without {len(orphans)} vector(s) that no "
-                                   "catalogue row describes")
-        idx._commit(new_gen)
-        idx._refresh()
-        catalog.close()
+        embed = {"batch_size": batch_size, "workers": workers, "progress": progress}
+        index, rows = _surviving(path, parts, manifest, artifact, embed, dropped, actions)
+        new_gen = _commit_repair(path, parts, manifest, index, rows, dropped, actions)
     after = check(path)
     lines = [f"{path}: repaired, generation {new_gen}, {after.get('count', 0)} live items"]
     lines += [f"  {a}" for a in actions]
@@ -305,6 +293,77 @@ def repair(path: str | Path, artifact: str | Path | None = None, *, batch_size: 
     return {"index": str(path), "repaired": True, "ok": after["ok"], "before": before["problems"],
             "actions": actions, "dropped": dropped, "count": after.get("count"), "generation": new_gen,
             "problems": after["problems"], "text": "\n".join(lines)}
+
+
+def _surviving(path: Path, parts: Parts, manifest: dict[str, Any], artifact: str | Path | None,
+               embed: dict[str, Any], dropped: list[dict[str, Any]], actions: list[str]) -> tuple[Any, list[Row]]:
+    """One index holding every surviving vector (the base with the log folded in, or the files embedded again)
+    and the catalogue rows that go with it; live items without a vector are dropped."""
+    gen = manifest["generation"]
+    rows = parts.rows
+    if rows is None:
+        rows = []
+        actions.append(f"{CATALOG_FILE} was unreadable: no item descriptions survive")
+    elif not parts.rows_complete or "catalogue" in parts.errors:
+        actions.append(f"salvaged {len(rows)} row(s) from the damaged {CATALOG_FILE}")
+    if "log" in parts.errors:
+        actions.append(f"read the append log up to its damage ({sum(len(a[0]) for a in parts.adds)} vector(s))")
+    live = _live(rows, gen)
+    index = parts.index
+    if index is None:
+        index, live = _reembed(path, manifest, live, artifact, embed, dropped, actions)
+        live_ids = {r.id for r in live}
+        rows = [r for r in rows if r.id in live_ids or (r.removed is not None and r.removed <= gen)]
+        manifest.update(ivfdata=None, tombstones=0, compacted=gen)
+    elif parts.adds:
+        lists = path / f"lists.{gen + 1}.ivfdata" if manifest.get("ivfdata") else None
+        index = fold(index, parts.adds, np.zeros(0, np.int64), False, lists)
+        if lists is not None:
+            manifest["ivfdata"] = lists.name
+    in_index = set(faiss_ids(index).tolist())
+    for r in live:
+        if r.id not in in_index:
+            dropped.append({"id": r.id, "path": r.path, "why": "its vector is not in the index"})
+    # Removed rows whose vectors already left the index are forgotten; the others stay tombstones.
+    rows = [r for r in rows if r.id in in_index]
+    return index, rows
+
+
+def _commit_repair(path: Path, parts: Parts, manifest: dict[str, Any], index: Any, rows: list[Row],
+                   dropped: list[dict[str, Any]], actions: list[str]) -> int:
+    """Commit ``index`` and ``rows`` as the next generation, with an empty log: vectors no row describes are
+    removed (or tombstoned under rows of their own, or rebuilt away, where the index cannot remove)."""
+    new_gen = manifest["generation"] + 1
+    ids = faiss_ids(index)
+    orphans = np.asarray(sorted(set(ids.tolist()) - {r.id for r in rows}), np.int64)
+    if len(orphans):
+        dropped += [{"id": int(i), "path": None, "why": "a vector with no catalogue row"} for i in orphans]
+    catalog = _fresh_catalog(path, rows, parts, actions)
+    catalog.reserve_ids(int(ids.max()) if len(ids) else 0)
+    removable = supports_remove(index)
+    if removable:
+        dead = np.asarray([r.id for r in rows if r.removed is not None], np.int64)
+        if len(orphans) or len(dead):
+            index.remove_ids(faiss.IDSelectorBatch(np.concatenate([orphans, dead])))
+        if len(orphans):
+            actions.append(f"removed {len(orphans)} vector(s) that no catalogue row describes")
+    elif len(orphans):
+        catalog.insert([Item(f"<lost vector {i}>", f"lost-{i}") for i in orphans.tolist()], new_gen,
+                       ids=orphans.tolist())
+        catalog.mark_removed(orphans.tolist(), new_gen)
+        if manifest.get("ivfdata"):
+            actions.append(f"tombstoned {len(orphans)} vector(s) that no catalogue row describes "
+                           "(on-disk lists cannot remove vectors)")
+        else:
+            index = rebuilt(index, manifest["factory"], catalog.live_ids(new_gen), manifest.get("search_params", {}))
+            manifest["compacted"] = new_gen
+            actions.append(f"rebuilt the {manifest['factory']} index without {len(orphans)} vector(s) that no "
+                           "catalogue row describes")
+    staged = path / f"index.{new_gen}.faiss"
+    write_index(index, staged)
+    commit_base(path, rewritten(manifest, catalog, new_gen, index, removable), catalog, staged)
+    catalog.close()
+    return new_gen
 
 
 def _manifest_for(path: Path, parts: Parts, artifact: str | Path | None, actions: list[str]) -> dict[str, Any]:
@@ -331,18 +390,18 @@ def _manifest_for(path: Path, parts: Parts, artifact: str | Path | None, actions
     params: dict[str, Any] = {}
     if index is not None:
         ivf = faiss.try_extract_index_ivf(index)
-        hnsw = index_lib.find_sub_index(index, faiss.IndexHNSW)
+        hnsw = find_sub_index(index, faiss.IndexHNSW)
         if ivf is not None:
             params["nprobe"] = int(ivf.nprobe)
         elif hnsw is not None:
             params["efSearch"] = int(hnsw.hnsw.efSearch)
     manifest = {
-        "format": index_lib.FORMAT, "generation": gen, "artifact_sha256": sha, "dim": dim,
-        "metric": index_lib.METRIC, "normalized": True, "factory": factory, "factory_requested": factory,
+        "format": FORMAT, "generation": gen, "artifact_sha256": sha, "dim": dim,
+        "metric": METRIC, "normalized": True, "factory": factory, "factory_requested": factory,
         "factory_reason": "recovered by mae index check --repair", "nlist": None, "ivfdata": None,
         "search_params": params, "tuning": {}, "build": {}, "faiss_version": faiss.__version__,
-        "created": raw.get("created") if isinstance(raw.get("created"), str) else index_lib._now(),
-        "updated": index_lib._now(), "count": 0, "ntotal": 0, "tombstones": 0, "compacted": 0,
+        "created": raw.get("created") if isinstance(raw.get("created"), str) else now(),
+        "updated": now(), "count": 0, "ntotal": 0, "tombstones": 0, "compacted": 0,
     }
     for key in ("artifact", "images", "embed_backend"):
         if key in raw:
@@ -366,7 +425,7 @@ def _describe(index: Any) -> str:
     if index is None:
         return "Flat"
     ivf = faiss.try_extract_index_ivf(index)
-    hnsw = index_lib.find_sub_index(index, faiss.IndexHNSW)
+    hnsw = find_sub_index(index, faiss.IndexHNSW)
     if ivf is not None:
         inner = faiss.downcast_index(ivf)
         codes = f"PQ{inner.pq.M}" if isinstance(inner, faiss.IndexIVFPQ) else "Flat"
@@ -394,22 +453,22 @@ def _fresh_catalog(path: Path, rows: list[Row], parts: Parts, actions: list[str]
         os.replace(file, aside)
         actions.append(f"kept the previous {CATALOG_FILE} as {aside.name}")
     os.replace(tmp, file)
-    index_lib.fsync_dir(path)
+    fsync_dir(path)
     return Catalog(file)
 
 
-def _reembed(path: Path, manifest: dict[str, Any], live: list[Row], artifact: str | Path | None, batch_size: int,
-             workers: int, progress: bool, dropped: list[dict[str, Any]], actions: list[str]) -> tuple[Any, list[Row]]:
+def _reembed(path: Path, manifest: dict[str, Any], live: list[Row], artifact: str | Path | None,
+             embed: dict[str, Any], dropped: list[dict[str, Any]], actions: list[str]) -> tuple[Any, list[Row]]:
     """A new FAISS index of the same factory from the catalogue's files, embedded with the index's artifact."""
     from export.runtime import Embedder
-    from retrieval.build import embed_items
+    from retrieval.embedding import embed_items
 
     source = artifact or manifest.get("artifact")
     if not source or not Path(source).exists():
         raise ValueError(f"{path / INDEX_FILE} is lost and the artifact that built it is not at hand: pass "
                          f"--artifact to embed the {len(live)} catalogued images again")
-    embedder = Embedder.load(source, batch_size=batch_size)
-    index_lib.check_artifact(path, manifest, embedder.sha256)
+    embedder = Embedder.load(source, batch_size=embed["batch_size"])
+    check_artifact(path, manifest, embedder.sha256)
     keep, files = [], []
     for r in live:
         p = Path(r.path)
@@ -420,8 +479,7 @@ def _reembed(path: Path, manifest: dict[str, Any], live: list[Row], artifact: st
         else:
             keep.append(r)
             files.append(p)
-    emb, items = embed_items(embedder, files, [r.label for r in keep], batch_size=batch_size, workers=workers,
-                             progress=progress, desc="re-embedding")
+    emb, items = embed_items(embedder, files, [r.label for r in keep], desc="re-embedding", **embed)
     done = set(emb.positions)
     for j, r in enumerate(keep):
         if j not in done:

@@ -38,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``mae serve`` flags (``register``; tests build a parser of them alone)."""
     d, lim = Settings(), Limits()
     p.add_argument("--artifact", required=True, help="artifact folder (mae export)")
-    p.add_argument("--index", help="index folder (mae index build) for /search and the page's neighbours")
+    p.add_argument("--index", help="the index for /search and the page's neighbours: a folder (FAISS, mae index "
+                                   "build) or another engine's name (e.g. milvus:PATH.db)")
     p.add_argument("--host", default=d.host,
                    help="address to bind (0.0.0.0 for every interface: see README 'Running it exposed')")
     p.add_argument("--port", type=int, default=3000)
@@ -92,10 +93,10 @@ def command_line(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
             raise UsageError(f"--backend {args.backend} cannot run here: {reason}")
     index = None
     if args.index:
-        from retrieval.index import Index
+        from retrieval.index import Index, canonical
 
-        index = Path(args.index).resolve()
-        Index.load(index, artifact_sha256=config.sha256)  # refuses an index built with another artifact
+        index = canonical(args.index)  # a folder made absolute; another engine's name as it is
+        Index.open(index, artifact_sha256=config.sha256).close()  # refuses an index of another artifact
     keys = _keys_file(getattr(args, "api_keys", ""))
     origins = [_origin(o) for o in getattr(args, "cors_origin", [])]
     settings = Settings(artifact=str(artifact), index=str(index or ""), backend=args.backend,

@@ -81,8 +81,9 @@ class IndexAccess:
         if path:
             from retrieval.index import Index
 
-            self._index = Index.load(path, artifact_sha256=artifact_sha256)
+            self._index = Index.open(path, artifact_sha256=artifact_sha256)
             self._index.lock_timeout = write_wait_s
+            self._index.compact_in_background = True  # a POST /items must not wait for a fold of the collection
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mae-index")
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mae-index-write")
         self._scanner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mae-duplicates")
@@ -210,7 +211,7 @@ class IndexAccess:
         added = {rows[i].sha256: i for i in result.ids}
         # A writer elsewhere may have indexed the same bytes first: its item keeps its own file, ours goes.
         raced = [str(path) for path, sha in written.items() if sha not in added]
-        still_used = index.by_path(raced) if raced else {}
+        still_used = index.ids_by_path(raced) if raced else {}
         for path in raced:
             if path not in still_used:
                 Path(path).unlink(missing_ok=True)
@@ -229,7 +230,7 @@ class IndexAccess:
     def _store(self, uploads: Sequence[Upload], items: Sequence[Item]) -> dict[Path, str]:
         """Write the uploads whose bytes neither the index nor an earlier upload of this request holds; returns
         the files written, with their sha256."""
-        stored = set(self._need().by_sha256([it.sha256 for it in items]))
+        stored = set(self._need().ids_by_sha256([it.sha256 for it in items]))
         written = {}
         for upload, it in zip(uploads, items):
             path = Path(it.path)
@@ -246,7 +247,7 @@ class IndexAccess:
         if not result.ids:
             raise RequestError(f"no item {item_id} in the index", 404)
         uploaded = [p for p in result.paths if Path(p).parent == index.uploads]
-        still_used = index.by_path(uploaded) if uploaded else {}
+        still_used = index.ids_by_path(uploaded) if uploaded else {}
         for path in uploaded:
             if path not in still_used:
                 Path(path).unlink(missing_ok=True)  # the stored upload; a collection's own files are never deleted

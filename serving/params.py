@@ -48,7 +48,7 @@ def parse_k(value: Any, default: int = 10) -> int:
 
 def parse_where(values: Any) -> list[str]:
     """``where`` as a list of condition strings (one string, a list, or repeated form/query fields), validated."""
-    from retrieval.catalog import parse_filters
+    from retrieval.filters import parse_filters
 
     if values is None:
         return []

@@ -14,7 +14,7 @@ import retrieval  # noqa: F401  (first: sets passive OpenMP waiting before faiss
 
 faiss = pytest.importorskip("faiss")
 
-from retrieval import index as index_lib  # noqa: E402
+from retrieval import faiss_search  # noqa: E402
 from retrieval.catalog import Item, parse_where  # noqa: E402
 from retrieval.index import Index, build  # noqa: E402
 from retrieval.metadata import read_sidecar  # noqa: E402
@@ -114,8 +114,8 @@ def test_filtered_search_is_exactly_k_and_matches_exact_filtered_search(tmp_path
     """Whether scored exactly (few selected) or searched with an IDSelector (forced here), the answer holds k
     matching items, with recall@10 against exact filtered search."""
     if approximate:
-        monkeypatch.setattr(index_lib, "EXACT_MAX", 0)
-        monkeypatch.setattr(index_lib, "EXACT_FRACTION", 0.0)
+        monkeypatch.setattr(faiss_search, "EXACT_MAX", 0)
+        monkeypatch.setattr(faiss_search, "EXACT_FRACTION", 0.0)
     x, q = lowrank(3000, 41), lowrank(50, 42)
     items = [Item(f"/c/{i}.png", f"s{i}", None, {"bucket": f"{i % 100:02d}"}) for i in range(len(x))]
     idx = build(tmp_path / "i", x, items, artifact_sha256=SHA, factory=factory)
@@ -267,8 +267,8 @@ def test_a_catalogue_from_before_tags_gains_them(tmp_path):
 def test_a_search_that_comes_back_short_is_redone_exactly(tmp_path, monkeypatch):
     """An IVF probing one list finds fewer than k: the missing neighbours come from exact scoring, also when k
     is larger than what the filter selects."""
-    monkeypatch.setattr(index_lib, "EXACT_MAX", 0)
-    monkeypatch.setattr(index_lib, "EXACT_FRACTION", 0.0)
+    monkeypatch.setattr(faiss_search, "EXACT_MAX", 0)
+    monkeypatch.setattr(faiss_search, "EXACT_FRACTION", 0.0)
     x = lowrank(400, 49)
     idx = build(tmp_path / "i", x, [Item(f"/c/{i}.png", f"s{i}", str(i % 2)) for i in range(400)],
                 artifact_sha256=SHA, factory="IVF8,Flat")
