@@ -107,10 +107,9 @@ class Items:
     def add(self, uploads: list[Upload], vectors: Any, labels: list[str | None],
             tags: list[dict[str, str] | None]) -> dict[str, Any]:
         from retrieval.catalog import Item
-        from retrieval.index import UPLOADS
 
         index = self.index
-        folder = index.path / UPLOADS
+        folder = index.uploads
         items, files = [], []
         for upload, label, tag in zip(uploads, labels, tags):
             sha = hashlib.sha256(upload.data).hexdigest()
@@ -118,8 +117,7 @@ class Items:
             items.append(Item(str(path), sha, label, tag))
             files.append(path)
         written = []
-        with index._lock:
-            known = index.catalog.by_sha256([it.sha256 for it in items], index.generation)
+        known = index.ids_by_sha256([it.sha256 for it in items])
         stored = set(known)  # bytes the index or an earlier upload of this request already holds
         for it, path, upload in zip(items, files, uploads):
             if it.sha256 not in stored and not path.exists():
@@ -133,13 +131,13 @@ class Items:
             for path in written:
                 path.unlink(missing_ok=True)
             raise
-        with index._lock:
-            rows = index.catalog.get(result.ids, index.generation)
+        with index.lock:
+            rows = index.rows(result.ids)
             added = {rows[i].sha256: i for i in result.ids}
-            later = index.catalog.by_sha256([it.sha256 for it in items if it.sha256 not in known and
-                                             it.sha256 not in added], index.generation)
+            later = index.ids_by_sha256([it.sha256 for it in items if it.sha256 not in known and
+                                         it.sha256 not in added])
             # a writer elsewhere indexed the same bytes first: its item keeps its own file, ours goes
-            unused = [p for p in written if not index.catalog.by_path([str(p)], index.generation)]
+            unused = [p for p in written if not index.ids_by_path([str(p)])]
         for path in unused:
             path.unlink(missing_ok=True)
         duplicates, first = [], set()
@@ -157,10 +155,10 @@ class Items:
         result = index.remove([item_id])
         if not result.ids:
             raise ItemError(f"no item {item_id} in the index", 404)
-        folder = index.path / "uploads"
+        folder = index.uploads
         for path in result.paths:
             p = Path(path)
-            if p.parent == folder and not index.catalog.by_path([path], index.generation):
+            if p.parent == folder and not index.ids_by_path([path]):
                 p.unlink(missing_ok=True)  # the stored upload; a collection's own files are never deleted
         return {"removed": result.ids, "count": index.count, "generation": index.generation}
 
@@ -406,7 +404,7 @@ async def duplicates(request: Request) -> Response:
         if groups is None:  # the whole index is scanned: off the index thread, once per generation
             groups = await asyncio.get_running_loop().run_in_executor(items._slow, index.duplicates, threshold)
             items._duplicates = {key: groups}
-        rows = await items.read(index.catalog.get, [i for g in groups[:limit] for i, _ in g], index.generation)
+        rows = await items.read(index.rows, [i for g in groups[:limit] for i, _ in g])
         out = [[dict(items.item_json(rows[i]), score=s) for i, s in g if i in rows] for g in groups[:limit]]
         return JSONResponse({"threshold": threshold, "groups": out, "total_groups": len(groups),
                              "index_count": index.count, "generation": index.generation})

@@ -511,7 +511,7 @@ class MAEService:
         """On the index thread: pick up what a writer (``mae index add``, ``POST /items``, another worker)
         committed meanwhile (a ``stat`` of the manifest; see ``serving.items``), then search."""
         if self.index.reload():
-            log.info("index %s reloaded: %d items, generation %d", self.index.path, self.index.count,
+            log.info("index %s reloaded: %d items, generation %d", self.index.name, self.index.count,
                      self.index.generation)
         return self.index.search(vectors, k, where=where, min_score=min_score)
 
@@ -545,8 +545,8 @@ class MAEService:
         from retrieval.index import DUPLICATE_THRESHOLD
 
         idx = self.index
-        return {"path": str(idx.path) if SETTINGS.absolute_paths else idx.path.name, "count": idx.count,
-                "generation": idx.generation, "labels": idx.catalog.labels(idx.generation),
+        return {"path": idx.name if SETTINGS.absolute_paths else Path(idx.name).name, "count": idx.count,
+                "generation": idx.generation, "labels": idx.labels(),
                 "duplicate_threshold": DUPLICATE_THRESHOLD}
 
     @cached_property
