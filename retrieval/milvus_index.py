@@ -428,21 +428,25 @@ class MilvusIndex(Index):
     def reload(self) -> bool:
         """Read the ledger's generation (one small query); when another writer moved it, re-read the count and
         the properties. True when something changed."""
-        with self.lock, _errors(self.target):
+        with _errors(self.target):
             gen, token, updated = self._ledger_state()
-            if (gen, token) == (self._generation, self._token):
-                return False
+            with self.lock:
+                if (gen, token) == (self._generation, self._token):
+                    return False
             self._refresh(gen, token, updated)
             return True
 
     def _refresh(self, gen: int | None = None, token: str | None = None, updated: str | None = None) -> None:
+        """Read the facts and the count again (requests outside the lock: searches of this process go on)."""
         if gen is None:
             gen, token, updated = self._ledger_state()
         desc = self.client.describe_collection(self.target.collection)
-        self._props = dict(desc.get("properties") or {})
-        self._generation, self._token, self._updated = gen, token or "", updated
-        self._count = self._count_where("")
-        self._selections.clear()
+        count = self._count_where("")
+        with self.lock:
+            self._props = dict(desc.get("properties") or {})
+            self._generation, self._token, self._updated = gen, token or "", updated
+            self._count = count
+            self._selections.clear()
 
     def _ledger_state(self) -> tuple[int, str, str | None]:
         rows = self.client.query(self.target.ledger, filter="key == 0",
@@ -579,12 +583,12 @@ class MilvusIndex(Index):
 
     def rows(self, ids: Iterable[int]) -> dict[int, Row]:
         wanted = sorted({int(i) for i in ids if 1 <= int(i) <= MAX_ID})
-        with self.lock, _errors(self.target):
+        with _errors(self.target):
             return {int(r["id"]): _row(r) for r in self._query_in("id", wanted, ROW_FIELDS)}
 
     def vectors(self, ids: Sequence[int]) -> np.ndarray:
         asked = [int(i) for i in np.asarray(ids, np.int64).reshape(-1)]
-        with self.lock, _errors(self.target):
+        with _errors(self.target):
             found = {int(r["id"]): r["vector"] for r in
                      self._query_in("id", sorted({i for i in asked if 1 <= i <= MAX_ID}), ["id", "vector"])}
         missing = [i for i in asked if i not in found]
@@ -595,13 +599,13 @@ class MilvusIndex(Index):
         return np.asarray([found[i] for i in asked], np.float32)
 
     def live_ids(self) -> np.ndarray:
-        with self.lock, _errors(self.target):
+        with _errors(self.target):
             ids = [int(r["id"]) for batch in self._scan("", ["id"]) for r in batch]
         return np.unique(np.asarray(ids, np.int64))
 
     def ids_by_sha256(self, hashes: Iterable[str]) -> dict[str, int]:
         wanted = sorted(set(hashes))
-        with self.lock, _errors(self.target):
+        with _errors(self.target):
             out: dict[str, int] = {}
             for r in sorted(self._query_in("sha256", wanted, ["id", "sha256"]), key=lambda r: int(r["id"])):
                 out.setdefault(r["sha256"], int(r["id"]))
@@ -609,7 +613,7 @@ class MilvusIndex(Index):
 
     def ids_by_path(self, paths: Iterable[str]) -> dict[str, list[int]]:
         wanted = sorted(set(paths))
-        with self.lock, _errors(self.target):
+        with _errors(self.target):
             out: dict[str, list[int]] = {}
             for r in self._query_in("path", wanted, ["id", "path"]):
                 out.setdefault(r["path"], []).append(int(r["id"]))
@@ -618,7 +622,7 @@ class MilvusIndex(Index):
     def labels(self) -> dict[str, int]:
         """Live items per label: a scan of the label field (Milvus has no GROUP BY)."""
         counts: dict[str, int] = {}
-        with self.lock, _errors(self.target):
+        with _errors(self.target):
             for batch in self._scan("", ["label"]):
                 for r in batch:
                     key = r.get("label") or ""
@@ -627,7 +631,7 @@ class MilvusIndex(Index):
 
     def tag_keys(self, limit: int = 50) -> dict[str, int]:
         counts: dict[str, int] = {}
-        with self.lock, _errors(self.target):
+        with _errors(self.target):
             for batch in self._scan("", ["tags"]):
                 for r in batch:
                     for key in r.get("tags") or {}:
@@ -640,7 +644,7 @@ class MilvusIndex(Index):
             suggestion = choose_index("auto", self.count, self.dim).factory
         except (ValueError, UserError) as e:
             suggestion = str(e)
-        with self.lock, _errors(self.target):
+        with _errors(self.target):
             described = self.client.describe_index(self.target.collection, "vector") or {}
         return {
             "index": self.name, "engine": self.engine, "uri": self.target.uri, "collection": self.target.collection,
@@ -659,7 +663,8 @@ class MilvusIndex(Index):
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
         """One writer per collection in this process (milvus-lite takes no concurrent writers); a write starts
-        from the generation other processes committed."""
+        from the generation other processes committed. Searches of this process are not held up: the handle's
+        lock is taken only to change what it caches."""
         key = (self.target.uri, self.target.db_name, self.target.collection)
         with _local_lock:
             lock = _write_locks.setdefault(key, threading.Lock())
@@ -667,7 +672,7 @@ class MilvusIndex(Index):
         if not lock.acquire(timeout=timeout):
             raise IndexBusyError(f"another write to {self.name} held it for more than {self.lock_timeout} s")
         try:
-            with self.lock, _errors(self.target):
+            with _errors(self.target):
                 self.reload()
                 yield
         finally:
@@ -790,7 +795,8 @@ class MilvusIndex(Index):
 
     def _set_properties(self, values: Mapping[str, str]) -> None:
         self.client.alter_collection_properties(self.target.collection, properties=dict(values))
-        self._props.update(values)
+        with self.lock:
+            self._props.update(values)
 
     def _allocate(self, n: int) -> list[int]:
         """``n`` new ids from this handle's claimed blocks (claiming more as needed: see the module docstring)."""

@@ -142,13 +142,17 @@ def test_migrate_there_and_back_loses_nothing(tmp_path):
 def test_the_migrate_command_moves_a_folder_to_a_server(tmp_path):
     from tests.conftest import run_cli
 
-    Index.create(str(tmp_path / "a"), vectors(50, 9), nasty_items()[:50], artifact_sha256=SHA).close()
+    x = vectors(50, 9)
+    x[1] = x[0] + 1e-3 * vectors(1, 10)[0]  # a near-copy of item 1
+    Index.create(str(tmp_path / "a"), x, nasty_items()[:50], artifact_sha256=SHA).close()
     spec = shared_server().spec("cli")
     done = run_cli("index", "migrate", "--from", str(tmp_path / "a"), "--to", spec, "--json")
     answer = json.loads(done.stdout)
     assert answer["migrated"] == 50 and answer["count"] == 50 and answer["target"] == spec
     check = run_cli("index", "check", "--index", spec, check=False)
     assert check.returncode == 0 and "consistent" in check.stdout
+    groups = json.loads(run_cli("index", "duplicates", "--index", spec, "--no-pixel-check", "--json").stdout)
+    assert [[m["id"] for m in g] for g in groups["groups"]] == [[1, 2]]
     bad = run_cli("index", "info", "--index", "milvus://127.0.0.1:9/photos", check=False)
     assert bad.returncode == 1 and "cannot reach the Milvus server at http://127.0.0.1:9" in bad.stderr
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
