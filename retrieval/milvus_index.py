@@ -36,7 +36,8 @@ older id holds the same bytes; the rare copy that survives both checks is what `
 
 **Index types** are chosen from the collection size as the FAISS side chooses (``retrieval.tuning.choose_factory``:
 Flat, HNSW, IVF, IVF-PQ -> FLAT, HNSW, IVF_FLAT, IVF_PQ) or given as a Milvus type (``FLAT``, ``HNSW``, ``IVF_FLAT``,
-``IVF_PQ``) or a FAISS factory of those kinds; milvus-lite has no PQ index, so IVF_PQ needs a server. ``ef`` /
+``IVF_PQ``) or a FAISS factory of those kinds; milvus-lite has no PQ index, so IVF_PQ needs a server (which also
+gets INVERTED indexes on ``sha256``, ``path`` and ``label``, the fields adds and removes look up). ``ef`` /
 ``nprobe`` are tuned against exact search on held-out items to recall@10 >= 0.95, as on FAISS. A filtered search
 widens them as FAISS does, and a search that still comes back short of min(k, matching items) is redone exactly
 over the matching vectors (or wider), so a filter never makes an answer short.
@@ -119,7 +120,11 @@ EF_CONSTRUCTION = 40  # FAISS's default for HNSW32: the same graph quality on bo
 SELECTION_CACHE = 16
 TIMEOUT = float(os.environ.get("MAE_MILVUS_TIMEOUT", "30"))
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# pymilvus pings an idle connection every 10 s; gRPC servers (milvus-lite's among them) allow one per 5 minutes by
+# default and answer more with GOAWAY "too_many_pings", which gRPC logs as an error on stderr
+GRPC_OPTIONS = {"grpc.keepalive_time_ms": 300_000}
 ROW_FIELDS = ["id", "path", "label", "sha256", "added", "tags"]
+SCALAR_INDEXED = ("sha256", "path", "label")
 
 TYPES = ("FLAT", "HNSW", "IVF_FLAT", "IVF_PQ")
 LITE_TYPES = ("FLAT", "HNSW", "IVF_FLAT")
@@ -205,7 +210,7 @@ def connect(t: Target) -> MilvusClient:
             _local_users[t.uri] = _local_users.get(t.uri, 0) + 1
     try:
         client = MilvusClient(t.uri, token=os.environ.get("MAE_MILVUS_TOKEN", ""), db_name=t.db_name,
-                              timeout=TIMEOUT, dedicated=True)
+                              timeout=TIMEOUT, dedicated=True, grpc_options=GRPC_OPTIONS)
     except MilvusException as e:
         if t.local is not None:
             _release_local(t)
@@ -857,13 +862,15 @@ class MilvusIndex(Index):
                 raise ValueError("rows to keep must have distinct ids from 1 to 2**63 - 1")
         n, dim = len(keep), int(x.shape[1])
         choice = choose_index(factory, n, dim, max_memory=max_memory)
-        if t.local is not None and choice.index_type not in LITE_TYPES:
-            raise UsageError(f"{t.name}: milvus-lite has no {choice.index_type} index ({choice.reason}); give "
-                             "--factory IVF_FLAT (or HNSW), or use a Milvus server (milvus://HOST:PORT/COLLECTION)")
+        if t.local is not None:
+            _check_lite_type(t, choice)
         client = connect(t)
         tmp = Target(t.uri, f"{t.collection[:180]}_mae_new_{secrets.token_hex(4)}", t.db_name, t.local)
         try:
             with _errors(t):
+                lite = _is_lite(client)
+                if lite:  # a milvus-lite server process
+                    _check_lite_type(t, choice)
                 if client.has_collection(t.collection) and not overwrite:
                     raise FileExistsError(f"{t.name} already exists (--overwrite replaces it)")
                 extra = dict(extra or {})
@@ -883,7 +890,7 @@ class MilvusIndex(Index):
                 bar = _progress(progress, n, f"writing {t.name}")
                 _insert(client, tmp.collection, x, items, keep, ids, added, order, bar)
                 client.flush(tmp.collection)
-                _build_index(client, tmp.collection, choice)
+                _build_index(client, tmp.collection, choice, scalars=not lite)
                 if held.any():
                     tuning = _tune(client, tmp.collection, choice, x, keep, ids, held, target_recall)
                     client.alter_collection_properties(tmp.collection, properties={
@@ -1111,12 +1118,28 @@ def _ledger_row(key: int, block: int, last: int, owner: str, generation: int, up
             "v": [1.0, 0.0]}
 
 
-def _build_index(client: MilvusClient, name: str, choice: IndexChoice) -> None:
+def _build_index(client: MilvusClient, name: str, choice: IndexChoice, scalars: bool) -> None:
+    """The vector index and, on a Milvus server, INVERTED indexes on the fields every add and remove looks up
+    (``sha256``, ``path``) and on ``label`` (milvus-lite scans either way: measured no faster with them)."""
     params = client.prepare_index_params()
     params.add_index("vector", index_type=choice.index_type, metric_type="IP", params=dict(choice.params))
+    for field in SCALAR_INDEXED if scalars else ():
+        params.add_index(field, index_type="INVERTED")
     client.create_index(name, params, sync=False)  # pymilvus's own wait polls every half second
-    _wait_index(client, name, "vector")
+    for field in ["vector", *(SCALAR_INDEXED if scalars else ())]:
+        _wait_index(client, name, field)
     client.load_collection(name)
+
+
+def _is_lite(client: MilvusClient) -> bool:
+    """Whether the server is milvus-lite (embedded, or a ``milvus-lite server`` process)."""
+    return "lite" in str(client.get_server_version()).lower()
+
+
+def _check_lite_type(t: Target, choice: IndexChoice) -> None:
+    if choice.index_type not in LITE_TYPES:
+        raise UsageError(f"{t.name}: milvus-lite has no {choice.index_type} index ({choice.reason}); give "
+                         "--factory IVF_FLAT (or HNSW), or use a Milvus server (milvus://HOST:PORT/COLLECTION)")
 
 
 def _wait_index(client: MilvusClient, name: str, field: str, timeout: float = 24 * 3600) -> None:
