@@ -84,7 +84,8 @@ class LiteServer:
 
         for _ in range(600):
             try:
-                MilvusClient(f"http://127.0.0.1:{port}", timeout=2).close()
+                MilvusClient(f"http://127.0.0.1:{port}", timeout=2, dedicated=True,
+                             grpc_options={"grpc.keepalive_time_ms": 300_000}).close()
                 return
             except Exception:  # noqa: BLE001 - not listening yet
                 time.sleep(0.2)

@@ -17,18 +17,19 @@ A server that needs a token reads it from ``MAE_MILVUS_TOKEN`` ("user:password" 
 - its properties: the facts FAISS keeps in ``manifest.json`` (``mae.artifact_sha256``, ``mae.dim``,
   ``mae.metric``, ``mae.factory`` and ``mae.index_type``/``mae.index_params``, the tuned ``mae.search_params``,
   the artifact's path, the indexed folders, when it was made);
-- the ledger, ``COLLECTION_mae_ledger``: row 0 holds the generation (bumped by every write, with the writer's
-  token and time) and the other rows claim blocks of ids.
+- the ledger, ``COLLECTION_mae_ledger``, a small second collection: its rows claim blocks of ids and
+  generations (each with the writer's token and time).
 
 **Many writers, no lock.** Milvus has no transaction to hand out ids under, so each handle claims a block of
 ``ID_BLOCK`` ids at a time: it writes a claim row, then reads the claims of that block back with Strong
 consistency and keeps the block only if its claim is the only one. Of two claims of one block, whichever was
 read second sees the first, so at most one keeps it; when both see both, both move on. Ids are never handed out
 twice or reused, stay below 2**53 (a browser's integers), and are not contiguous (each server takes its own
-block). The generation in row 0 is what ``reload`` reads before every request (one small query): when it moved,
-the count and the properties are read again, so a server sees another server's add or delete on its next request;
-reads ask for Strong consistency for the same reason. Within one process, writes to one collection take a lock
-(milvus-lite does not take concurrent writers to one collection; a Milvus server does).
+block). Every write then claims the next generation the same way, so each write has its own. The newest
+generation is what ``reload`` reads before every request (one small query): when it moved, the count and the
+properties are read again, so a server sees another server's add or delete on its next request; reads ask for
+Strong consistency for the same reason. Within one process, writes to one collection take a lock (milvus-lite
+does not take concurrent writers to one collection; a Milvus server does).
 
 Files already indexed (by sha256) are skipped as on FAISS. Two servers adding the same bytes in the same instant
 cannot see each other's insert before their own: after inserting, each looks again and drops its copy when an
@@ -105,6 +106,7 @@ METRIC = "inner_product"
 DEFAULT_COLLECTION = "images"  # the collection of a milvus:PATH.db
 LEDGER = "_mae_ledger"
 ID_BLOCK = 1024
+GENERATIONS_KEPT = 64  # generation claims kept in the ledger (older ones are pruned)
 CLAIM_ATTEMPTS = 64
 MAX_TOPK = 16384  # Milvus answers at most this many neighbours per query
 MAX_TEXT = 65535  # VARCHAR bytes
@@ -454,12 +456,18 @@ class MilvusIndex(Index):
             self._selections.clear()
 
     def _ledger_state(self) -> tuple[int, str, str | None]:
-        rows = self.client.query(self.target.ledger, filter="key == 0",
-                                 output_fields=["generation", "owner", "updated"], consistency_level="Strong")
+        """The newest generation claim: (generation, the writer's token, when)."""
+        fields = ["key", "generation", "owner", "updated"]
+        rows = self.client.query(self.target.ledger, filter=f"generation >= {max(self._generation, 1)}",
+                                 output_fields=fields, consistency_level="Strong")
+        if not rows:  # a ledger made again by a repair starts lower than this handle has seen
+            rows = self.client.query(self.target.ledger, filter="generation > 0", output_fields=fields,
+                                     consistency_level="Strong")
         if not rows:
-            raise IndexDamagedError(f"{self.name}: the ledger {self.target.ledger!r} has no generation row; "
+            raise IndexDamagedError(f"{self.name}: the ledger {self.target.ledger!r} has no generation; "
                                     f"{repair_hint(self.name)}")
-        return int(rows[0]["generation"]), str(rows[0]["owner"]), rows[0].get("updated")
+        newest = max(rows, key=lambda r: (int(r["generation"]), -int(r["key"])))
+        return int(newest["generation"]), str(newest["owner"]), newest.get("updated")
 
     def close(self) -> None:
         if not self._closed:
@@ -792,11 +800,26 @@ class MilvusIndex(Index):
         return {"index": self.name, "compacted": True, "job": job, "generation": self.generation}
 
     def _commit(self) -> None:
-        """A write is done: bump the ledger's generation (other servers' ``reload`` sees it) and re-count."""
-        gen, _, _ = self._ledger_state()
-        now = _now()
-        self.client.upsert(self.target.ledger, [_ledger_row(0, -1, -1, self.write_token, gen + 1, now)])
-        self._refresh(gen + 1, self.write_token, now)
+        """A write is done: claim the next generation (other servers' ``reload`` sees it) and re-count.
+
+        Claimed as id blocks are (the module docstring), so that two servers writing at once never make the same
+        generation: every write has its own. Old generation claims are pruned as new ones are made."""
+        ledger = self.target.ledger
+        for attempt in range(CLAIM_ATTEMPTS):
+            gen = self._ledger_state()[0] + 1
+            key, now = secrets.randbits(62) + 1, _now()
+            self.client.insert(ledger, [_ledger_row(key, -1, -1, self.write_token, gen, now)])
+            rivals = self.client.query(ledger, filter=f"generation == {gen}", output_fields=["key"],
+                                       consistency_level="Strong")
+            if [int(r["key"]) for r in rivals] == [key]:
+                break
+            self.client.delete(ledger, ids=[key])
+            time.sleep(secrets.randbelow(20) / 1000 * (attempt + 1))
+        else:
+            raise RuntimeError(f"{self.name}: could not claim a generation after {CLAIM_ATTEMPTS} attempts")
+        if gen % GENERATIONS_KEPT == 0:
+            self.client.delete(ledger, filter=f"generation > 0 and generation < {gen - GENERATIONS_KEPT}")
+        self._refresh(gen, self.write_token, now)
 
     def _set_properties(self, values: Mapping[str, str]) -> None:
         self.client.alter_collection_properties(self.target.collection, properties=dict(values))
@@ -815,14 +838,15 @@ class MilvusIndex(Index):
         """Claim ``blocks`` consecutive id blocks no other writer holds; returns (first, last) block."""
         ledger = self.target.ledger
         for attempt in range(CLAIM_ATTEMPTS):
-            claims = self.client.query(ledger, filter="key != 0", output_fields=["last"], consistency_level="Strong")
+            claims = self.client.query(ledger, filter="block >= 0", output_fields=["last"],
+                                       consistency_level="Strong")
             first = max((int(c["last"]) for c in claims), default=-1) + 1
             last = first + blocks - 1
             if (last + 1) * ID_BLOCK > 2**53:
                 raise UserError(f"{self.name} has handed out every id below 2**53")
             key = secrets.randbits(62) + 1
             self.client.insert(ledger, [_ledger_row(key, first, last, self.write_token, 0, _now())])
-            rivals = self.client.query(ledger, filter=f"key != 0 and block <= {last} and last >= {first}",
+            rivals = self.client.query(ledger, filter=f"block >= 0 and block <= {last} and last >= {first}",
                                        output_fields=["key"], consistency_level="Strong")
             if [int(r["key"]) for r in rivals] == [key]:
                 return first, last
@@ -967,7 +991,7 @@ class MilvusIndex(Index):
             problems.append(f"the collection counts {self.count} items but lists {len(ids)}")
         if len(set(ids)) != len(ids):
             problems.append(f"{len(ids) - len(set(ids))} id(s) are held by more than one row")
-        claims = self.client.query(self.target.ledger, filter="key != 0", output_fields=["last"],
+        claims = self.client.query(self.target.ledger, filter="block >= 0", output_fields=["last"],
                                    consistency_level="Strong")
         top = (max((int(c["last"]) for c in claims), default=-1) + 1) * ID_BLOCK - 1
         if ids and max(ids) > top:
@@ -1022,7 +1046,7 @@ class MilvusIndex(Index):
                 ledger_ok = client.has_collection(t.ledger)
                 if ledger_ok:
                     _ensure_loaded(client, t.ledger)
-                    ledger_ok = bool(client.query(t.ledger, filter="key == 0", output_fields=["key"],
+                    ledger_ok = bool(client.query(t.ledger, filter="generation > 0", output_fields=["key"],
                                                   consistency_level="Strong"))
                 if not ledger_ok:
                     _ensure_loaded(client, t.collection)

@@ -46,7 +46,8 @@ class LiteServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"milvus-lite server exited:\n{self.log.read_text()[-3000:]}")
             try:
-                MilvusClient(f"http://127.0.0.1:{self.port}", timeout=2).close()
+                MilvusClient(f"http://127.0.0.1:{self.port}", timeout=2, dedicated=True,
+                             grpc_options={"grpc.keepalive_time_ms": 300_000}).close()
                 return
             except Exception:  # noqa: BLE001 - not listening yet
                 if time.monotonic() > deadline:

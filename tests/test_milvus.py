@@ -158,8 +158,8 @@ def test_the_migrate_command_moves_a_folder_to_a_server(tmp_path):
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
-def test_concurrent_writers_never_share_an_id():
-    """Handles in threads (as servers would) claim id blocks at once: every id is handed out once."""
+def test_concurrent_writers_never_share_an_id_or_a_generation():
+    """Handles in threads (as servers would) claim id blocks and generations at once: each is handed out once."""
     spec = shared_server().spec("ids")
     Index.create(spec, vectors(5, 10), [Item(f"/x/{i}", f"x{i}") for i in range(5)], artifact_sha256=SHA).close()
     handles = [Index.open(spec) for _ in range(3)]
@@ -178,6 +178,21 @@ def test_concurrent_writers_never_share_an_id():
         t.join()
     every = [i for g in got for i in g]
     assert len(every) == len(set(every)) == 3 * 4 * 600 and min(every) > 5 and max(every) < 2**53
+    start = handles[0].generation
+    generations: list[int] = []
+
+    def commit(j: int) -> None:
+        for _ in range(5):
+            handles[j]._commit()  # noqa: SLF001 - the generation claim alone, as writes on three servers make it
+            generations.append(handles[j].generation)
+
+    threads = [threading.Thread(target=commit, args=(j,)) for j in range(len(handles))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # every write its own generation (a round where two claims see each other is skipped: gaps are allowed)
+    assert len(set(generations)) == 15 and min(generations) > start
     for h in handles:
         h.close()
 
