@@ -199,8 +199,12 @@ _local_users: dict[str, int] = {}  # embedded milvus-lite files this process has
 _write_locks: dict[tuple[str, str, str], threading.Lock] = {}
 
 
-def connect(t: Target) -> MilvusClient:
-    """A client for ``t``; MilvusUnavailableError (one line with the URI) when nothing answers there."""
+def connect(t: Target, *, existing: bool = False) -> MilvusClient:
+    """A client for ``t``; MilvusUnavailableError (one line with the URI) when nothing answers there.
+
+    ``existing``: the index must be there already (milvus-lite would make an empty file for a mistyped name)."""
+    if existing and t.local is not None and not (t.local / "LOCK").exists():
+        raise FileNotFoundError(f"no index at {t.name}" + ("" if t.local.exists() else " (no such file)"))
     if t.local is not None:
         if importlib.util.find_spec("milvus_lite") is None:
             raise MissingDependencyError(
@@ -406,7 +410,7 @@ class MilvusIndex(Index):
     def open_target(cls, target: str, *, artifact_sha256: str | None = None, **options: Any) -> MilvusIndex:
         """Open a collection (``mmap`` and ``gpu``, FAISS's options, mean nothing here)."""
         t = parse_target(target)
-        client = connect(t)
+        client = connect(t, existing=True)
         try:
             idx = cls._open(t, client)
             if artifact_sha256 is not None and artifact_sha256 != idx.artifact_sha256:
@@ -946,7 +950,7 @@ class MilvusIndex(Index):
     def check_target(cls, target: str) -> dict[str, Any]:
         """Whether the collection, its properties and the ledger agree (see ``_facts_problems`` and below)."""
         t = parse_target(target)
-        client = connect(t)
+        client = connect(t, existing=True)
         try:
             with _errors(t):
                 if not client.has_collection(t.collection):
@@ -1020,7 +1024,7 @@ class MilvusIndex(Index):
         id (ids of items removed at the top may then be handed out again) and missing facts are taken from the
         artifact (``--artifact``). Rows themselves are never rewritten: a problem in them is reported."""
         t = parse_target(target)
-        client = connect(t)
+        client = connect(t, existing=True)
         done: list[str] = []
         try:
             with _errors(t):

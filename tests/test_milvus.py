@@ -232,6 +232,9 @@ def test_names_and_errors_a_user_can_fix(tmp_path):
         Index.open("milvus://127.0.0.1:9/photos")
     with pytest.raises(FileNotFoundError, match="no index at"):
         Index.open(shared_server().spec("absent"))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        Index.open(f"milvus:{tmp_path / 'typo.db'}")
+    assert not (tmp_path / "typo.db").exists(), "a mistyped name makes no empty index"
     with pytest.raises(UsageError, match="milvus-lite has no IVF_PQ"):  # a milvus-lite server process too
         Index.create(shared_server().spec("pq"), vectors(10, 1), [Item(f"/q/{i}", f"q{i}") for i in range(10)],
                      artifact_sha256=SHA, factory="IVF_PQ")
