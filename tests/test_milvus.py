@@ -221,7 +221,7 @@ def test_damage_is_refused_and_repaired():
 
 
 def test_names_and_errors_a_user_can_fix(tmp_path):
-    from retrieval.milvus_index import MilvusUnavailableError, choose_index, parse_target
+    from retrieval.milvus_store import MilvusUnavailableError, choose_index, parse_target
 
     assert parse_target("//db.example:19530/photos").uri == "http://db.example:19530"
     assert parse_target("//db.example/prod/photos").db_name == "prod"
