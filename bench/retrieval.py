@@ -41,6 +41,13 @@ per threshold, by the cosine alone and with the pixel check (``retrieval.verify`
     python bench/retrieval.py --duplicates --artifact demo/artifact             # the default threshold
     python bench/retrieval.py --writes --sizes 10000,100000,1000000                # the append log
     python bench/retrieval.py --parse                 # the filter parser, against the old expression
+    python bench/retrieval.py --milvus --artifact demo/artifact --queries 500   # Milvus against FAISS
+
+``--milvus`` compares the Milvus engine (embedded milvus-lite, as in CI) with FAISS on ``--milvus-n`` real embeddings
+(versions of the ``--images`` images embedded by the artifact): FLAT against FAISS exact search at filter
+selectivities 100/50/10/1/0.1% (the same top-10, the same number of answers), HNSW recall@10 against FAISS HNSW (M=32
+on both; each at its tuned setting and both at the same ef), the same again after 500 removes, 500 adds and 500 tag
+changes on both, and ``mae index migrate`` FAISS -> Milvus -> FAISS (counts, ids, rows, vectors).
 """
 
 from __future__ import annotations
@@ -64,7 +71,8 @@ import faiss  # noqa: E402
 
 from retrieval import index as index_lib  # noqa: E402
 from retrieval import tuning  # noqa: E402
-from retrieval.catalog import Item, parse_filters  # noqa: E402
+from retrieval.catalog import Item, Row, parse_filters  # noqa: E402
+from retrieval.metadata import UNSET  # noqa: E402
 
 
 def lowrank(n: int, dim: int, seed: int, rank: int = 32, noise: float = 0.5) -> np.ndarray:
@@ -292,6 +300,226 @@ def print_filtered(rows: list[dict[str, Any]]) -> None:
         print(f"{r['factory']:<22} {r['selectivity']:>5} {r['selected']:>9,} {r['mode']:<26} {r['selection_s']:>8.2f} "
               f"{r['recall10']:>6.3f} {r['exactly_k']:>5.2f} {r['qps']:>8.0f} {r['overfetch_recall10']:>14.3f} "
               f"{r['overfetch_qps']:>8.0f} {r['speedup']:>6.1f}x", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- Milvus
+
+
+def milvus_embeddings(args: argparse.Namespace, work: Path) -> tuple[np.ndarray, list[Row], dict[str, Any]]:
+    """Real embeddings of ``args.milvus_copies`` versions of each bundled image (the original, then shifted,
+    rotated and rescaled copies), embedded by the artifact through the real build pipeline (a FAISS Flat folder)."""
+    from PIL import Image
+
+    from mae.sources import export_source, load_source
+    from retrieval.build import build_index
+
+    originals = work / "originals"
+    export_source(load_source(args.images), originals)
+    files = sorted(originals.rglob("*.png"))
+    rng = np.random.default_rng(5)
+    for copy in range(1, args.milvus_copies):
+        for f in files:
+            img = Image.open(f)
+            angle, dx, dy = rng.uniform(-12, 12), *rng.integers(-2, 3, 2)
+            scale = rng.uniform(0.85, 1.1)
+            w, h = img.size
+            out = img.rotate(angle, resample=Image.BILINEAR, translate=(int(dx), int(dy)))
+            out = out.resize((max(1, int(w * scale)), max(1, int(h * scale))), Image.BILINEAR).resize((w, h))
+            target = work / f"copy{copy}" / f.parent.name / f.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            out.save(target)
+    roots = [originals, *(work / f"copy{c}" for c in range(1, args.milvus_copies))]
+    summary = build_index(args.artifact, roots, work / "embedded", factory="Flat", batch_size=args.batch_size,
+                          workers=args.workers, progress=False)
+    with index_lib.Index.open(work / "embedded") as idx:
+        ids = idx.live_ids()
+        rows = idx.rows(ids.tolist())
+        x = idx.vectors(ids)
+        figures = {"images": summary["images_embedded"], "images_per_s": summary["images_per_s"], "dim": idx.dim,
+                   "artifact_sha256": idx.artifact_sha256}
+    return x, [rows[int(i)] for i in ids], figures
+
+
+def run_milvus(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    """Milvus (embedded milvus-lite) against FAISS on the same real embeddings: FLAT against exact search at each
+    filter selectivity, HNSW recall against FAISS HNSW, the same deletes, adds and tag changes on both, then
+    ``mae index migrate`` there and back."""
+    from retrieval.migrate import migrate
+
+    started = time.perf_counter()
+    x_all, rows_all, figures = milvus_embeddings(args, work)
+    print(f"embedded {figures['images']:,} images ({figures['dim']}-d) at {figures['images_per_s']} images/s in "
+          f"{time.perf_counter() - started:.0f} s", flush=True)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(x_all))
+    n = min(args.milvus_n, len(x_all) - args.queries - 500)
+    db, queries, spare = order[:n], order[n : n + args.queries], order[n + args.queries : n + args.queries + 500]
+    buckets = rng.integers(0, 1000, len(x_all))
+
+    def item(i: int) -> Item:
+        r = rows_all[i]
+        return Item(r.path, r.sha256, r.label, {"r": f"{buckets[i]:03d}"})
+
+    x, items, q = x_all[db], [item(i) for i in db], x_all[queries]
+    sha = figures["artifact_sha256"]
+    made: dict[str, index_lib.Index] = {}
+    for name, spec, factory in (("faiss Flat", work / "faiss-flat", "Flat"),
+                                ("milvus FLAT", f"milvus:{work / 'flat.db'}", "FLAT"),
+                                ("faiss HNSW", work / "faiss-hnsw", "HNSW32,Flat"),
+                                ("milvus HNSW", f"milvus:{work / 'hnsw.db'}", "HNSW")):
+        started = time.perf_counter()
+        made[name] = index_lib.Index.create(spec, x, items, artifact_sha256=sha, factory=factory)
+        print(f"   {name}: built {n:,} in {time.perf_counter() - started:.1f} s, search "
+              f"{made[name].manifest.get('search_params') or 'exact'}", flush=True)
+    flat, mflat = made["faiss Flat"], made["milvus FLAT"]
+    out: list[dict[str, Any]] = []
+    out += compare_filtered("built", flat, mflat, q, args)
+    print_compared(out)
+    out.append(hnsw_recall(made["faiss HNSW"], made["milvus HNSW"], flat, q))
+    print_hnsw(out[-1])
+    # the same writes on both: 500 removed, 500 added, 500 re-tagged (a metadata upsert)
+    gone = rng.choice(np.arange(1, n + 1), 500, replace=False).tolist()
+    moved = rng.choice(np.setdiff1d(np.arange(1, n + 1), gone), 500, replace=False).tolist()
+    new = [item(i) for i in spare]
+    for idx in (flat, mflat):
+        started = time.perf_counter()
+        paths = {i: r.path for i, r in idx.rows(moved).items()}
+        idx.remove(gone)
+        idx.add(x_all[spare], new)
+        idx.annotate({paths[i]: (UNSET, {"r": f"{(buckets[db[i - 1]] + 500) % 1000:03d}"}) for i in moved})
+        print(f"   {idx.engine}: removed 500, added 500, re-tagged 500 in {time.perf_counter() - started:.1f} s; "
+              f"{idx.count:,} items", flush=True)
+    after = compare_filtered("after writes", flat, mflat, q, args)
+    print_compared(after)
+    out += after
+    out.append(migrate_round_trip(flat, work, migrate))
+    print_migrate(out[-1])
+    for idx in made.values():
+        idx.close()
+    print()
+    print_compared([r for r in out if r.get("kind") == "filtered"])
+    print_hnsw(next(r for r in out if r.get("kind") == "hnsw"))
+    print_migrate(out[-1])
+    return out
+
+
+def compare_filtered(when: str, a: index_lib.Index, b: index_lib.Index, q: np.ndarray,
+                     args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The same top-10 (as item paths: ids differ once each engine has added items), and as many answers?"""
+    rows = []
+    for name, where, _ in (("100%", None, None), *SELECTIVITIES):
+        w = [where] if where else None
+        ha, hb = a.search(q, 10, where=w), b.search(q, 10, where=w)
+        pa = [[h.path for h in r] for r in ha]
+        pb = [[h.path for h in r] for r in hb]
+        same = float(np.mean([x == y for x, y in zip(pa, pb)]))
+        # two engines sum a dot product in different orders (scores differ by ~1e-7): neighbours whose scores tie
+        # that closely may come back in either order, or either may be the tenth
+        tied = float(np.mean([same_up_to_ties(ra, rb) for ra, rb in zip(ha, hb)]))
+        same_count = float(np.mean([len(x) == len(y) for x, y in zip(pa, pb)]))
+        score = max((abs(x.score - y.score) for ra, rb in zip(ha, hb) for x, y in zip(ra, rb)), default=0.0)
+        timed = q[: args.batch1]
+        speed = {}
+        for idx in (a, b):
+            started = time.perf_counter()
+            for i in range(len(timed)):
+                idx.search(timed[i : i + 1], 10, where=w)
+            speed[idx.engine] = (time.perf_counter() - started) / len(timed) * 1000
+        matching = a.search_ids(q[:1], a.count, where=w)[1]
+        rows.append({"kind": "filtered", "when": when, "selectivity": name, "where": where or "",
+                     "matching": int((matching >= 0).sum()), "same_ids": same, "same_up_to_ties": tied,
+                     "same_count": same_count,
+                     "answers": float(np.mean([len(x) for x in pb])), "max_score_diff": score,
+                     "faiss_ms": speed["faiss"], "milvus_ms": speed["milvus"],
+                     "ratio": speed["milvus"] / speed["faiss"]})
+    return rows
+
+
+def same_up_to_ties(a: list[Any], b: list[Any], tie: float = 1e-5) -> bool:
+    """The same answers, where items whose scores are within ``tie`` may swap places or swap out at the end."""
+    if len(a) != len(b):
+        return False
+    if [h.path for h in a] == [h.path for h in b]:
+        return True
+    if any(abs(x.score - y.score) > tie for x, y in zip(a, b)):
+        return False
+    last = min(a[-1].score, b[-1].score) if a else 0.0
+    firm = lambda hits: {h.path for h in hits if h.score > last + tie}  # noqa: E731
+    return firm(a) == firm(b)
+
+
+def print_compared(rows: list[dict[str, Any]]) -> None:
+    print(f"{'':<13} {'kept':>5} {'items':>7} {'same top-10':>11} {'up to ties':>10} {'same count':>10} "
+          f"{'answers':>7} {'|d score|':>9} {'faiss ms':>8} {'milvus ms':>9} {'ratio':>6}")
+    for r in rows:
+        print(f"{r['when']:<13} {r['selectivity']:>5} {r['matching']:>7,} {r['same_ids']:>11.3f} "
+              f"{r['same_up_to_ties']:>10.3f} {r['same_count']:>10.3f} {r['answers']:>7.2f} "
+              f"{r['max_score_diff']:>9.1e} {r['faiss_ms']:>8.2f} {r['milvus_ms']:>9.2f} {r['ratio']:>5.1f}x",
+              flush=True)
+
+
+def hnsw_recall(fh: index_lib.Index, mh: index_lib.Index, flat: index_lib.Index, q: np.ndarray) -> dict[str, Any]:
+    """recall@10 against exact search: each at its tuned setting, and both at the same ef."""
+    _, truth = flat.search_ids(q, 10)
+
+    def recall(found: np.ndarray) -> float:
+        return float(np.mean([len(np.intersect1d(a[a >= 0], t)) / 10 for a, t in zip(found, truth)]))
+
+    def milvus_at(ef: int) -> np.ndarray:
+        answers = mh.client.search(mh.target.collection, data=list(q), anns_field="vector", limit=10,
+                                   search_params={"metric_type": "IP", "params": {"ef": ef}})
+        return np.asarray([[int(h["id"]) for h in r] + [-1] * (10 - len(r)) for r in answers])
+
+    def faiss_at(ef: int) -> np.ndarray:
+        tuning.apply_params(fh.index, {"efSearch": ef})
+        _, found = fh.index.search(q, 10)
+        tuning.apply_params(fh.index, fh.manifest["search_params"])
+        return found
+
+    row: dict[str, Any] = {"kind": "hnsw", "faiss_tuned": fh.manifest["search_params"],
+                           "milvus_tuned": mh.manifest["search_params"],
+                           "faiss_tuned_recall": recall(fh.search_ids(q, 10)[1]),
+                           "milvus_tuned_recall": recall(mh.search_ids(q, 10)[1]), "sweep": []}
+    for ef in (16, 32, 64, 128):
+        row["sweep"].append({"ef": ef, "faiss": recall(faiss_at(ef)), "milvus": recall(milvus_at(ef))})
+    return row
+
+
+def print_hnsw(r: dict[str, Any]) -> None:
+    print(f"{'HNSW M=32':<22} {'faiss R@10':>10} {'milvus R@10':>11} {'milvus - faiss':>14}")
+    print(f"{'tuned':<8} {str(r['faiss_tuned']) + ' / ' + str(r['milvus_tuned']):<13} {r['faiss_tuned_recall']:>10.3f} "
+          f"{r['milvus_tuned_recall']:>11.3f} {r['milvus_tuned_recall'] - r['faiss_tuned_recall']:>+14.3f}")
+    for s in r["sweep"]:
+        gap = s["milvus"] - s["faiss"]
+        print(f"{'ef = ' + str(s['ef']):<22} {s['faiss']:>10.3f} {s['milvus']:>11.3f} {gap:>+14.3f}", flush=True)
+
+
+def migrate_round_trip(flat: index_lib.Index, work: Path, migrate: Any) -> dict[str, Any]:
+    started = time.perf_counter()
+    migrate(flat.name, f"milvus:{work / 'moved.db'}", progress=False)
+    there = time.perf_counter() - started
+    started = time.perf_counter()
+    migrate(f"milvus:{work / 'moved.db'}", work / "back", progress=False)
+    back = time.perf_counter() - started
+    with index_lib.Index.open(f"milvus:{work / 'moved.db'}") as m, index_lib.Index.open(work / "back") as b:
+        ids = flat.live_ids()
+        ra = flat.rows(ids.tolist())
+        same_rows = all(
+            (ra[i].path, ra[i].label, ra[i].sha256, ra[i].added, ra[i].tags) ==
+            (o[i].path, o[i].label, o[i].sha256, o[i].added, o[i].tags)
+            for o in (m.rows(ids.tolist()), b.rows(ids.tolist())) for i in ra)
+        x = flat.vectors(ids)
+        return {"kind": "migrate", "count": flat.count, "milvus_count": m.count, "back_count": b.count,
+                "same_ids": bool(np.array_equal(m.live_ids(), ids) and np.array_equal(b.live_ids(), ids)),
+                "same_rows": same_rows, "max_vector_diff": float(max(np.abs(m.vectors(ids) - x).max(),
+                                                                     np.abs(b.vectors(ids) - x).max())),
+                "there_s": there, "back_s": back}
+
+
+def print_migrate(r: dict[str, Any]) -> None:
+    print(f"migrate faiss -> milvus -> faiss: {r['count']:,} / {r['milvus_count']:,} / {r['back_count']:,} items, "
+          f"same ids {r['same_ids']}, same rows (paths, labels, sha256, dates, tags) {r['same_rows']}, max |vector "
+          f"difference| {r['max_vector_diff']:.1e}; {r['there_s']:.1f} s there, {r['back_s']:.1f} s back", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------- near-duplicates
@@ -669,6 +897,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--pixel-thresholds", default="0.98,0.985,0.9875,0.99,0.9925,0.995",
                    help="--duplicates: aligned-correlation thresholds to try with the pixel check")
     p.add_argument("--seed", type=int, default=4, help="--duplicates: which originals, distractors and edits")
+    p.add_argument("--milvus", action="store_true",
+                   help="Milvus (embedded milvus-lite) against FAISS on real embeddings by --artifact instead")
+    p.add_argument("--milvus-n", type=int, default=20_000, help="--milvus: items in the collection")
+    p.add_argument("--milvus-copies", type=int, default=5,
+                   help="--milvus: versions of each --images image embedded (the original and shifted, rotated, "
+                        "rescaled copies), so that a bundled set gives enough real embeddings")
     p.add_argument("--writes", type=int, nargs="?", const=20, default=0,
                    help="the append log instead: this many single-item adds per size (default 20)")
     p.add_argument("--sizes", default="10000,100000,1000000", help="--writes: Flat index sizes")
@@ -704,11 +938,14 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2, default=float))
         return
-    if args.filtered or args.duplicates:
+    if args.filtered or args.duplicates or args.milvus:
         with tempfile.TemporaryDirectory(prefix="bench-retrieval-") as tmp:
-            if args.duplicates and not args.artifact:
-                raise SystemExit("--duplicates needs --artifact (the demo's: demo/artifact)")
-            rows = run_filtered(args, Path(tmp)) if args.filtered else run_duplicates(args, Path(tmp))
+            if (args.duplicates or args.milvus) and not args.artifact:
+                raise SystemExit("--duplicates and --milvus need --artifact (the demo's: demo/artifact)")
+            if args.milvus:
+                rows = run_milvus(args, Path(tmp))
+            else:
+                rows = run_filtered(args, Path(tmp)) if args.filtered else run_duplicates(args, Path(tmp))
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2, default=float))
         return

@@ -1,5 +1,6 @@
-"""``mae index build|add|remove|info|duplicates|compact|check`` and ``mae search``: their flags, and thin handlers over
-retrieval.build and retrieval.index (imported inside the handlers: building ``mae``'s parser must not load faiss).
+"""``mae index build|add|remove|info|duplicates|compact|check|migrate`` and ``mae search``: their flags, and
+thin handlers over retrieval.build and retrieval.index (imported inside the handlers: building ``mae``'s parser
+must not load faiss).
 
 Every ``--index`` (and ``--out`` of build) is an index name, whichever engine holds it (``retrieval.engine``):
 a folder (FAISS), or an engine's ``SCHEME:...`` form. The handlers use only ``Index``'s public methods.
@@ -29,7 +30,7 @@ INDEX_HELP = "the index: a folder (FAISS), or SCHEME:... of another engine (e.g.
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``index`` (build, add, remove, info, duplicates, compact, check) and ``search`` to ``mae``."""
+    """Add ``index`` (build, add, remove, info, duplicates, compact, check, migrate) and ``search`` to ``mae``."""
     p = sub.add_parser("index", help="build and change a similarity index over an image collection")
     isub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
     i = isub.add_parser("build", help="embed a collection with an artifact and index it")
@@ -38,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="folders (class subfolders become labels), files, .txt lists, or WebDataset shards (one spec)")
     i.add_argument("--out", required=True, help="the index to write: " + INDEX_HELP.removeprefix("the index: "))
     i.add_argument("--factory", default="auto",
-                   help="auto (exact, HNSW, IVF or IVF-PQ by collection size) or any faiss factory string")
+                   help="auto (exact, HNSW, IVF or IVF-PQ by collection size), any faiss factory string, or for "
+                        "a Milvus index FLAT, HNSW, IVF_FLAT or IVF_PQ")
     i.add_argument("--shards", type=int, default=1,
                    help="> 1: train the IVF once, fill this many shards in worker processes, merge on disk (mmap)")
     i.add_argument("--max-memory", type=float, metavar="GIB", help="memory the index may use (default: half the RAM)")
@@ -96,6 +98,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                                       "when index.faiss is lost, or to name the model when the manifest is)")
     add_json_flag(i)
     i.set_defaults(handler="retrieval.command:index_check")
+    i = isub.add_parser("migrate", help="copy an index to another engine (a FAISS folder <-> a Milvus collection) "
+                                        "without embedding anything again")
+    i.add_argument("--from", dest="source", required=True, metavar="INDEX", help="the index to copy: " + INDEX_HELP
+                   .removeprefix("the index: "))
+    i.add_argument("--to", dest="target", required=True, metavar="INDEX2",
+                   help="the index to make (e.g. milvus://HOST:19530/photos, milvus:PATH.db or a folder)")
+    i.add_argument("--factory", help="the target's index type (default: the kind the source has; auto: chosen by "
+                                     "size; Milvus: FLAT, HNSW, IVF_FLAT, IVF_PQ)")
+    i.add_argument("--batch-size", type=int, default=4096, help="items read from the source per request")
+    i.add_argument("--overwrite", action="store_true", help="replace an existing index at --to")
+    add_json_flag(i)
+    i.set_defaults(handler="retrieval.command:index_migrate")
 
     _register_search(sub)
 
@@ -328,6 +342,12 @@ def index_compact(args: argparse.Namespace) -> dict[str, Any]:
         text = f"{idx.name}: not compacted ({report.get('reason')})"
     report.update(log_before=before, text=text)
     return report
+
+
+def index_migrate(args: argparse.Namespace) -> dict[str, Any]:
+    from retrieval.migrate import migrate
+
+    return migrate(args.source, args.target, factory=args.factory, overwrite=args.overwrite, batch=args.batch_size)
 
 
 def index_check(args: argparse.Namespace) -> dict[str, Any] | int:

@@ -4,8 +4,8 @@ An index is named the same way everywhere one is taken (``--index``, ``--out``, 
 ``Index.open``)::
 
     DIR                              a FAISS folder (the embedded default; ``faiss:DIR`` says so explicitly)
-    milvus:PATH.db                   embedded milvus-lite, in this process        (once the Milvus engine lands)
-    milvus://HOST:PORT/COLLECTION    a Milvus standalone or cluster server         (once the Milvus engine lands)
+    milvus:PATH.db                   embedded milvus-lite, in this process (retrieval.milvus_index)
+    milvus://HOST:PORT/COLLECTION    a Milvus standalone or cluster server (or a ``milvus-lite server``)
 
 ``ENGINES`` maps each scheme to the class that implements it (imported only when an index of that kind is
 opened, so that pymilvus loads only for Milvus). Adding an engine is one module with a subclass of ``Index``
@@ -44,6 +44,8 @@ from retrieval.filters import MAX_ID, Condition, parse_filters
 # scheme -> ("module:Class", the forms it accepts, as the error for an unknown scheme lists them)
 ENGINES: dict[str, tuple[str, str]] = {
     "faiss": ("retrieval.faiss_index:FaissIndex", "DIR (a FAISS folder, also written faiss:DIR)"),
+    "milvus": ("retrieval.milvus_index:MilvusIndex", "milvus:PATH.db (embedded milvus-lite), "
+               "milvus://HOST:PORT/COLLECTION (a Milvus server)"),
 }
 DEFAULT_ENGINE = "faiss"  # a name without a scheme
 
@@ -203,13 +205,17 @@ class Index(ABC):
     @classmethod
     def create(cls, spec: str | Path | IndexSpec, vectors: np.ndarray, items: Sequence[Item], *, artifact_sha256: str,
                factory: str = "auto", overwrite: bool = False, extra: dict[str, Any] | None = None,
-               **options: Any) -> Index:
+               rows: Sequence[Row] | None = None, **options: Any) -> Index:
         """Make a new index from vectors (N, D) and their items (duplicates by sha256 kept once).
 
         ``factory``: "auto" (the engine chooses by size and memory) or an engine's own index type. ``extra``:
         facts to record with it (the artifact's path, the indexed folders as ``images``, build figures).
+        ``rows``: catalogue rows to keep as they are, one per item, when an index moves between engines
+        (``mae index migrate``): ids, dates and tags kept, none dropped as a duplicate.
         """
         s = parse_spec(spec)
+        if rows is not None:  # only then: an engine without the option still builds everything else
+            options["rows"] = rows
         return engine_class(s.engine).create_target(s.target, vectors, items, artifact_sha256=artifact_sha256,
                                                     factory=factory, overwrite=overwrite, extra=extra, **options)
 
@@ -243,7 +249,8 @@ class Index(ABC):
         """Build a new index at ``target``: it appears complete or not at all; an existing one is refused
         (FileExistsError) unless ``overwrite``. Callers pass the options ``max_memory`` (bytes the index may
         use), ``target_recall`` (what search parameters are tuned to), ``gpu`` and ``seed``; an engine uses those
-        that apply to it and ignores the others."""
+        that apply to it and ignores the others. ``rows`` (``Index.create``) and ``progress`` (a progress bar)
+        come only from ``mae index migrate``, and every engine must take them."""
 
     @classmethod
     @abstractmethod

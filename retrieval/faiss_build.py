@@ -7,6 +7,7 @@ processes, torchrun ranks) is in ``retrieval.build``.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ import faiss
 import numpy as np
 
 from retrieval.catalog import FILENAME as CATALOG_FILE
-from retrieval.catalog import Catalog, Item
+from retrieval.catalog import Catalog, Item, Row
 from retrieval.faiss_store import TRAINED_FILE, blocks, commit_first, new_manifest, staging, stdout_to_stderr
 from retrieval.tuning import (
     TARGET_RECALL,
@@ -35,17 +36,19 @@ from retrieval.tuning import (
 def build_folder(out: str | Path, vectors: np.ndarray, items: Sequence[Item], *, artifact_sha256: str,
                  factory: str = "auto", max_memory: int | None = None, target_recall: float = TARGET_RECALL,
                  gpu: bool | None = None, seed: int = 0, extra: dict[str, Any] | None = None,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, rows: Sequence[Row] | None = None) -> Path:
     """Build a new index folder from vectors (N, D) and their items, in memory; duplicates (sha256) once.
 
     The folder appears complete or not at all: everything is written in a sibling temp folder and renamed.
+    ``rows``: catalogue rows to keep as they are, one per item (``mae index migrate``): ids, dates and tags kept,
+    none dropped as a duplicate.
     """
     x = np.ascontiguousarray(np.asarray(vectors, np.float32))
     if x.ndim != 2 or len(x) != len(items):
         raise ValueError(f"expected vectors (N, D) for {len(items)} items, got shape {x.shape}")
     keep, seen = [], set()
     for j, it in enumerate(items):
-        if it.sha256 not in seen:
+        if rows is not None or it.sha256 not in seen:
             seen.add(it.sha256)
             keep.append(j)
     duplicates = len(items) - len(keep)
@@ -65,7 +68,11 @@ def build_folder(out: str | Path, vectors: np.ndarray, items: Sequence[Item], *,
         figures["train_seconds"] = round(train(index, sample, gpu), 2)
     with staging(out, overwrite) as tmp:
         catalog = Catalog.create(tmp / CATALOG_FILE)
-        ids = np.asarray(catalog.insert(items, 1), np.int64)
+        if rows is None:
+            ids = np.asarray(catalog.insert(items, 1), np.int64)
+        else:
+            catalog.restore([dataclasses.replace(r, generation=1, removed=None) for r in rows])
+            ids = np.asarray([r.id for r in rows], np.int64)
         # Tuning queries are held out: added only after the search parameters are chosen on them.
         held = np.zeros(n, bool)
         if tunables(index) and n > 10 * (10 + 1):

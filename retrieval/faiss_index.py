@@ -162,6 +162,7 @@ class FaissIndex(FaissReads, Index):
     def create_target(cls, target: str, vectors: np.ndarray, items: Sequence[Item], *, artifact_sha256: str,
                       factory: str = "auto", overwrite: bool = False, extra: dict[str, Any] | None = None,
                       **options: Any) -> FaissIndex:
+        options.pop("progress", None)  # a build in memory shows no bar
         return build(target, vectors, items, artifact_sha256=artifact_sha256, factory=factory, overwrite=overwrite,
                      extra=extra, **options)
 

@@ -112,7 +112,7 @@ class IndexAccess:
 
         def fresh() -> Found[T]:
             if index.reload():
-                log.info("index %s reloaded: %d items, generation %d", index.path, index.count, index.generation)
+                log.info("index %s reloaded: %d items, generation %d", index.name, index.count, index.generation)
             return Found(fn(*args, **kwargs), index.count, index.generation)
 
         return await asyncio.get_running_loop().run_in_executor(self._reader, fresh)
@@ -172,7 +172,7 @@ class IndexAccess:
 
         index = self._need()
         found = await self._read(index.labels)
-        return {"path": str(index.path) if self.absolute_paths else index.path.name, "count": found.count,
+        return {"path": index.name if self.absolute_paths else Path(index.name).name, "count": found.count,
                 "generation": found.generation, "labels": found.value, "duplicate_threshold": DUPLICATE_THRESHOLD}
 
     def _row(self, item_id: int) -> Row:

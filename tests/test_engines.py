@@ -20,15 +20,18 @@ from mae.errors import UsageError, UserError  # noqa: E402
 from retrieval.catalog import Item  # noqa: E402
 from retrieval.index import Index, IndexMismatchError, accepted_forms, parse_spec  # noqa: E402
 from retrieval.metadata import UNSET  # noqa: E402
+from tests.milvus_support import lite_spec, real_spec  # noqa: E402
 
 SHA = "c" * 64
 DIM = 32
 N = 240
 RNG_W = np.random.default_rng(7).standard_normal((6, DIM))
 
-# engine -> how its index is named inside a temporary folder
+# engine -> how its index is named inside a temporary folder (a spec function may skip: its package is missing)
 ENGINE_SPECS = {
     "faiss": lambda tmp: str(tmp / "index"),
+    "milvus": lite_spec,  # a collection on the session's milvus-lite server process
+    "milvus-server": real_spec,  # a collection on the Milvus server MAE_MILVUS_URI names (skipped without)
 }
 
 
@@ -45,13 +48,23 @@ def catalogued(n: int = N, root: str = "/data/photos") -> list[Item]:
                  {"camera": ["X100", "GR"][i % 2], "bucket": f"{i % 50:02d}"}) for i in range(n)]
 
 
-@pytest.fixture(params=sorted(ENGINE_SPECS))
-def made(request, tmp_path):
-    """(spec, vectors, items) of a fresh index of each engine, built through ``Index.create``."""
-    spec = ENGINE_SPECS[request.param](tmp_path)
+def make(engine: str, tmp) -> tuple[str, np.ndarray, list[Item]]:
+    spec = ENGINE_SPECS[engine](tmp)
     x, items = vectors(N, 1), catalogued()
     Index.create(spec, x, items, artifact_sha256=SHA, extra={"images": ["/data/photos"]}).close()
     return spec, x, items
+
+
+@pytest.fixture(params=sorted(ENGINE_SPECS))
+def made(request, tmp_path):
+    """(spec, vectors, items) of a fresh index of each engine, built through ``Index.create``."""
+    return make(request.param, tmp_path)
+
+
+@pytest.fixture(scope="module", params=sorted(ENGINE_SPECS))
+def searched(request, tmp_path_factory):
+    """The same, built once per engine for the tests that only read it (a Milvus build costs half a second)."""
+    return make(request.param, tmp_path_factory.mktemp(request.param))
 
 
 def brute(items: list[Item], x: np.ndarray, q: np.ndarray, keep, k: int) -> list[list[int]]:
@@ -123,8 +136,8 @@ CONDITIONS = [
 
 
 @pytest.mark.parametrize("where, keep", CONDITIONS, ids=[c[0] for c in CONDITIONS])
-def test_every_operator_exactly_k_against_brute_force(made, where, keep):
-    spec, x, items = made
+def test_every_operator_exactly_k_against_brute_force(searched, where, keep):
+    spec, x, items = searched
     q = vectors(3, 2)
     with Index.open(spec) as idx:
         hits = idx.search(q, 10, where=[where])
@@ -132,8 +145,8 @@ def test_every_operator_exactly_k_against_brute_force(made, where, keep):
     assert [[h.id for h in row] for row in hits] == expected, where
 
 
-def test_added_today_as_a_date_and_a_time(made):
-    spec, x, items = made
+def test_added_today_as_a_date_and_a_time(searched):
+    spec, x, items = searched
     now = datetime.now(timezone.utc)
     with Index.open(spec) as idx:
         q = vectors(1, 3)
@@ -145,8 +158,8 @@ def test_added_today_as_a_date_and_a_time(made):
         assert idx.search(q, 5, where=[f"added>{(now + timedelta(hours=1)).isoformat()}"])[0] == []
 
 
-def test_min_score_k_capped_and_combined_filters(made):
-    spec, x, items = made
+def test_min_score_k_capped_and_combined_filters(searched):
+    spec, x, items = searched
     q = vectors(2, 4)
     with Index.open(spec) as idx:
         full = idx.search(q, 30)
@@ -161,8 +174,8 @@ def test_min_score_k_capped_and_combined_filters(made):
     assert all(h.label == "dog" and h.tags["camera"] == "GR" for row in both for h in row)
 
 
-def test_by_id_similar_vectors_and_rows(made):
-    spec, x, items = made
+def test_by_id_similar_vectors_and_rows(searched):
+    spec, x, items = searched
     with Index.open(spec) as idx:
         np.testing.assert_allclose(idx.vectors([5, 9]), x[[4, 8]], atol=1e-5)
         similar = idx.similar(5, 8)
@@ -218,8 +231,8 @@ def test_duplicates_group_near_copies(made):
     assert sorted(sorted(i for i, _ in g) for g in groups) == [[i + 1, a] for i, a in enumerate(added.ids)]
 
 
-def test_wrong_queries_are_usage_errors(made):
-    spec, _, _ = made
+def test_wrong_queries_are_usage_errors(searched):
+    spec, _, _ = searched
     with Index.open(spec) as idx:
         for call in (lambda: idx.search(np.zeros((1, DIM + 1), np.float32)),
                      lambda: idx.search(np.full((1, DIM), np.nan, np.float32)),

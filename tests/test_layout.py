@@ -7,7 +7,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("mae", "training", "export", "retrieval", "serving", "cli")
-HEAVY = {"bentoml": "serving", "faiss": "retrieval", "onnxruntime": "export", "tensorrt": "export"}
+HEAVY = {"bentoml": "serving", "faiss": "retrieval", "onnxruntime": "export", "tensorrt": "export",
+         "pymilvus": "retrieval", "milvus_lite": "retrieval"}
 
 
 def _imports() -> dict[str, set[str]]:
