@@ -219,7 +219,7 @@ def test_index_access_without_a_server(tmp_path, monkeypatch):
     vectors = rng.normal(size=(6, 8)).astype(np.float32)
     build(tmp_path / "index", vectors, items, artifact_sha256="a" * 64, factory="Flat")
     access, other = IndexAccess(str(tmp_path / "index"), "a" * 64), Index.load(tmp_path / "index")
-    ids = other.by_sha256([it.sha256 for it in items])
+    ids = other.ids_by_sha256([it.sha256 for it in items])
     held = ids[items[0].sha256]
     assert asyncio.run(access.duplicates(0.999, 10)).value == ([], 0)
 
@@ -244,7 +244,7 @@ def test_index_access_without_a_server(tmp_path, monkeypatch):
 
     monkeypatch.setattr(access, "_store", store_then_race)
     found = asyncio.run(access.add([Upload("image 1", raced, "r.png")], vectors[2:3], [None], [None]))
-    winner = other.by_sha256([hashlib.sha256(raced).hexdigest()])
+    winner = other.ids_by_sha256([hashlib.sha256(raced).hexdigest()])
     assert found.value.rows == [] and found.value.duplicates == [("image 1", *winner.values())] and found.count == 8
     assert not list((tmp_path / "index" / "uploads").glob("*-r.png")), "our copy of the bytes went"
     assert asyncio.run(access.row(*winner.values())).path == str(photos / "elsewhere.png"), "reads see it"
