@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from export.formats import BACKEND_CHOICES  # stdlib only
+from export.formats import BACKEND_CHOICES, BACKEND_HELP  # stdlib only
 from mae.flags import add_json_flag
 
 if TYPE_CHECKING:
@@ -33,6 +33,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``index`` (build, add, remove, info, duplicates, compact, check, migrate) and ``search`` to ``mae``."""
     p = sub.add_parser("index", help="build and change a similarity index over an image collection")
     isub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
+    _register_build_and_add(isub)
+    _register_changes(isub)
+    _register_upkeep(isub)
+    _register_search(sub)
+
+
+def _register_build_and_add(isub: argparse._SubParsersAction) -> None:
     i = isub.add_parser("build", help="embed a collection with an artifact and index it")
     i.add_argument("--artifact", required=True, help="artifact folder (mae export)")
     i.add_argument("--images", required=True, nargs="+",
@@ -53,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "or items.csv (path,label,TAG...)")
         q.add_argument("--batch-size", type=int, default=64, help="images per embedding batch")
         q.add_argument("--workers", type=int, default=2, help="DataLoader processes reading and decoding images")
-        q.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="embedding backend")
+        q.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help=BACKEND_HELP)
         q.add_argument("--device", help="torch device for the embedder (default: cuda when available)")
         add_json_flag(q)
     i.set_defaults(handler="retrieval.command:index_build")
@@ -61,6 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ia.add_argument("images", nargs="+", metavar="DIR_OR_FILE", help="folders or image files to add")
     ia.add_argument("--artifact", help="artifact (default: the one recorded in the index manifest)")
     ia.set_defaults(handler="retrieval.command:index_add")
+
+
+def _register_changes(isub: argparse._SubParsersAction) -> None:
     i = isub.add_parser("remove", help="remove items by path or id")
     i.add_argument("--index", required=True, help=INDEX_HELP)
     i.add_argument("items", nargs="+", metavar="PATH_OR_ID", help="image paths or catalogue ids")
@@ -74,7 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--index", required=True, help=INDEX_HELP)
     i.add_argument("--threshold", type=float,
                    help="cosine at or above which two items are candidates (default 0.80 with the pixel check, "
-                        "0.998 without: both measured, see README)")
+                        "0.998 without: both measured, see docs/retrieval.md)")
     i.add_argument("--pixel-threshold", type=float,
                    help="keep a candidate pair when its grey thumbnails, once aligned (scale, rotation, shift), "
                         "correlate at or above this (default 0.9875, measured)")
@@ -83,6 +93,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--show", metavar="PNG", help="write a picture: one row per group")
     add_json_flag(i)
     i.set_defaults(handler="retrieval.command:index_duplicates")
+
+
+def _register_upkeep(isub: argparse._SubParsersAction) -> None:
     i = isub.add_parser("compact", help="fold what writes appended into the index (FAISS: a new index.faiss; "
                                         "writes do this by themselves past a threshold)")
     i.add_argument("--index", required=True, help=INDEX_HELP)
@@ -111,8 +124,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_json_flag(i)
     i.set_defaults(handler="retrieval.command:index_migrate")
 
-    _register_search(sub)
-
 
 def _register_search(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("search", help="nearest images of an image (or of an indexed item) in an index")
@@ -126,7 +137,7 @@ def _register_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-score", type=float, help="leave out neighbours with a cosine below this")
     p.add_argument("--show", metavar="PNG", help="write a contact sheet: the query and its neighbours with scores")
     p.add_argument("--artifact", help="artifact (default: the one recorded in the index manifest)")
-    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="embedding backend")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help=BACKEND_HELP)
     p.add_argument("--device", help="torch device for the embedder")
     add_json_flag(p)
     p.set_defaults(handler="retrieval.command:search")

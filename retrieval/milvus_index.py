@@ -52,7 +52,6 @@ import math
 import os
 import re
 import secrets
-import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -82,36 +81,26 @@ from retrieval.milvus_store import (
     MilvusClient,
     MilvusException,
     Target,
-    check_lite_type,
     check_sizes,
     choose_index,
+    claim_generation,
+    claim_id_blocks,
     close_client,
     connect,
-    create_collection,
-    create_indexes,
-    create_ledger,
     ensure_loaded,
     entity,
     error_text,
     facts_problems,
-    index_type_of,
-    insert_rows,
-    is_lite,
     json_or,
     knob_of,
-    ledger_row,
     milvus_errors,
     parse_target,
-    tune,
     unit,
     utc_now,
-    vector_dim,
     write_lock,
 )
-from retrieval.tuning import TARGET_RECALL, TUNE_QUERIES
 
 GENERATIONS_KEPT = 64  # generation claims kept in the ledger (older ones are pruned)
-CLAIM_ATTEMPTS = 64
 MAX_TOPK = 16384  # Milvus answers at most this many neighbours per query
 EXACT_MAX = 20_000  # a filter that selects at most this many items is scored exactly when the index comes back short
 # Filtered searches widen ef / nprobe for a kept fraction s as the FAISS engine does (measured there:
@@ -410,9 +399,12 @@ class MilvusIndex(Index):
         return np.asarray([found[i] for i in asked], np.float32)
 
     def live_ids(self) -> np.ndarray:
+        return np.unique(self.stored_ids())
+
+    def stored_ids(self) -> np.ndarray:
+        """The id of every row, in the collection's order (an id held by two rows comes twice: ``check``)."""
         with milvus_errors(self.target):
-            ids = [int(r["id"]) for batch in self._scan("", ["id"]) for r in batch]
-        return np.unique(np.asarray(ids, np.int64))
+            return np.asarray([int(r["id"]) for batch in self._scan("", ["id"]) for r in batch], np.int64)
 
     def ids_by_sha256(self, hashes: Iterable[str]) -> dict[str, int]:
         wanted = sorted(set(hashes))
@@ -600,21 +592,9 @@ class MilvusIndex(Index):
 
         Claimed as id blocks are (the module docstring), so that two servers writing at once never make the same
         generation: every write has its own. Old generation claims are pruned as new ones are made."""
-        ledger = self.target.ledger
-        for attempt in range(CLAIM_ATTEMPTS):
-            gen = self._ledger_state()[0] + 1
-            key, now = secrets.randbits(62) + 1, utc_now()
-            self.client.insert(ledger, [ledger_row(key, -1, -1, self.write_token, gen, now)])
-            rivals = self.client.query(ledger, filter=f"generation == {gen}", output_fields=["key"],
-                                       consistency_level="Strong")
-            if [int(r["key"]) for r in rivals] == [key]:
-                break
-            self.client.delete(ledger, ids=[key])
-            time.sleep(secrets.randbelow(20) / 1000 * (attempt + 1))
-        else:
-            raise RuntimeError(f"{self.name}: could not claim a generation after {CLAIM_ATTEMPTS} attempts")
+        gen, now = claim_generation(self.client, self.target, self.write_token, lambda: self._ledger_state()[0])
         if gen % GENERATIONS_KEPT == 0:
-            self.client.delete(ledger, filter=f"generation > 0 and generation < {gen - GENERATIONS_KEPT}")
+            self.client.delete(self.target.ledger, filter=f"generation > 0 and generation < {gen - GENERATIONS_KEPT}")
         self._refresh(gen, self.write_token, now)
 
     def _set_properties(self, values: Mapping[str, str]) -> None:
@@ -625,122 +605,33 @@ class MilvusIndex(Index):
     def _allocate(self, n: int) -> list[int]:
         """``n`` new ids from this handle's claimed blocks (claiming more as needed: see the module docstring)."""
         while len(self._ids) < n:
-            first, last = self._claim(max(1, math.ceil((n - len(self._ids)) / ID_BLOCK)))
+            first, last = claim_id_blocks(self.client, self.target, self.write_token,
+                                          max(1, math.ceil((n - len(self._ids)) / ID_BLOCK)))
             self._ids += range(max(first * ID_BLOCK, 1), (last + 1) * ID_BLOCK)
         out, self._ids = self._ids[:n], self._ids[n:]
         return out
-
-    def _claim(self, blocks: int) -> tuple[int, int]:
-        """Claim ``blocks`` consecutive id blocks no other writer holds; returns (first, last) block."""
-        ledger = self.target.ledger
-        for attempt in range(CLAIM_ATTEMPTS):
-            claims = self.client.query(ledger, filter="block >= 0", output_fields=["last"],
-                                       consistency_level="Strong")
-            first = max((int(c["last"]) for c in claims), default=-1) + 1
-            last = first + blocks - 1
-            if (last + 1) * ID_BLOCK > 2**53:
-                raise UserError(f"{self.name} has handed out every id below 2**53")
-            key = secrets.randbits(62) + 1
-            self.client.insert(ledger, [ledger_row(key, first, last, self.write_token, 0, utc_now())])
-            rivals = self.client.query(ledger, filter=f"block >= 0 and block <= {last} and last >= {first}",
-                                       output_fields=["key"], consistency_level="Strong")
-            if [int(r["key"]) for r in rivals] == [key]:
-                return first, last
-            time.sleep(secrets.randbelow(50) / 1000 * (attempt + 1))  # another writer claimed it too: move on
-        raise RuntimeError(f"{self.name}: could not claim ids after {CLAIM_ATTEMPTS} attempts (too many writers?)")
 
     # ------------------------------------------------------------------ making one
 
     @classmethod
     def create_target(cls, target: str, vectors: np.ndarray, items: Sequence[Item], *, artifact_sha256: str,
                       factory: str = "auto", overwrite: bool = False, extra: dict[str, Any] | None = None,
-                      max_memory: int | None = None, target_recall: float = TARGET_RECALL, seed: int = 0,
-                      rows: Sequence[Row] | None = None, progress: bool = False, **_options: Any) -> MilvusIndex:
-        """A new collection from vectors (N, D) and their items; it appears complete or not at all (built under a
-        temporary name, then renamed). ``rows``: catalogue rows to keep (ids, dates, tags: ``mae index migrate``);
-        ``vectors`` may then be a memory-mapped array, read a batch at a time."""
-        t = parse_target(target)
-        x = vectors if isinstance(vectors, np.ndarray) else np.asarray(vectors, np.float32)
-        if x.ndim != 2 or len(x) != len(items) or (rows is not None and len(rows) != len(items)):
-            raise ValueError(f"expected vectors (N, D) for {len(items)} items, got shape {x.shape}")
-        check_items(items)
-        check_sizes(items)
-        if rows is None:
-            keep, seen = [], set()
-            for j, it in enumerate(items):
-                if it.sha256 not in seen:
-                    seen.add(it.sha256)
-                    keep.append(j)
-            ids = list(range(1, len(keep) + 1))
-            stamp = utc_now()
-            added = [stamp] * len(keep)
-        else:
-            keep = list(range(len(items)))
-            ids = [int(r.id) for r in rows]
-            added = [r.added for r in rows]
-            if len(set(ids)) != len(ids) or any(not 1 <= i <= MAX_ID for i in ids):
-                raise ValueError("rows to keep must have distinct ids from 1 to 2**63 - 1")
-        n, dim = len(keep), int(x.shape[1])
-        choice = choose_index(factory, n, dim, max_memory=max_memory)
-        if t.local is not None:
-            check_lite_type(t, choice)
-        client = connect(t)
-        tmp = Target(t.uri, f"{t.collection[:180]}_mae_new_{secrets.token_hex(4)}", t.db_name, t.local)
-        try:
-            with milvus_errors(t):
-                lite = is_lite(client)
-                if lite:  # a milvus-lite server process
-                    check_lite_type(t, choice)
-                if client.has_collection(t.collection) and not overwrite:
-                    raise FileExistsError(f"{t.name} already exists (--overwrite replaces it)")
-                extra = dict(extra or {})
-                props = {"mae.format": str(FORMAT), "mae.artifact_sha256": artifact_sha256, "mae.dim": str(dim),
-                         "mae.metric": METRIC, "mae.factory": choice.factory, "mae.factory_reason": choice.reason,
-                         "mae.index_type": choice.index_type, "mae.index_params": json.dumps(choice.params),
-                         "mae.created": utc_now(), "mae.artifact": str(extra.pop("artifact", "") or ""),
-                         "mae.images": json.dumps([str(p) for p in extra.pop("images", []) or []]),
-                         "mae.build": json.dumps({**extra.pop("build", {}), **extra}, default=str)}
-                create_collection(client, tmp.collection, dim, props)
-                create_ledger(client, tmp.ledger, max(ids, default=0))
-                rng = np.random.default_rng(seed)
-                held = np.zeros(n, bool)
-                if knob_of(choice.index_type) and n > 10 * (10 + 1):
-                    held[rng.choice(n, min(TUNE_QUERIES, n // 10), replace=False)] = True
-                order = [p for p in range(n) if not held[p]]
-                bar = _progress(progress, n, f"writing {t.name}")
-                insert_rows(client, tmp.collection, x, items, keep, ids, added, order, bar)
-                client.flush(tmp.collection)
-                create_indexes(client, tmp.collection, choice, scalars=not lite)
-                if held.any():
-                    tuning = tune(client, tmp.collection, choice, x, keep, ids, held, target_recall)
-                    client.alter_collection_properties(tmp.collection, properties={
-                        "mae.search_params": json.dumps(tuning.pop("params")), "mae.tuning": json.dumps(tuning)})
-                    insert_rows(client, tmp.collection, x, items, keep, ids, added, list(np.flatnonzero(held)), bar)
-                    client.flush(tmp.collection)
-                bar.close()
-                if client.has_collection(t.collection):  # --overwrite: the old index goes just before the rename
-                    client.drop_collection(t.collection)
-                if client.has_collection(t.ledger):
-                    client.drop_collection(t.ledger)
-                client.rename_collection(tmp.ledger, t.ledger)
-                client.rename_collection(tmp.collection, t.collection)
-                ensure_loaded(client, t.ledger)
-                ensure_loaded(client, t.collection)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                for name in (tmp.collection, tmp.ledger):
-                    if client.has_collection(name):
-                        client.drop_collection(name)
-            close_client(t, client)
-            raise
-        close_client(t, client)
+                      **options: Any) -> MilvusIndex:
+        """A new collection (``retrieval.milvus_admin.create``: complete or not at all), opened."""
+        from retrieval.milvus_admin import create
+
+        create(target, vectors, items, artifact_sha256=artifact_sha256, factory=factory, overwrite=overwrite,
+               extra=extra, **options)
         return cls.open_target(target)
 
     # ------------------------------------------------------------------ check and repair
 
     @classmethod
     def check_target(cls, target: str) -> dict[str, Any]:
-        """Whether the collection, its properties and the ledger agree (see ``_facts_problems`` and below)."""
+        """Whether the collection, its properties and the ledger agree (``facts_problems``), then the rows against
+        them (``retrieval.milvus_admin.row_problems``)."""
+        from retrieval.milvus_admin import row_problems
+
         t = parse_target(target)
         client = connect(t, existing=True)
         try:
@@ -760,7 +651,7 @@ class MilvusIndex(Index):
                     except IndexDamagedError as e:
                         problems.append(str(e).split("; run `mae index check")[0].removeprefix(f"{t.name}: "))
                     else:
-                        problems += idx._check_rows(report)
+                        problems += row_problems(idx, report)
         finally:
             close_client(t, client)
         report["problems"] = problems
@@ -775,94 +666,16 @@ class MilvusIndex(Index):
         report["text"] = "\n".join(lines)
         return report
 
-    def _check_rows(self, report: dict[str, Any]) -> list[str]:
-        """The rows against the facts: the count, one row per id, every id below what the ledger has handed out,
-        unit vectors of the recorded dimension (a sample), the artifact's sha256 where its folder is here."""
-        problems = []
-        ids: list[int] = []
-        for batch in self._scan("", ["id"]):
-            ids += [int(r["id"]) for r in batch]
-        report.update(count=self.count, generation=self.generation, index_type=self._index_type, rows=len(ids))
-        if len(ids) != self.count:
-            problems.append(f"the collection counts {self.count} items but lists {len(ids)}")
-        if len(set(ids)) != len(ids):
-            problems.append(f"{len(ids) - len(set(ids))} id(s) are held by more than one row")
-        claims = self.client.query(self.target.ledger, filter="block >= 0", output_fields=["last"],
-                                   consistency_level="Strong")
-        top = (max((int(c["last"]) for c in claims), default=-1) + 1) * ID_BLOCK - 1
-        if ids and max(ids) > top:
-            problems.append(f"id {max(ids)} is past the ids the ledger has handed out (up to {top}): a new item "
-                            "could be given an id that is taken")
-        sample = sorted(set(ids))[:: max(1, len(set(ids)) // 64)][:64]
-        if sample:
-            norms = np.linalg.norm(self.vectors(sample), axis=1)
-            if not np.allclose(norms, 1.0, atol=1e-3):
-                problems.append("stored vectors are not unit length (not written by this engine?)")
-        artifact = self.manifest.get("artifact")
-        config = Path(artifact) / "config.json" if artifact else None
-        if config is not None and config.is_file():
-            try:
-                sha = json.loads(config.read_text()).get("sha256")
-            except ValueError:
-                sha = None
-            if sha and sha != self.artifact_sha256:
-                problems.append(f"the artifact {artifact} now has sha256 {sha[:12]}, not the "
-                                f"{self.artifact_sha256[:12]} that built the index")
-        return problems
-
     @classmethod
     def repair_target(cls, target: str, artifact: str | Path | None, **options: Any) -> dict[str, Any]:
-        """What can be repaired without the vectors: a missing or emptied ledger is made again above the highest
-        id (ids of items removed at the top may then be handed out again) and missing facts are taken from the
-        artifact (``--artifact``). Rows themselves are never rewritten: a problem in them is reported."""
-        t = parse_target(target)
-        client = connect(t, existing=True)
-        done: list[str] = []
-        try:
-            with milvus_errors(t):
-                if not client.has_collection(t.collection):
-                    raise FileNotFoundError(f"no index at {t.name} (no collection {t.collection!r}): nothing to repair")
-                desc = client.describe_collection(t.collection)
-                props = desc.get("properties") or {}
-                dim = vector_dim(desc)
-                if dim and not props.get("mae.artifact_sha256") and artifact is not None:
-                    config = json.loads((Path(artifact) / "config.json").read_text())
-                    if int(config.get("embed_dim", dim)) != dim:
-                        raise UsageError(f"{artifact} makes {config.get('embed_dim')}-d vectors; {t.name} holds "
-                                         f"{dim}-d")
-                    client.alter_collection_properties(t.collection, properties={
-                        "mae.format": str(FORMAT), "mae.artifact_sha256": config["sha256"], "mae.dim": str(dim),
-                        "mae.metric": METRIC, "mae.artifact": str(Path(artifact).resolve())})
-                    done.append(f"recorded the artifact {config['sha256'][:12]} and the dimension {dim}")
-                index_type = index_type_of(client, t.collection)
-                if index_type and not props.get("mae.index_type"):
-                    client.alter_collection_properties(t.collection, properties={
-                        "mae.index_type": index_type, "mae.factory": index_type})
-                    done.append(f"recorded the index type {index_type}")
-                ledger_ok = client.has_collection(t.ledger)
-                if ledger_ok:
-                    ensure_loaded(client, t.ledger)
-                    ledger_ok = bool(client.query(t.ledger, filter="generation > 0", output_fields=["key"],
-                                                  consistency_level="Strong"))
-                if not ledger_ok:
-                    ensure_loaded(client, t.collection)
-                    it = client.query_iterator(t.collection, batch_size=4096, filter="", output_fields=["id"])
-                    top = 0
-                    while batch := it.next():
-                        top = max([top, *(int(r["id"]) for r in batch)])
-                    it.close()
-                    if client.has_collection(t.ledger):
-                        client.drop_collection(t.ledger)
-                    create_ledger(client, t.ledger, top)
-                    ensure_loaded(client, t.ledger)
-                    done.append(f"made the ledger again (new ids start above {top})")
-        finally:
-            close_client(t, client)
+        """``retrieval.milvus_admin.repair``, then the check again."""
+        from retrieval.milvus_admin import repair
+
+        done = repair(target, artifact)
         report = cls.check_target(target)
         report["repaired"] = done
         report["text"] = "\n".join([*(f"repaired: {d}" for d in done), report["text"]])
         return report
-
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -870,11 +683,3 @@ class MilvusIndex(Index):
 
 def _row(r: Mapping[str, Any]) -> Row:
     return Row(int(r["id"]), r["path"], r.get("label"), r["sha256"], r["added"], 0, None, dict(r["tags"]) or None)
-
-
-def _progress(enabled: bool, total: int, desc: str) -> Any:
-    import sys
-
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="item", disable=None if enabled else True, file=sys.stderr)

@@ -24,7 +24,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -528,3 +528,50 @@ def json_or(text: str | None, default: Any) -> Any:
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------------------------------- claims in the ledger
+
+CLAIM_ATTEMPTS = 64
+
+
+def claim_generation(client: MilvusClient, t: Target, owner: str, newest: Callable[[], int]) -> tuple[int, str]:
+    """Claim the generation after ``newest()`` for a write of ``owner``; returns (generation, when).
+
+    A claim is kept only when, read back with Strong consistency, it is the only one of its generation (the
+    module docstring of ``retrieval.milvus_index``); otherwise it is withdrawn and the next one tried."""
+    for attempt in range(CLAIM_ATTEMPTS):
+        gen = newest() + 1
+        key, now = secrets.randbits(62) + 1, utc_now()
+        client.insert(t.ledger, [ledger_row(key, -1, -1, owner, gen, now)])
+        rivals = client.query(t.ledger, filter=f"generation == {gen}", output_fields=["key"],
+                              consistency_level="Strong")
+        if [int(r["key"]) for r in rivals] == [key]:
+            return gen, now
+        client.delete(t.ledger, ids=[key])
+        time.sleep(secrets.randbelow(20) / 1000 * (attempt + 1))
+    raise RuntimeError(f"{t.name}: could not claim a generation after {CLAIM_ATTEMPTS} attempts")
+
+
+def ledger_top_id(client: MilvusClient, t: Target) -> int:
+    """The highest id the ledger's claims have handed out (-1 before the first claim)."""
+    claims = client.query(t.ledger, filter="block >= 0", output_fields=["last"], consistency_level="Strong")
+    return (max((int(c["last"]) for c in claims), default=-1) + 1) * ID_BLOCK - 1
+
+
+def claim_id_blocks(client: MilvusClient, t: Target, owner: str, blocks: int) -> tuple[int, int]:
+    """Claim ``blocks`` consecutive id blocks no other writer holds; returns (first, last) block."""
+    for attempt in range(CLAIM_ATTEMPTS):
+        claims = client.query(t.ledger, filter="block >= 0", output_fields=["last"], consistency_level="Strong")
+        first = max((int(c["last"]) for c in claims), default=-1) + 1
+        last = first + blocks - 1
+        if (last + 1) * ID_BLOCK > 2**53:
+            raise UserError(f"{t.name} has handed out every id below 2**53")
+        key = secrets.randbits(62) + 1
+        client.insert(t.ledger, [ledger_row(key, first, last, owner, 0, utc_now())])
+        rivals = client.query(t.ledger, filter=f"block >= 0 and block <= {last} and last >= {first}",
+                              output_fields=["key"], consistency_level="Strong")
+        if [int(r["key"]) for r in rivals] == [key]:
+            return first, last
+        time.sleep(secrets.randbelow(50) / 1000 * (attempt + 1))  # another writer claimed it too: move on
+    raise RuntimeError(f"{t.name}: could not claim ids after {CLAIM_ATTEMPTS} attempts (too many writers?)")

@@ -82,3 +82,69 @@ def test_every_command_registers_its_flags_without_heavy_imports():
     assert not heavy & set(out["modules"]), f"building mae's parser imported {sorted(heavy & set(out['modules']))}"
     assert {"pretrain", "finetune", "evaluate", "export", "embed", "index", "search", "serve", "data",
             "demo"} <= set(out["commands"])
+
+
+def _defined(tree: ast.AST) -> set[str]:
+    """Every name a module binds: functions, classes, assignment targets (attributes included), arguments."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            names.add(node.attr)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+    return names
+
+
+def test_no_module_uses_another_modules_private_names():
+    """A ``_name`` belongs to the module that defines it: another module that needs it has found a missing public
+    function. Checked for imports (``from m import _x``), module attributes (``m._x``) and attributes of objects
+    (``obj._x`` where this module defines no ``_x`` of its own); libraries' private names are not ours to police."""
+
+    def private(name: str) -> bool:
+        return name.startswith("_") and not name.startswith("__")
+
+    found = []
+    for package in (*PACKAGES, "bench"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            tree = ast.parse(path.read_text())
+            own, modules = _defined(tree), {}
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    ours = node.module.split(".")[0] in (*PACKAGES, "bench")
+                    for a in node.names:
+                        if ours and private(a.name):
+                            found.append(f"{path.relative_to(ROOT)}:{node.lineno}: from {node.module} import {a.name}")
+                        modules[a.asname or a.name] = "ours" if ours and node.module in PACKAGES else "library"
+                elif isinstance(node, ast.Import):
+                    for a in node.names:
+                        top = a.name.split(".")[0]
+                        modules[a.asname or top] = "ours" if top in (*PACKAGES, "bench") else "library"
+            for node in ast.walk(tree):
+                if not (isinstance(node, ast.Attribute) and private(node.attr)):
+                    continue
+                base = node.value.id if isinstance(node.value, ast.Name) else None
+                if base in ("self", "cls") or modules.get(base) == "library":
+                    continue
+                if modules.get(base) == "ours" or node.attr not in own:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, "private names used outside their module:\n" + "\n".join(found)
+
+
+def test_rooms_and_functions_stay_small():
+    """No product module over 700 lines, no function over 80 (the house's second step, issue 18): a room that
+    grows past that is doing several jobs and splits along its own dividers."""
+    big = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            source = path.read_text()
+            if source.count("\n") > 700:
+                big.append(f"{path.relative_to(ROOT)}: {source.count(chr(10))} lines")
+            for node in ast.walk(ast.parse(source)):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                    big.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}(): "
+                               f"{node.end_lineno - node.lineno + 1} lines")
+    assert not big, "over the size limits:\n" + "\n".join(big)
