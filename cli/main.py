@@ -2,8 +2,10 @@
 
 A handler takes the parsed arguments and returns a dict: with ``--json`` it is printed as one JSON object on
 stdout; otherwise its ``"text"`` entry (or a key: value listing) is printed for people.
-Errors a user can fix (bad path, bad config key, corrupt file) print one line on stderr and exit 1;
-``MAE_DEBUG=1`` shows the traceback. Warnings (a backend skipped, files skipped) are one line each too.
+Errors a user can fix (``mae.errors.UserError``: a bad flag or config key, a corrupt file, an index of another
+model; and the operating system's refusals, which name the path: a missing file, a full disk) print one line on
+stderr and exit 1; ``MAE_DEBUG=1`` shows their traceback. Anything else is a bug: its traceback is printed.
+Warnings (a backend skipped, files skipped) are one line each too.
 """
 
 from __future__ import annotations
@@ -59,10 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mae: interrupted", file=sys.stderr)
         return 130
-    except (UserError, ValueError, KeyError, OSError, RuntimeError, ImportError) as e:
+    except (UserError, OSError) as e:  # what the user can fix; anything else is a bug and keeps its traceback
         if os.environ.get("MAE_DEBUG"):
             raise
-        msg = one_line(e.args[0] if isinstance(e, KeyError) and e.args else str(e))
+        msg = one_line(e)
         print(f"mae {args.command}: error: {msg}", file=sys.stderr)
         if getattr(args, "json", False):
             print(json.dumps({"error": msg, "type": type(e).__name__}))

@@ -20,9 +20,17 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from mae.config import Config, ModelConfig
+from mae.errors import UserError
 
 NORM_EPS = 1e-6  # the official code's LayerNorm eps (timm's default is 1e-5)
 NORM_PIX_EPS = 1e-6  # added to the per-patch variance of the targets, as in the official code
+
+
+class WeightsError(UserError, KeyError, ValueError):
+    """Weights that do not fit the model: keys missing or unexpected, shapes that differ, not a ViT at all."""
+
+    def __str__(self) -> str:  # KeyError's own would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 class MaskedAutoencoder(VisionTransformer):
@@ -242,10 +250,10 @@ class MaskedAutoencoder(VisionTransformer):
         missing = sorted(expected - set(state))
         unexpected = sorted(set(state) - set(own))
         if strict and (missing or unexpected):
-            raise KeyError(f"weights do not match the MAE: missing {missing[:8]}, unexpected {unexpected[:8]}")
+            raise WeightsError(f"weights do not match the MAE: missing {missing[:8]}, unexpected {unexpected[:8]}")
         for k, v in state.items():
             if k in own and own[k].shape != v.shape:
-                raise ValueError(f"{k}: file has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}")
+                raise WeightsError(f"{k}: file has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}")
         self.load_state_dict(state, strict=False)
         return sorted(set(own) - set(state))
 
@@ -304,12 +312,12 @@ def infer_model_config(state: dict[str, torch.Tensor]) -> ModelConfig:
     try:
         proj = state["patch_embed.proj.weight"]  # (D, C, p, p)
     except KeyError as e:
-        raise KeyError("not a ViT/MAE state dict: no 'patch_embed.proj.weight'") from e
+        raise WeightsError("not a ViT/MAE state dict: no 'patch_embed.proj.weight'") from e
     embed_dim, in_chans, patch, _ = proj.shape
     num_tokens = state["pos_embed"].shape[1] - 1
     side = int(round(math.sqrt(num_tokens)))
     if side * side != num_tokens:
-        raise ValueError(f"cannot infer a non-square image size from {num_tokens} position embeddings")
+        raise WeightsError(f"cannot infer a non-square image size from {num_tokens} position embeddings")
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     mlp_ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
     kwargs = {}

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from export.runtime import EmbeddedFiles, Embedder, embed_across_ranks, load_parts, part_folder
-from mae.errors import UsageError
+from mae.errors import UsageError, UserError
 from mae.files import sha256_file
 from mae.shards import ShardSource, is_shard_spec, open_shards
 from retrieval import index as index_lib
@@ -63,7 +63,7 @@ def shard_collection(specs: Sequence[str | Path]) -> ShardSource | None:
     if not any(flags):
         return None
     if len(specs) > 1:
-        raise ValueError("give WebDataset shards as one --images argument (a packed folder, or a pattern such as "
+        raise UsageError("give WebDataset shards as one --images argument (a packed folder, or a pattern such as "
                          "'DIR/train-{000000..000127}.tar'), without other files or folders")
     source = open_shards(specs[0])
     if source.val is not None:  # a packed folder: index both of its splits
@@ -101,20 +101,20 @@ def build_index(artifact: str | Path, images: Sequence[str | Path], out: str | P
     if metadata is not None:
         read_sidecar(metadata, images)  # a bad sidecar stops the build before any image is embedded
     if shards < 1:
-        raise ValueError(f"--shards must be >= 1, got {shards}")
+        raise UsageError(f"--shards must be >= 1, got {shards}")
     engine = index_lib.parse_spec(out).engine
     if engine != "faiss" and (shards > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
         raise UsageError(f"--shards and torchrun builds merge FAISS files on disk: build {out} in one process "
                          "(or build a FAISS folder and move it with mae index migrate)")
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     source = shard_collection(images)
     files, labels = ([], []) if source is not None else collection(images)
     extra = {"artifact": str(Path(artifact).resolve()),
              "images": [str(i) if is_shard_spec(i) else str(Path(i).resolve()) for i in images]}
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if shards > 1:
-            raise ValueError("--shards splits one machine's work between processes; under torchrun the ranks "
+            raise UsageError("--shards splits one machine's work between processes; under torchrun the ranks "
                              "already split it: leave --shards out")
         summary = _build_distributed(artifact, source if source is not None else (files, labels), out,
                                      factory=factory, batch_size=batch_size, workers=workers, backend=backend,
@@ -129,7 +129,7 @@ def build_index(artifact: str | Path, images: Sequence[str | Path], out: str | P
     started = time.perf_counter()
     if shards > 1:
         if source is not None:
-            raise ValueError("--shards splits a list of files; WebDataset shards are split by torchrun ranks")
+            raise UsageError("--shards splits a list of files; WebDataset shards are split by torchrun ranks")
         idx, figures = _build_sharded(embedder, files, labels, out, factory=factory, batch_size=batch_size,
                                       workers=workers, shards=shards, backend=backend, device=device,
                                       max_memory=max_memory, target_recall=target_recall, overwrite=overwrite,
@@ -158,7 +158,7 @@ def add_images(index_path: str | Path, images: Sequence[str | Path], *, artifact
     ``metadata``: a sidecar of labels and tags by path for the added images (``retrieval.metadata``).
     """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("mae index add runs in one process (an index has one writer); run it without torchrun")
+        raise UsageError("mae index add runs in one process (an index has one writer); run it without torchrun")
     idx = index_lib.Index.open(index_path, gpu=False)  # a write: no GPU copy to make
     sidecar = read_sidecar(metadata, [*images, *idx.manifest.get("images", [])]) if metadata is not None else None
     embedder = load_embedder(idx, artifact, backend=backend, device=device, batch_size=batch_size)
@@ -210,7 +210,7 @@ def load_embedder(idx: index_lib.Index, artifact: str | Path | None, **kwargs: A
     """The artifact an index was built with (from its manifest unless given); refused if its sha256 differs."""
     path = artifact or idx.manifest.get("artifact")
     if not path:
-        raise ValueError(f"{idx.name} does not record its artifact; pass --artifact")
+        raise UsageError(f"{idx.name} does not record its artifact; pass --artifact")
     if not Path(path).exists():
         raise FileNotFoundError(f"the artifact {path} that built {idx.name} is gone; pass --artifact")
     embedder = Embedder.load(path, **kwargs)
@@ -260,7 +260,7 @@ def _build_sharded(embedder: Embedder, files: list[Path], labels: list[str | Non
               else tuning.FactoryChoice(factory, "given with --factory"))
     trained = tuning.make_index(choice.factory, dim)
     if not tuning.is_ivf(trained):
-        raise ValueError(f"a sharded (on-disk) build needs an IVF factory, got {choice.factory!r}")
+        raise UsageError(f"a sharded (on-disk) build needs an IVF factory, got {choice.factory!r}")
     rng = np.random.default_rng(seed)
     m = tuning.train_size(trained, n)
     picks = np.sort(rng.choice(n, m, replace=False))
@@ -405,7 +405,7 @@ def _build_distributed(artifact: str | Path, collection_: ShardSource | tuple[li
                 plan = {"error": f"{type(e).__name__}: {e}"}
         plan = broadcast_object(plan, dist)
         if "error" in plan:
-            raise RuntimeError(f"index build across {dist.world} ranks: {plan['error']}")
+            raise UserError(f"index build across {dist.world} ranks: {plan['error']}")
         if plan["ivf"]:  # ids by collection position, so the ranks never need to agree on them
             ids = np.asarray([p + 1 for p in done.positions], np.int64)
             index_lib.fill_shard(plan["trained"], done.vectors, ids, part_folder(work, dist.rank) / "index.faiss")

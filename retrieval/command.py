@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from export.formats import BACKEND_CHOICES, BACKEND_HELP  # stdlib only
+from mae.errors import UsageError
 from mae.flags import add_json_flag
 
 if TYPE_CHECKING:
@@ -163,7 +164,7 @@ def index_add(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def index_remove(args: argparse.Namespace) -> dict[str, Any]:
-    from retrieval.index import Index
+    from retrieval.index import Index, ItemNotFoundError
 
     idx = Index.open(args.index, gpu=False)
     result = idx.remove(args.items)
@@ -179,7 +180,7 @@ def index_remove(args: argparse.Namespace) -> dict[str, Any]:
         lines.append(f"  not in the index: {', '.join(result.missing[:10])}")
     info["text"] = "\n".join(lines)
     if result.missing and not result.ids:
-        raise KeyError(f"nothing removed: {', '.join(result.missing[:10])} not in {idx.name}")
+        raise ItemNotFoundError(f"nothing removed: {', '.join(result.missing[:10])} not in {idx.name}")
     return info
 
 
@@ -225,20 +226,20 @@ def index_info(args: argparse.Namespace) -> dict[str, Any]:
 
 def search(args: argparse.Namespace) -> dict[str, Any]:
     from retrieval import build as build_lib
-    from retrieval.index import Index
+    from retrieval.index import Index, ItemNotFoundError
     from retrieval.pictures import contact_sheet
 
     if args.k < 1:
-        raise ValueError(f"-k must be >= 1, got {args.k}")
+        raise UsageError(f"-k must be >= 1, got {args.k}")
     if (args.image is None) == (args.id is None):
-        raise ValueError("give a query image or --id N (an item of the index), not both")
+        raise UsageError("give a query image or --id N (an item of the index), not both")
     if args.min_score is not None and not math.isfinite(args.min_score):
-        raise ValueError(f"--min-score must be a number, got {args.min_score}")
+        raise UsageError(f"--min-score must be a number, got {args.min_score}")
     idx = Index.open(args.index)
     k = min(args.k, max(idx.count, 1))  # more neighbours than items cannot come back
     if args.id is not None:
         if idx.row(args.id) is None:
-            raise KeyError(f"no item {args.id} in {idx.name}")
+            raise ItemNotFoundError(f"no item {args.id} in {idx.name}")
         query_path = Path(idx.row(args.id).path)
         hits = idx.similar(args.id, k, where=args.where, min_score=args.min_score)
         described = f"item {args.id} ({query_path})"
@@ -283,9 +284,9 @@ def index_duplicates(args: argparse.Namespace) -> dict[str, Any]:
     if args.threshold is None:
         args.threshold = verify.CANDIDATE_THRESHOLD if pixels else DUPLICATE_THRESHOLD
     if not -1.0 <= args.threshold <= 1.0:
-        raise ValueError(f"--threshold is a cosine in [-1, 1], got {args.threshold}")
+        raise UsageError(f"--threshold is a cosine in [-1, 1], got {args.threshold}")
     if args.pixel_threshold is not None and not pixels:
-        raise ValueError("--pixel-threshold is for the pixel check, which --no-pixel-check turns off")
+        raise UsageError("--pixel-threshold is for the pixel check, which --no-pixel-check turns off")
     idx = Index.open(args.index)
     check = None
     if pixels:
@@ -369,7 +370,7 @@ def index_check(args: argparse.Namespace) -> dict[str, Any] | int:
         report = Index.repair(args.index, args.artifact, progress=True)
     else:
         if args.artifact:
-            raise ValueError("--artifact is for --repair (it embeds images again, or names the model)")
+            raise UsageError("--artifact is for --repair (it embeds images again, or names the model)")
         report = Index.check(args.index)
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "text"}, default=str))
@@ -382,7 +383,7 @@ def _gib(value: float | None) -> int | None:
     if value is None:
         return None
     if value <= 0:
-        raise ValueError(f"--max-memory must be > 0 GiB, got {value}")
+        raise UsageError(f"--max-memory must be > 0 GiB, got {value}")
     return int(value * 2**30)
 
 

@@ -69,6 +69,13 @@ class IndexDamagedError(UserError, RuntimeError):
     """The parts of an index disagree or cannot be read: it is refused until ``mae index check --repair``."""
 
 
+class ItemNotFoundError(UserError, KeyError):
+    """An item id or path the user named is not (or no longer) in the index."""
+
+    def __str__(self) -> str:  # KeyError's own would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 class IndexBusyError(UserError, RuntimeError):
     """Another writer held the index for longer than this one may wait (HTTP answers 409)."""
 

@@ -43,6 +43,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from mae.errors import UsageError
 from mae.files import write_json_atomic
 from retrieval import faiss_compact, faiss_log
 from retrieval.catalog import FILENAME as CATALOG_FILE
@@ -291,7 +292,7 @@ class FaissIndex(FaissReads, Index):
             return searcher, f"gpu x{faiss.get_num_gpus()}"
         except RuntimeError as e:  # e.g. HNSW has no GPU version in this faiss build
             if self._gpu_wanted:
-                raise RuntimeError(f"cannot move {manifest['factory']} to the GPU: {faiss_message(e)}") from e
+                raise UsageError(f"cannot move {manifest['factory']} to the GPU: {faiss_message(e)}") from e
             log.info("searching %s on the CPU: %s", manifest["factory"], faiss_message(e))
             return None, "cpu"
 

@@ -22,6 +22,7 @@ import faiss
 import numpy as np
 
 from retrieval.catalog import Condition, Row
+from retrieval.engine import ItemNotFoundError
 from retrieval.faiss_vectors import Selection, make_selector, replace_rows
 from retrieval.tuning import tunables
 
@@ -128,7 +129,7 @@ class FaissReads:
             live = self.catalog.get(ids.tolist(), self.generation)
             missing = [int(i) for i in ids if int(i) not in live]
             if missing:
-                raise KeyError(f"no item {missing[0]} in {self.path}")
+                raise ItemNotFoundError(f"no item {missing[0]} in {self.path}")
             return self._reconstruct(ids)
 
     def _reconstruct(self, ids: np.ndarray) -> np.ndarray:

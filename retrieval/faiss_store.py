@@ -33,6 +33,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from mae.errors import UserError
 from mae.files import fsync, fsync_dir, write_json_atomic
 from retrieval import faiss_log
 from retrieval.catalog import FILENAME as CATALOG_FILE
@@ -75,7 +76,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if not _whole(fmt):
         raise damaged(path, f"{file}: 'format' must be a whole number, got {fmt!r}")
     if fmt > FORMAT:
-        raise RuntimeError(f"{path} has index format {fmt}; this version reads up to {FORMAT}")
+        raise UserError(f"{path} has index format {fmt}; this version reads up to {FORMAT}")
     for key, valid, what in (("generation", lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
                              ("dim", lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
                              ("count", _whole, "a whole number >= 0"), ("ntotal", _whole, "a whole number >= 0"),

@@ -19,6 +19,7 @@ from retrieval.engine import (
     IndexDamagedError,
     IndexMismatchError,
     IndexSpec,
+    ItemNotFoundError,
     RemoveResult,
     accepted_forms,
     canonical,
@@ -46,7 +47,7 @@ from retrieval.faiss_vectors import faiss_ids, max_faiss_id
 __all__ = [
     "DUPLICATE_K", "DUPLICATE_THRESHOLD", "ENGINES", "FORMAT", "INDEX_FILE", "LOCK_FILE", "MANIFEST", "METRIC",
     "TRAINED_FILE", "UPLOADS", "AddResult", "FaissIndex", "Hit", "Index", "IndexBusyError", "IndexDamagedError",
-    "IndexMismatchError", "IndexSpec", "RemoveResult", "accepted_forms", "build", "build_on_disk", "canonical",
-    "check_artifact", "faiss_ids", "fill_shard", "max_faiss_id", "parse_spec", "read_manifest", "remove_from_file",
-    "repair_hint", "set_threads", "write_index",
+    "IndexMismatchError", "IndexSpec", "ItemNotFoundError", "RemoveResult", "accepted_forms", "build", "build_on_disk",
+    "canonical", "check_artifact", "faiss_ids", "fill_shard", "max_faiss_id", "parse_spec", "read_manifest",
+    "remove_from_file", "repair_hint", "set_threads", "write_index",
 ]

@@ -71,7 +71,7 @@ def read_sidecar(path: str | Path, roots: Sequence[str | Path]) -> Sidecar:
     for where, record in records:
         name = record.pop("path", None)
         if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"{path}:{where}: every record needs a 'path'")
+            raise UsageError(f"{path}:{where}: every record needs a 'path'")
         label = record.pop("label", UNSET)
         if label is not UNSET and label is not None and not isinstance(label, str):
             label = str(label)
@@ -82,14 +82,14 @@ def read_sidecar(path: str | Path, roots: Sequence[str | Path]) -> Sidecar:
             try:
                 tags = json.loads(tags)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{where}: 'tags' is not a JSON object ({e})") from e
+                raise UsageError(f"{path}:{where}: 'tags' is not a JSON object ({e})") from e
         if not isinstance(tags, dict):
-            raise ValueError(f"{path}:{where}: 'tags' must be an object of name: value")
+            raise UsageError(f"{path}:{where}: 'tags' must be an object of name: value")
         tags = {**{k.removeprefix("tag."): v for k, v in record.items() if v not in (None, "")}, **tags}
         try:
             clean = clean_tags(tags)
         except ValueError as e:
-            raise ValueError(f"{path}:{where}: {e}") from e
+            raise UsageError(f"{path}:{where}: {e}") from e
         given = Path(name.strip()).expanduser()
         candidates = [given] if given.is_absolute() else [b / given for b in bases]
         for c in candidates:
@@ -103,9 +103,9 @@ def _jsonl(path: Path):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e})") from e
+            raise UsageError(f"{path} is not valid JSON ({e})") from e
         if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a list of records")
+            raise UsageError(f"{path}: expected a list of records")
         lines = [(f"record {i + 1}", r) for i, r in enumerate(data)]
     else:
         lines = []
@@ -115,10 +115,10 @@ def _jsonl(path: Path):
             try:
                 lines.append((f"line {n}", json.loads(line)))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:line {n} is not valid JSON ({e})") from e
+                raise UsageError(f"{path}:line {n} is not valid JSON ({e})") from e
     for where, record in lines:
         if not isinstance(record, dict):
-            raise ValueError(f"{path}:{where}: expected an object with a 'path'")
+            raise UsageError(f"{path}:{where}: expected an object with a 'path'")
         yield where, dict(record)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from mae.errors import UsageError
+from mae.errors import UsageError, UserError
 from retrieval.catalog import Item
 from retrieval.engine import Index, canonical
 
@@ -59,14 +59,14 @@ def migrate(source: str | Path, target: str | Path, *, factory: str | None = Non
                     part = ids[start : start + batch].tolist()
                     found = src.rows(part)
                     if len(found) != len(part):
-                        raise RuntimeError(f"{src.name} changed while it was read (items went away); stop its "
+                        raise UserError(f"{src.name} changed while it was read (items went away); stop its "
                                            "writers and run the migration again")
                     rows += [found[i] for i in part]
                     vectors[start : start + len(part)] = src.vectors(part)
                     bar.update(len(part))
             read_seconds = time.perf_counter() - started
             if src.reload():
-                raise RuntimeError(f"{src.name} changed while it was read (generation {facts['generation']} -> "
+                raise UserError(f"{src.name} changed while it was read (generation {facts['generation']} -> "
                                    f"{src.generation}); stop its writers and run the migration again")
             items = [Item(r.path, r.sha256, r.label, r.tags) for r in rows]
             dst = Index.create(target, vectors, items, rows=rows, artifact_sha256=src.artifact_sha256,

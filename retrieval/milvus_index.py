@@ -66,6 +66,7 @@ from retrieval.engine import (
     Index,
     IndexBusyError,
     IndexDamagedError,
+    ItemNotFoundError,
     RemoveResult,
     mismatch,
     repair_hint,
@@ -393,7 +394,7 @@ class MilvusIndex(Index):
                      self._query_in("id", sorted({i for i in asked if 1 <= i <= MAX_ID}), ["id", "vector"])}
         missing = [i for i in asked if i not in found]
         if missing:
-            raise KeyError(f"no item {missing[0]} in {self.name}")
+            raise ItemNotFoundError(f"no item {missing[0]} in {self.name}")
         if not asked:
             return np.zeros((0, self.dim), np.float32)
         return np.asarray([found[i] for i in asked], np.float32)

@@ -376,7 +376,7 @@ def wait_index(client: MilvusClient, name: str, field: str, timeout: float = 24 
                 int(state.get("pending_index_rows", 0) or 0) == 0:
             return
         if str(state.get("state", "")).lower() in ("failed", "4"):
-            raise RuntimeError(f"Milvus failed to build the {field} index of {name}: {state.get('fail_reason')}")
+            raise UserError(f"Milvus failed to build the {field} index of {name}: {state.get('fail_reason')}")
         if time.monotonic() - started > timeout:
             raise TimeoutError(f"the {field} index of {name} was not built within {timeout:.0f} s")
         time.sleep(pause)

@@ -37,6 +37,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from mae.errors import UsageError
 from mae.files import fsync_dir, sha256_file
 from retrieval import faiss_log
 from retrieval.catalog import FILENAME as CATALOG_FILE
@@ -380,7 +381,7 @@ def _manifest_for(path: Path, parts: Parts, artifact: str | Path | None, actions
     elif isinstance(raw.get("artifact_sha256"), str) and raw["artifact_sha256"]:
         sha = raw["artifact_sha256"]
     if sha is None:
-        raise ValueError(f"{path / MANIFEST} is unreadable and records no artifact: pass --artifact (the one "
+        raise UsageError(f"{path / MANIFEST} is unreadable and records no artifact: pass --artifact (the one "
                          "that built the index) to rebuild it")
     index = parts.index
     dim = int(index.d) if index is not None else _artifact_dim(artifact or raw.get("artifact"))
@@ -414,7 +415,7 @@ def _manifest_for(path: Path, parts: Parts, artifact: str | Path | None, actions
 
 def _artifact_dim(artifact: str | Path | None) -> int:
     if not artifact:
-        raise ValueError("neither the index file nor the manifest survives: pass --artifact to start over")
+        raise UsageError("neither the index file nor the manifest survives: pass --artifact to start over")
     from mae.artifact_config import ArtifactConfig
 
     return ArtifactConfig.read(artifact).embed_dim
@@ -465,7 +466,7 @@ def _reembed(path: Path, manifest: dict[str, Any], live: list[Row], artifact: st
 
     source = artifact or manifest.get("artifact")
     if not source or not Path(source).exists():
-        raise ValueError(f"{path / INDEX_FILE} is lost and the artifact that built it is not at hand: pass "
+        raise UsageError(f"{path / INDEX_FILE} is lost and the artifact that built it is not at hand: pass "
                          f"--artifact to embed the {len(live)} catalogued images again")
     embedder = Embedder.load(source, batch_size=embed["batch_size"])
     check_artifact(path, manifest, embedder.sha256)

@@ -41,6 +41,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from mae.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 FLAT_MAX = 50_000
@@ -110,7 +112,7 @@ def choose_factory(n: int, dim: int, *, max_memory: int | None = None, on_disk: 
             return FactoryChoice(f"OPQ{m}_{dim},IVF{nlist}_HNSW{HNSW_M},PQ{m}np",
                                  f"raw vectors ({raw / 2**20:.0f} MiB) exceed {budget / 2**20:.0f} MiB: "
                                  f"{m}-byte PQ codes, IVF with {nlist} lists", nlist, train)
-    raise ValueError(f"{n:,} vectors of {dim} dims do not fit {budget / 2**20:.0f} MiB even as 8-byte codes; "
+    raise UsageError(f"{n:,} vectors of {dim} dims do not fit {budget / 2**20:.0f} MiB even as 8-byte codes; "
                      "build on disk (--shards) or raise --max-memory")
 
 
@@ -119,9 +121,9 @@ def make_index(factory: str, dim: int) -> faiss.Index:
     try:
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
-        raise ValueError(f"faiss cannot build factory {factory!r}: {faiss_message(e)}") from e
+        raise UsageError(f"faiss cannot build factory {factory!r}: {faiss_message(e)}") from e
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:
-        raise ValueError(f"factory {factory!r} does not support the inner-product metric")
+        raise UsageError(f"factory {factory!r} does not support the inner-product metric")
     if faiss.try_extract_index_ivf(index) is None and not isinstance(faiss.downcast_index(index),
                                                                      (faiss.IndexIDMap, faiss.IndexIDMap2)):
         index = faiss.IndexIDMap2(index)
@@ -143,7 +145,7 @@ def train(index: faiss.Index, sample: np.ndarray, gpu: bool | None = None) -> fl
         return 0.0
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None and len(sample) < ivf.nlist:
-        raise ValueError(f"{len(sample)} vectors cannot train {ivf.nlist} IVF lists; use a smaller factory "
+        raise UsageError(f"{len(sample)} vectors cannot train {ivf.nlist} IVF lists; use a smaller factory "
                          f"(nlist <= {max(1, len(sample) // MIN_PER_LIST)}) or --factory auto")
     if ivf is not None and use_gpu(gpu):
         # plain k-means (L2), as faiss's CPU path trains a coarse quantizer; only the assignment moves
@@ -303,7 +305,7 @@ def gpu_count() -> int:
 def use_gpu(wanted: bool | None) -> bool:
     n = gpu_count()
     if wanted and not n:
-        raise RuntimeError("a GPU was asked for, but this faiss has no GPU support or sees no GPU (install faiss-gpu)")
+        raise UsageError("a GPU was asked for, but this faiss has no GPU support or sees no GPU (install faiss-gpu)")
     return bool(n) and wanted is not False
 
 
