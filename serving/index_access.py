@@ -13,12 +13,18 @@ only through the index's public methods, so any engine behind that interface ser
 - **Writes run on another thread** and take ``INDEX/.lock``, as ``mae index add|remove`` do: one writer at a time
   across the CLI and every worker of every server, so reads go on while a write waits. A write that cannot get the
   lock within ``MAE_WRITE_WAIT_S`` seconds answers 409 (``serving.errors``): nothing changed, try again.
-- **The near-duplicate scan** reads the whole index: it runs on a third thread, once per generation and threshold
-  (the one cache of scans, ``_scans``), so searches are not held behind it.
+- **The near-duplicate scan** reads the whole index: it runs on a third thread with one FAISS thread (searches
+  keep the other cores), once per generation and threshold: answers are cached (``_scans``, the last
+  ``SCAN_CACHE`` thresholds of the current generation), a request for a scan already running waits for it, and a
+  client may have one scan running at a time: another from it (a new threshold each time: each is a full scan, 7-9
+  searches' worth) is answered 429 with ``Retry-After`` rather than queued, so that no client can keep the scan
+  thread, and the cores it uses, busy for everyone else.
 
 Uploaded files (``POST /items``) are stored in the index's uploads folder under their sha256 (the catalogue points
 at them, thumbnails read them); bytes the index already holds are not stored again, and the answer names the item
-that holds them. Images are embedded before the write is queued, so the lock is held only for the commit.
+that holds them. Images are embedded before the write is queued, so the lock is held only for the commit. Uploads
+that a killed writer stored but never committed are removed when the server starts and after its writes
+(``retrieval.uploads``).
 """
 
 from __future__ import annotations
@@ -27,11 +33,16 @@ import asyncio
 import hashlib
 import io
 import logging
+import math
+import os
 import re
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -49,6 +60,8 @@ log = logging.getLogger("mae.serving")
 
 T = TypeVar("T")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+SCAN_CACHE = 8
+"""Near-duplicate answers kept per generation (one per threshold asked)."""
 
 
 @dataclass(frozen=True)
@@ -85,8 +98,15 @@ class IndexAccess:
             self._index.lock_timeout = write_wait_s
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mae-index")
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mae-index-write")
-        self._scanner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mae-duplicates")
-        self._scans: dict[tuple[int, float], list[list[tuple[int, float]]]] = {}
+        self._scanner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mae-duplicates",
+                                           initializer=_one_search_thread)
+        self._scans: OrderedDict[tuple[int, float], list[list[tuple[int, float]]]] = OrderedDict()
+        self._running: dict[tuple[int, float], asyncio.Future] = {}  # scans under way, shared by their askers
+        self._scanning: dict[str, tuple[int, float]] = {}  # client -> the scan it started and waits for
+        self._scan_seconds = 1.0  # the last scan's duration: a 429's Retry-After
+        self._swept = 0.0
+        if self._index is not None:
+            self._writer.submit(self._sweep)  # uploads a killed writer left behind
 
     @property
     def loaded(self) -> bool:
@@ -144,18 +164,21 @@ class IndexAccess:
 
         return await self._read(run)
 
-    async def duplicates(self, threshold: float, limit: int) -> Found[tuple[list[list[tuple[Row, float]]], int]]:
+    async def duplicates(self, threshold: float, limit: int, client: str = "?"
+                         ) -> Found[tuple[list[list[tuple[Row, float]]], int]]:
         """The first ``limit`` groups of near-copies (each member's row and best cosine) and how many there are.
 
-        The scan covers the whole index: it runs off the reader thread, once per generation and threshold.
+        The scan covers the whole index: it runs on the scan thread, once per generation and threshold (see the
+        module docstring); ``client`` (its address) may have one scan running at a time, or gets a 429.
         """
         index = self._need()
         generation = (await self._read(lambda: None)).generation
         key = (generation, threshold)
         groups = self._scans.get(key)
-        if groups is None:
-            groups = await asyncio.get_running_loop().run_in_executor(self._scanner, index.duplicates, threshold)
-            self._scans = {key: groups}
+        if groups is not None:
+            self._scans.move_to_end(key)
+        else:
+            groups = await self._scan(index, key, client)
         shown = groups[:limit]
 
         def rows() -> tuple[list[list[tuple[Row, float]]], int]:
@@ -163,6 +186,38 @@ class IndexAccess:
             return [[(found[i], s) for i, s in g if i in found] for g in shown], len(groups)
 
         return await self._read(rows)
+
+    async def _scan(self, index: Index, key: tuple[int, float], client: str) -> list[list[tuple[int, float]]]:
+        """The groups of ``key`` = (generation, threshold): a scan already under way is waited for; a new one is
+        started unless ``client`` has one running (429)."""
+        running = self._running.get(key)
+        if running is None:
+            if client in self._scanning:
+                wait = max(1, math.ceil(self._scan_seconds))
+                raise RequestError(f"a near-duplicate scan of yours (threshold {self._scanning[client][1]}) is still "
+                                   f"running: one at a time per client; ask again in {wait} s (thresholds asked "
+                                   "before are answered at once)", HTTPStatus.TOO_MANY_REQUESTS,
+                                   {"Retry-After": str(wait)})
+            self._scanning[client] = key
+            running = self._running[key] = asyncio.ensure_future(self._run_scan(index, key, client))
+        return await asyncio.shield(running)  # a client that hangs up does not cancel the scan for the others
+
+    async def _run_scan(self, index: Index, key: tuple[int, float], client: str) -> list[list[tuple[int, float]]]:
+        started = time.monotonic()
+        try:
+            groups = await asyncio.get_running_loop().run_in_executor(self._scanner, index.duplicates, key[1])
+        finally:
+            del self._scanning[client]
+            del self._running[key]
+        self._scan_seconds = time.monotonic() - started
+        if any(k[0] > key[0] for k in self._scans):  # a write came and was scanned meanwhile: this one is stale
+            return groups
+        for old in [k for k in self._scans if k[0] < key[0]]:
+            del self._scans[old]
+        self._scans[key] = groups
+        while len(self._scans) > SCAN_CACHE:
+            self._scans.popitem(last=False)
+        return groups
 
     async def summary(self) -> dict[str, Any]:
         """The index as /info shows it: its folder's name (the whole path only with absolute paths), size,
@@ -206,6 +261,7 @@ class IndexAccess:
             for path in written:
                 path.unlink(missing_ok=True)
             raise
+        self._sweep_now_and_then()
         rows = index.rows(result.ids)
         added = {rows[i].sha256: i for i in result.ids}
         # A writer elsewhere may have indexed the same bytes first: its item keeps its own file, ours goes.
@@ -233,18 +289,42 @@ class IndexAccess:
         written = {}
         for upload, it in zip(uploads, items):
             path = Path(it.path)
-            if it.sha256 not in stored and not path.exists():
-                path.parent.mkdir(exist_ok=True)
-                write_bytes_atomic(path, upload.data)
-                written[path] = it.sha256
+            if it.sha256 not in stored:
+                try:
+                    os.utime(path)  # a file left by a killed writer, about to be named: not an orphan any more
+                except FileNotFoundError:
+                    path.parent.mkdir(exist_ok=True)
+                    write_bytes_atomic(path, upload.data)
+                    written[path] = it.sha256
             stored.add(it.sha256)
         return written
+
+    def _sweep(self) -> None:
+        """Remove stored uploads that no committed generation names (``retrieval.uploads``); on the writer thread."""
+        from retrieval.uploads import remove_orphan_uploads
+
+        self._swept = time.monotonic()
+        try:
+            removed = remove_orphan_uploads(self._need())
+        except Exception as e:  # noqa: BLE001 - housekeeping: a damaged index is reported by the requests
+            log.warning("could not look for orphan uploads: %s", e)
+            return
+        if removed:
+            log.info("removed %d stored upload(s) that no item names (left by a writer killed before its commit)",
+                     len(removed))
+
+    def _sweep_now_and_then(self) -> None:
+        from retrieval.uploads import SWEEP_EVERY_S
+
+        if time.monotonic() - self._swept >= SWEEP_EVERY_S:
+            self._sweep()
 
     def _remove(self, item_id: int) -> list[int]:
         index = self._need()
         result = index.remove([item_id])
         if not result.ids:
             raise RequestError(f"no item {item_id} in the index", 404)
+        self._sweep_now_and_then()
         uploaded = [p for p in result.paths if Path(p).parent == index.uploads]
         still_used = index.by_path(uploaded) if uploaded else {}
         for path in uploaded:
@@ -265,6 +345,14 @@ class IndexAccess:
     def hit_json(self, hit: Hit) -> dict[str, Any]:
         return {"id": hit.id, "score": hit.score, "path": self.shown(hit.path), "label": hit.label,
                 "tags": hit.tags or {}, "thumbnail": f"/thumbnail/{hit.id}"}
+
+
+def _one_search_thread() -> None:
+    """The scan thread's FAISS searches use one core (OpenMP's thread count is per calling thread): a scan is many
+    searches back to back, and with every core it would slow each /search that runs beside it."""
+    from retrieval.index import set_threads
+
+    set_threads(1)
 
 
 def _file_name(upload: Upload) -> str:

@@ -48,7 +48,7 @@ from serving.params import (
     parse_min_score,
     parse_tags,
     parse_threshold,
-    parse_where,
+    parse_where_off_loop,
     per_image,
 )
 
@@ -88,7 +88,7 @@ def handled(route: Callable[[Request], Awaitable[Response]]) -> Callable[[Reques
             answer = client_error(e)
             if answer is None:
                 raise
-            return JSONResponse({"error": answer.message}, status_code=answer.status)
+            return JSONResponse({"error": answer.message}, status_code=answer.status, headers=answer.headers)
 
     return answered
 
@@ -150,7 +150,7 @@ async def similar(request: Request) -> Response:
     item_id = parse_id(request.path_params["item_id"])
     query = request.query_params
     only(query, ("k", "where", "min_score"), "k, where (repeatable), min_score")
-    k, where = parse_k(query.get("k")), parse_where(query.getlist("where"))
+    k, where = parse_k(query.get("k")), await parse_where_off_loop(query.getlist("where"))
     min_score = parse_min_score(query.get("min_score"))
     found = await access.similar(item_id, k, where, min_score)
     row, hits = found.value
@@ -189,7 +189,7 @@ async def duplicates(request: Request) -> Response:
     only(query, ("threshold", "limit"), "threshold and limit")
     threshold = parse_threshold(query.get("threshold"), DUPLICATE_THRESHOLD)
     limit = parse_k(query.get("limit"), DUPLICATE_GROUPS) if query.get("limit") else DUPLICATE_GROUPS
-    found = await access.duplicates(threshold, limit)
+    found = await access.duplicates(threshold, limit, client=request.client.host if request.client else "?")
     groups, total = found.value
     return JSONResponse({"threshold": threshold,
                          "groups": [[dict(access.item_json(row), score=s) for row, s in g] for g in groups],
