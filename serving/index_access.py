@@ -13,12 +13,14 @@ only through the index's public methods, so any engine behind that interface ser
 - **Writes run on another thread** and take ``INDEX/.lock``, as ``mae index add|remove`` do: one writer at a time
   across the CLI and every worker of every server, so reads go on while a write waits. A write that cannot get the
   lock within ``MAE_WRITE_WAIT_S`` seconds answers 409 (``serving.errors``): nothing changed, try again.
-- **The near-duplicate scan** reads the whole index: it runs on a third thread with one FAISS thread (searches
-  keep the other cores), once per generation and threshold: answers are cached (``_scans``, the last
-  ``SCAN_CACHE`` thresholds of the current generation), a request for a scan already running waits for it, and a
-  client may have one scan running at a time: another from it (a new threshold each time: each is a full scan, 7-9
-  searches' worth) is answered 429 with ``Retry-After`` rather than queued, so that no client can keep the scan
-  thread, and the cores it uses, busy for everyone else.
+- **The near-duplicate scan** reads the whole index (each scan costs many searches, and holds the index's lock
+  block by block): it runs on a third thread, once per generation and threshold. Answers are cached (``_scans``,
+  the last ``SCAN_CACHE`` thresholds of the current generation) and a request for a scan already running waits for
+  it. A new scan is bounded twice: a client may have one running (a second, at a new threshold, is answered 429
+  with ``Retry-After``), and scans may take at most ``SCAN_SHARE`` of the time (after a scan of d seconds, none
+  starts for 3d: 429 too). Refused rather than queued: a queued request would hold its connection and still add
+  a full scan to the queue, while a 429 costs nothing and says when to come back. So no client, nor several, can
+  keep the index busy scanning while /search waits for it.
 
 Uploaded files (``POST /items``) are stored in the index's uploads folder under their sha256 (the catalogue points
 at them, thumbnails read them); bytes the index already holds are not stored again, and the answer names the item
@@ -62,6 +64,8 @@ T = TypeVar("T")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 SCAN_CACHE = 8
 """Near-duplicate answers kept per generation (one per threshold asked)."""
+SCAN_SHARE = 0.25
+"""The most of the time near-duplicate scans may take: a scan of d seconds is followed by 3d without a new one."""
 
 
 @dataclass(frozen=True)
@@ -98,12 +102,12 @@ class IndexAccess:
             self._index.lock_timeout = write_wait_s
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mae-index")
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mae-index-write")
-        self._scanner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mae-duplicates",
-                                           initializer=_one_search_thread)
+        self._scanner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mae-duplicates")
         self._scans: OrderedDict[tuple[int, float], list[list[tuple[int, float]]]] = OrderedDict()
         self._running: dict[tuple[int, float], asyncio.Future] = {}  # scans under way, shared by their askers
         self._scanning: dict[str, tuple[int, float]] = {}  # client -> the scan it started and waits for
         self._scan_seconds = 1.0  # the last scan's duration: a 429's Retry-After
+        self._next_scan = 0.0  # time.monotonic() from which a new scan may start (SCAN_SHARE)
         self._swept = 0.0
         if self._index is not None:
             self._writer.submit(self._sweep)  # uploads a killed writer left behind
@@ -172,6 +176,8 @@ class IndexAccess:
         module docstring); ``client`` (its address) may have one scan running at a time, or gets a 429.
         """
         index = self._need()
+        if (index.generation, threshold) not in self._scans and (index.generation, threshold) not in self._running:
+            self._refuse_scan(client)  # before the reader thread is asked anything: a refusal costs nothing
         generation = (await self._read(lambda: None)).generation
         key = (generation, threshold)
         groups = self._scans.get(key)
@@ -189,18 +195,30 @@ class IndexAccess:
 
     async def _scan(self, index: Index, key: tuple[int, float], client: str) -> list[list[tuple[int, float]]]:
         """The groups of ``key`` = (generation, threshold): a scan already under way is waited for; a new one is
-        started unless ``client`` has one running (429)."""
+        started unless ``client`` has one running, or scans have had their share of the time (429)."""
         running = self._running.get(key)
         if running is None:
-            if client in self._scanning:
-                wait = max(1, math.ceil(self._scan_seconds))
-                raise RequestError(f"a near-duplicate scan of yours (threshold {self._scanning[client][1]}) is still "
-                                   f"running: one at a time per client; ask again in {wait} s (thresholds asked "
-                                   "before are answered at once)", HTTPStatus.TOO_MANY_REQUESTS,
-                                   {"Retry-After": str(wait)})
+            self._refuse_scan(client)
             self._scanning[client] = key
             running = self._running[key] = asyncio.ensure_future(self._run_scan(index, key, client))
         return await asyncio.shield(running)  # a client that hangs up does not cancel the scan for the others
+
+    def _refuse_scan(self, client: str) -> None:
+        """A 429 with Retry-After when a new scan may not start now (see the module docstring)."""
+        now = time.monotonic()
+        if client in self._scanning:
+            why = (f"a near-duplicate scan of yours (threshold {self._scanning[client][1]}) is still running: one at a "
+                   "time per client")
+            wait = self._scan_seconds
+        elif self._running or now < self._next_scan:
+            why = (f"near-duplicate scans read the whole index and may take at most {SCAN_SHARE:.0%} of the server's "
+                   "time; one is running or has just run")
+            wait = max(self._next_scan - now, self._scan_seconds if self._running else 0.0)
+        else:
+            return
+        seconds = max(1, math.ceil(wait))
+        raise RequestError(f"{why}; ask again in {seconds} s (thresholds asked before are answered at once)",
+                           HTTPStatus.TOO_MANY_REQUESTS, {"Retry-After": str(seconds)})
 
     async def _run_scan(self, index: Index, key: tuple[int, float], client: str) -> list[list[tuple[int, float]]]:
         started = time.monotonic()
@@ -209,7 +227,8 @@ class IndexAccess:
         finally:
             del self._scanning[client]
             del self._running[key]
-        self._scan_seconds = time.monotonic() - started
+            self._scan_seconds = time.monotonic() - started
+            self._next_scan = time.monotonic() + self._scan_seconds * (1 / SCAN_SHARE - 1)
         if any(k[0] > key[0] for k in self._scans):  # a write came and was scanned meanwhile: this one is stale
             return groups
         for old in [k for k in self._scans if k[0] < key[0]]:
@@ -345,14 +364,6 @@ class IndexAccess:
     def hit_json(self, hit: Hit) -> dict[str, Any]:
         return {"id": hit.id, "score": hit.score, "path": self.shown(hit.path), "label": hit.label,
                 "tags": hit.tags or {}, "thumbnail": f"/thumbnail/{hit.id}"}
-
-
-def _one_search_thread() -> None:
-    """The scan thread's FAISS searches use one core (OpenMP's thread count is per calling thread): a scan is many
-    searches back to back, and with every core it would slow each /search that runs beside it."""
-    from retrieval.index import set_threads
-
-    set_threads(1)
 
 
 def _file_name(upload: Upload) -> str:
