@@ -43,7 +43,7 @@ import numpy as np
 
 from mae.errors import AlreadyExistsError, NotFoundError, UsageError, UserError
 from mae.files import CHUNK, MAX_JSON_BYTES, open_regular, read_limited
-from mae.images import MAX_IMAGE_BYTES, EncodedImage, ImageError, ImageTooLargeError, is_npy
+from mae.images import MAX_IMAGE_BYTES, EncodedImage, ImageError, ImageTooLargeError, is_npy, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -637,7 +637,7 @@ def encode_item(item: Any) -> tuple[bytes, str]:
         return buf.getvalue(), "npy"
     if isinstance(item, EncodedImage):
         return item.data, "npy" if is_npy(item.data) else _ext_of(item.name) or "png"
-    data = Path(item).read_bytes()
+    data = read_bytes(item)  # a regular file within the byte limit, or an ImageError naming it
     return data, "npy" if is_npy(data) else _ext_of(str(item)) or "jpg"
 
 
@@ -709,8 +709,8 @@ def pack(source: Any, out: str | Path, splits: dict[str, np.ndarray], *, shard_s
                 i = int(i)
                 try:
                     data, ext = encode_item(source.items[i])
-                except OSError as e:
-                    index["skipped"].append(f"{source.ids[i]}: cannot read ({e.strerror or e})")
+                except ImageError as e:  # unreadable, not a regular file, over the byte limit: named
+                    index["skipped"].append(str(e))
                     bar.update(1)
                     continue
                 label = int(source.labels[i])

@@ -10,7 +10,8 @@ Mounted at / as one Starlette app (``PAGE``); keys and CORS are ``serving.auth``
     GET    /items/{id}/thumbnail       a small PNG (also at /thumbnail/{id}, the URL answers give)
     POST   /items                      images (multipart or JSON base64) + label / tags: embed and add (write key)
     DELETE /items/{id}                 remove (write key)
-    GET    /duplicates?threshold=&limit=   groups of near-copies
+    GET    /duplicates?threshold=&limit=   groups of near-copies (cached per threshold; a new scan while one runs or
+                                       has just run is a 429 with Retry-After: serving.index_access)
 
 Every route goes through ``handled``: the one mapping from exceptions to answers (``serving.errors``). The index
 is reached only through the worker's ``serving.index_access.IndexAccess``: reads see every committed write, and

@@ -226,6 +226,28 @@ def test_sources_that_are_not_regular_files_are_skipped_and_named(tmp_path, arti
     assert json.loads(done[0].stdout)["count"] == 2 and np.load(tmp_path / "v.npy").shape[0] == 2
 
 
+def test_packing_skips_sources_that_are_not_regular_files(tmp_path):
+    """`mae data pack` of a list naming /dev/zero and a FIFO: both skipped and named in index.json, the image packed
+    (main: read /dev/zero until MemoryError; a FIFO hangs)."""
+    (tmp_path / "g.png").write_bytes(png(0))
+    os.mkfifo(tmp_path / "fifo.png")
+    script = f"""
+import json, numpy as np
+from pathlib import Path
+from mae.shards import pack
+from mae.sources import Source
+items = [Path("{tmp_path}/g.png"), Path("/dev/zero"), Path("{tmp_path}/fifo.png")]
+source = Source("list", items, np.full(3, -1), [], [str(p) for p in items])
+index = pack(source, "{tmp_path}/packed", {{"train": np.arange(3)}}, shard_size=10**6, progress=False)
+print(json.dumps([index["splits"]["train"][0]["count"], index["skipped"]]))
+"""
+    [done] = run_limited(["-c", script], address_space=READER_AS, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    count, skipped = json.loads(done.stdout)
+    assert count == 1 and skipped == ["/dev/zero: a character device, not a regular file",
+                                      f"{tmp_path}/fifo.png: a FIFO (named pipe), not a regular file"]
+
+
 def test_json_files_are_read_only_when_regular_and_bounded(tmp_path, monkeypatch):
     import mae.files as files
 
