@@ -166,8 +166,12 @@ async def add_items(request: Request) -> Response:
     access.require()  # before the body is read
     parsed = await parse_request(request, LIMITS, allow_k=False, extra=("label", "tags"))
     n = len(parsed.uploads)
-    labels = per_image("label", parsed.fields.get("label"), n, parse_label)
-    tags = per_image("tags", parsed.fields.get("tags"), n, parse_tags)
+
+    def fields() -> tuple[list[str | None], list[dict[str, str] | None]]:  # up to an image's worth of JSON each
+        return (per_image("label", parsed.fields.get("label"), n, parse_label),
+                per_image("tags", parsed.fields.get("tags"), n, parse_tags))
+
+    labels, tags = await anyio.to_thread.run_sync(fields)  # checked before anything is embedded or stored
     vectors = await front.embeddings(parsed.uploads)  # (N, D); bad images are 4xx here
     found = await access.add(parsed.uploads, vectors, labels, tags)
     return JSONResponse({"added": [access.item_json(row) for row in found.value.rows],
