@@ -172,7 +172,7 @@ def _check_range(field: str, value: str, text: str) -> None:
     """A condition's value against what the catalogue stores: ids in 64 bits, times within years 1-9999 (whole
     days included: ``added<=9999-12-31`` needs the day after)."""
     if field == "id" and value.isdigit() and int(value) > MAX_ID:
-        raise RequestError(f"filter {text!r}: ids are below 2**63")
+        raise RequestError(f"filter {text!r}: the id is out of range (ids are below 2**63)")
     if field == "added":
         try:
             t = datetime.fromisoformat(value.replace("Z", "+00:00"))

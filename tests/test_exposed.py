@@ -35,6 +35,8 @@ WRITE_KEY = "write-key-8e4d1a6c0b9f2e7d"
 LABELS = [str(i) for i in range(10)]
 # The old filter expression backtracked over runs of spaces after a tag name: 64 KB of them held a server minutes.
 HOSTILE_WHERE = "tag.a" + " " * (64 * 1024 - 6) + "x"
+# What a value past what the index stores is called (serving.params, or retrieval's parser where it says first).
+OUT_OF_RANGE = r"out of range|below 2\*\*63"
 
 
 def png(seed: int, size: int = 24) -> bytes:
@@ -164,12 +166,12 @@ def test_the_filter_limits_and_forms_without_a_server():
         ([HOSTILE_WHERE], 413, "over the limit of 16,384"),
         (["tag." + "a" * 200 + "=x"], 400, "no operator"),
         (["label=\ud800"], 400, "lone surrogate"),
-        (["id=9223372036854775808"], 400, "ids are below 2**63"),
-        (["added=9999-12-31"], 400, "out of range"),
-        (["added<0001-01-01T00:00+01:00"], 400, "out of range"),
+        (["id=9223372036854775808"], 400, OUT_OF_RANGE),
+        (["added=9999-12-31"], 400, OUT_OF_RANGE),
+        (["added<0001-01-01T00:00+01:00"], 400, OUT_OF_RANGE),
         ('["label=3", 4]', 400, "a list of conditions"),
     ]:
-        with pytest.raises(RequestError, match=re.escape(words)) as e:
+        with pytest.raises(RequestError, match=words if words is OUT_OF_RANGE else re.escape(words)) as e:
             parse_where(bad)
         assert e.value.status == status, bad
     with pytest.raises(RequestError, match="lone surrogate"):
@@ -196,16 +198,16 @@ def test_values_out_of_range_are_4xx_and_write_nothing(setup):
     for fields in ({"label": "cat\ud800"}, {"tags": {"camera": "\udfff"}}, {"tags": {"\ud83d": "x"}},
                    {"label": ["ok", "\ud800"]}):
         status, answer, _ = call(srv, "/items", *as_json({"images": [new, new], **fields}), key=WRITE_KEY)
-        assert status == 400 and "not valid Unicode" in answer["error"], (fields, answer)
+        assert status == 400 and "lone surrogate" in answer["error"], (fields, answer)
     image = base64.b64encode(setup["digits"][1].read_bytes()).decode()
-    for where, words in [(["label=\ud800"], "lone surrogate"), (["id=9223372036854775808"], "below 2**63"),
-                         (["id>99999999999999999999"], "id"), (["added=9999-12-31"], "out of range"),
-                         (["added<0001-01-01T00:00+01:00"], "out of range")]:
+    for where, words in [(["label=\ud800"], "lone surrogate"), (["id=9223372036854775808"], OUT_OF_RANGE),
+                         (["id>99999999999999999999"], "id"), (["added=9999-12-31"], OUT_OF_RANGE),
+                         (["added<0001-01-01T00:00+01:00"], OUT_OF_RANGE)]:
         status, answer, _ = call(srv, "/search", *as_json({"images": [image], "where": where}))
-        assert status == 400 and words in answer["error"], (where, answer)
+        assert status == 400 and re.search(words, answer["error"]), (where, answer)
         if "surrogate" not in words:  # a query string is bytes: a server reads them as UTF-8 or U+FFFD
             status, answer, _ = call(srv, "/items/1/similar?" + urllib.parse.urlencode({"where": where[0]}))
-            assert status == 400 and words in answer["error"], (where, answer)
+            assert status == 400 and re.search(words, answer["error"]), (where, answer)
     for path in ("/items/9223372036854775808", "/thumbnail/9223372036854775808",
                  "/items/9223372036854775808/similar"):
         status, answer, _ = call(srv, path)
