@@ -31,7 +31,7 @@ PROBES = frozenset({"/healthz", "/livez", "/readyz"})
 
 # The page (serving/web/): its own files only; thumbnails arrive as blobs (fetched with the key) and the picked
 # file is shown from a blob: URL.
-PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
                "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
 # BentoML's Swagger UI at /docs sets inline styles and embeds an analytics snippet: its own scripts run, the
 # snippet does not.
