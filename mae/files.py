@@ -15,6 +15,7 @@ may decide how much is read or allocated.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -50,25 +51,27 @@ def _kind(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
 
-def open_regular(path: str | Path, max_bytes: int | None = None) -> io.BufferedReader:
-    """``open(path, "rb")`` for regular files only; ``max_bytes``: refuse a larger file before reading it.
+def open_regular(path: str | Path, max_bytes: int | None = None, buffering: int = -1) -> io.BufferedReader:
+    """``open(path, "rb", buffering)`` for regular files only; ``max_bytes``: refuse a larger file before reading it.
 
-    The kind is checked before opening (``stat`` does not block on a FIFO, ``open`` would) and again on the
-    open descriptor (the path may have been swapped between the two). Raises ``NotRegularFileError`` naming
-    the kind, ``FileTooLargeError``, or the ``OSError`` of a missing or unreadable file.
+    The file is opened without blocking (``O_NONBLOCK``: opening a FIFO would otherwise wait for a writer, maybe for
+    ever; on a regular file the flag changes nothing) and its kind checked on the open descriptor, so a path
+    swapped meanwhile cannot slip through. Raises ``NotRegularFileError`` naming the kind, ``FileTooLargeError``,
+    or the ``OSError`` of a missing or unreadable file.
     """
-    mode = os.stat(path).st_mode
-    if not stat.S_ISREG(mode):
-        raise NotRegularFileError(f"{path}: {_kind(mode)}, not a regular file")
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # a socket (or a device with no driver) cannot be opened at all
+            raise NotRegularFileError(f"{path}: {_kind(os.stat(path).st_mode)}, not a regular file") from None
+        raise
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise NotRegularFileError(f"{path}: {_kind(info.st_mode)}, not a regular file")
         if max_bytes is not None and info.st_size > max_bytes:
             raise FileTooLargeError(f"{path}: {info.st_size:,} bytes is over the limit of {max_bytes:,}")
-        os.set_blocking(fd, True)
-        return open(fd, "rb", buffering=CHUNK)  # noqa: SIM115 - the caller closes it
+        return open(fd, "rb", buffering=buffering)  # noqa: SIM115 - the caller closes it
     except BaseException:
         os.close(fd)
         raise

@@ -261,7 +261,7 @@ def open_stream(url: str) -> IO[bytes]:
     """A readable byte stream of a shard: a local regular file (``mae.files.open_regular``: never a device or a
     FIFO), or anything ``webdataset.gopen`` opens (http, pipe:, ...)."""
     if not _is_remote(url):
-        return open_regular(url)
+        return open_regular(url, buffering=CHUNK)
     from webdataset import gopen  # imports torch: only for remote shards, inside workers that hold it anyway
 
     return gopen(url, "rb")
