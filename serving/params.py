@@ -144,6 +144,8 @@ def _where_list(values: Any) -> list[str]:
     out: list[str] = []
     for v in values:  # BentoML's client: one form field holding a JSON list (or a JSON string)
         decoded = json_text(v)
+        if decoded is None:  # null: no filter
+            continue
         if isinstance(decoded, str):
             out.append(decoded)
         elif isinstance(decoded, list) and all(isinstance(d, str) for d in decoded):

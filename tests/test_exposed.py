@@ -158,6 +158,7 @@ def test_the_filter_limits_and_forms_without_a_server():
 
     assert parse_where('["label=3", "tag.camera=X100"]') == ["label=3", "tag.camera=X100"]  # BentoML's client
     assert parse_where(['"label=3"']) == ["label=3"] and parse_where("[]") == [] and parse_where(None) == []
+    assert parse_where("null") == []  # where=None from BentoML's client
     assert parse_where(["label=[weird]"]) == ["label=[weird]"]
     assert parse_min_score("null") is None and parse_min_score(["0.5"]) == 0.5
     for bad, status, words in [
