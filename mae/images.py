@@ -26,12 +26,13 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from mae.errors import UsageError, UserError
+from mae.files import FileTooLargeError, NotRegularFileError, open_regular, read_regular
 
 if TYPE_CHECKING:
     import torch
@@ -42,6 +43,10 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 MAX_IMAGE_PIXELS = 40_000_000
 """Default pixel limit for every decoder (training, evaluation, embedding, serving): checked from the header,
 before any pixel is decoded. A 12000x12000 image would otherwise take 432 MB as uint8 and 1.7 GB as float."""
+MAX_IMAGE_BYTES = 256 * 2**20
+"""Byte limit of one image file or shard member, checked before it is read: a 40-megapixel image
+(``MAX_IMAGE_PIXELS``) as uncompressed 16-bit RGB TIFF takes 240 MB, so no real image is refused, while
+``/dev/zero`` or a gzip bomb in a shard stops here instead of filling memory."""
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
              "nearest": Image.Resampling.NEAREST}
@@ -95,10 +100,15 @@ def read_image_hashed(path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXEL
     return arr, hashlib.sha256(data).hexdigest()
 
 
-def read_bytes(path: str | Path) -> bytes:
-    """A file's bytes; an unreadable file (missing, a symlink loop, no permission) is an ImageError naming it."""
+def read_bytes(path: str | Path, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """A file's bytes; an unreadable file (missing, a symlink loop, no permission), one that is not a regular file
+    (a device, a FIFO, a socket) or one over ``max_bytes`` is an ImageError naming it, raised before reading."""
     try:
-        return Path(path).read_bytes()
+        return read_regular(path, max_bytes)
+    except FileTooLargeError as e:
+        raise ImageTooLargeError(str(e)) from e
+    except NotRegularFileError as e:
+        raise ImageError(str(e)) from e
     except OSError as e:
         raise ImageError(f"{path}: cannot read ({e.strerror or e})") from e
 
@@ -168,15 +178,28 @@ class open_image:
                  formats: Sequence[str] | None = None):
         self.source, self.name, self.max_pixels, self.formats = source, name, max_pixels, formats
         self.im: Image.Image | None = None
+        self.file: IO[bytes] | None = None
 
     def __enter__(self) -> Image.Image:
-        src = io.BytesIO(self.source) if isinstance(self.source, (bytes, bytearray, memoryview)) else self.source
+        if isinstance(self.source, (bytes, bytearray, memoryview)):
+            src: IO[bytes] = io.BytesIO(self.source)
+        else:  # a path: a regular file within the byte limit only (PIL would open a FIFO and wait forever)
+            try:
+                src = self.file = open_regular(self.source, MAX_IMAGE_BYTES)
+            except FileTooLargeError as e:
+                raise ImageTooLargeError(str(e)) from e
+            except NotRegularFileError as e:
+                raise ImageError(str(e)) from e
+            except OSError as e:
+                self._raise(e)
         try:
             self.im = Image.open(src, formats=list(self.formats) if self.formats is not None else None)
         except BaseException as e:
+            self._close_file()
             self._raise(e)
         if self.max_pixels is not None and self.im.width * self.im.height > self.max_pixels:
             self.im.close()
+            self._close_file()
             raise ImageTooLargeError(f"{self.name}: {self.im.width}x{self.im.height} pixels is over the limit of "
                                      f"{self.max_pixels}")
         return self.im
@@ -184,9 +207,15 @@ class open_image:
     def __exit__(self, kind: type | None, exc: BaseException | None, tb: Any) -> bool:
         if self.im is not None:
             self.im.close()
+        self._close_file()
         if exc is not None and not isinstance(exc, ImageError):
             self._raise(exc)
         return False
+
+    def _close_file(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
     def _raise(self, e: BaseException) -> None:
         if isinstance(e, Image.DecompressionBombError):

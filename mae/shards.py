@@ -17,6 +17,12 @@ how many samples each worker has emitted, and a resumed worker starts at exactly
 shards whose samples were all emitted and reads, without decoding, the few it must pass over. The guarantee
 is **exact**: N steps straight and N/2 + kill + ``--resume`` see the same samples with the same crops, given the
 same world size and ``data.num_workers`` (the slot layout depends on both).
+
+Every number a shard folder states is a claim, checked before anything is sized from it: ``index.json``'s count
+of a shard against the shard's bytes (a tar holds at most one sample per 512-byte block: a folder claiming 10^12
+samples once drove ``mae index build`` to 23.6 GB), a member's size against the bytes left in the file and
+against ``mae.images.MAX_IMAGE_BYTES``. A member over that limit makes its sample a bad one; in a compressed shard,
+where passing over it means inflating it, the shard is read no further (a gzip bomb is refused at its header).
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ from typing import IO, Any
 import numpy as np
 
 from mae.errors import AlreadyExistsError, NotFoundError, UsageError, UserError
-from mae.images import EncodedImage, ImageError, is_npy
+from mae.files import CHUNK, MAX_JSON_BYTES, open_regular, read_limited
+from mae.images import MAX_IMAGE_BYTES, EncodedImage, ImageError, ImageTooLargeError, is_npy, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,12 @@ INDEX = "index.json"
 INDEX_KIND = "mae-webdataset-shards"
 INDEX_FORMAT = 1
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "gif", "tif", "tiff", "npy")
+BLOCK = 512
+"""A tar's block: every member takes a header block, so a shard of B bytes holds at most B // 512 samples."""
+MAX_LABEL_BYTES = 64
+"""A ``.cls`` member longer than this is not a class number: the sample is read as unlabelled."""
+MAX_TAR_META_BYTES = 2**20
+"""GNU long names and pax records: far more than any path needs."""
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -51,6 +64,14 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
 class ShardError(UserError, ValueError):
     """Shards that cannot serve as given: an index of a newer format, an unreadable tar, too few samples for the
     readers that would stream them."""
+
+
+class MemberClaimError(tarfile.ReadError):
+    """A tar member whose header claims more bytes than can be read: the shard is read no further."""
+
+    def __init__(self, member: str, message: str) -> None:
+        super().__init__(message)
+        self.member = member
 
 
 # ----------------------------------------------------------------------------------------------- shard sets
@@ -136,13 +157,11 @@ def open_shards(spec: str | Path) -> ShardSource:
     classes: list[str] = []
     if index is not None:
         parent = Path(urls[0]).parent
-        for split in ("train", "val"):
-            for entry in index["splits"].get(split, []):
-                known[str(parent / entry["name"])] = int(entry["count"])
+        named = {split: _split(parent, index, split) for split in ("train", "val")}
+        known = {str(Path(shard.url)): shard.count for split in named.values() for shard in split.shards}
         classes = list(index.get("classes") or [])
-        train_names = {str(parent / e["name"]) for e in index["splits"].get("train", [])}
-        if set(urls) <= train_names:
-            val = _split(parent, index, "val") or None
+        if set(urls) <= {str(Path(shard.url)) for shard in named["train"].shards}:
+            val = named["val"] if named["val"].shards else None
     shards = []
     for url in urls:
         count = known.get(str(Path(url))) if not _is_remote(url) else None
@@ -153,19 +172,55 @@ def open_shards(spec: str | Path) -> ShardSource:
 
 
 def _split(folder: Path, index: dict[str, Any], split: str) -> ShardSet:
-    entries = index["splits"].get(split, [])
-    return ShardSet(f"{folder}:{split}", [Shard(str(folder / e["name"]), int(e["count"])) for e in entries])
+    """One split of a packed folder, each shard's count checked against the shard itself (``checked_count``)."""
+    entries = index["splits"].get(split) or []
+    where = folder / INDEX
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ShardError(f"{where}: splits.{split} is not a list of shards; repack the folder (mae data pack)")
+    shards = []
+    for e in entries:
+        name = e.get("name")
+        if not isinstance(name, str) or not name or name != Path(name).name or name.startswith("."):
+            raise ShardError(f"{where}: {name!r} is not the file name of a shard in this folder")
+        shards.append(Shard(str(folder / name), checked_count(folder / name, e.get("count"), where)))
+    return ShardSet(f"{folder}:{split}", shards)
+
+
+def checked_count(shard: Path, claimed: Any, index: Path) -> int:
+    """The sample count ``index`` claims for ``shard``, if the shard can hold that many; ShardError otherwise.
+
+    Counts size arrays and loops (every sample of a shard is accounted for, read or missing), so a count the
+    shard's bytes cannot hold is refused here, before anything is sized from it.
+    """
+    if isinstance(claimed, bool) or not isinstance(claimed, int) or claimed < 0:
+        raise ShardError(f"{index}: the count of {shard.name} is {str(claimed)[:40]!r}, not a number of samples")
+    try:
+        size = os.stat(shard).st_size
+    except OSError as e:
+        raise ShardError(f"{index} names {shard.name}, which cannot be read ({e.strerror or e}); repack the folder "
+                         "(mae data pack) or give the shards that are there as a pattern") from None
+    if claimed > size // BLOCK:
+        raise ShardError(f"{index} claims {claimed:,} samples in {shard.name}, whose {size:,} bytes hold at most "
+                         f"{size // BLOCK:,} (a sample takes a {BLOCK}-byte block at least): the index does not "
+                         "describe these shards; repack the folder (mae data pack), or remove its index.json and "
+                         "give the shards as a pattern (their samples are then counted)")
+    return claimed
 
 
 def _read_index(path: Path) -> dict[str, Any] | None:
     try:
-        index = json.loads(path.read_text())
-    except (OSError, ValueError):
+        with open_regular(path, MAX_JSON_BYTES) as f:
+            index = json.loads(read_limited(f, MAX_JSON_BYTES, str(path)))
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(index, dict) or index.get("kind") != INDEX_KIND:
         return None
-    if index.get("format", 0) > INDEX_FORMAT:
-        raise ShardError(f"{path} has shard index format {index['format']}; this version reads up to {INDEX_FORMAT}")
+    if not isinstance(index.get("format", 0), int) or index.get("format", 0) > INDEX_FORMAT:
+        raise ShardError(f"{path} has shard index format {index['format']!r}; this version reads up to "
+                         f"{INDEX_FORMAT}")
+    if not isinstance(index.get("splits"), dict) or not isinstance(index.get("classes") or [], list):
+        raise ShardError(f"{path} is damaged: it has no splits, or classes that are not a list; repack the folder "
+                         "(mae data pack)")
     return index
 
 
@@ -186,6 +241,8 @@ class Sample:
     label: int
     name: str
     """``SHARD#KEY``: what errors, catalogues and embeddings call it."""
+    problem: str | None = None
+    """Why the image member was not read (over the byte limit): the sample is a bad one."""
 
     @property
     def seed_key(self) -> str:
@@ -193,15 +250,18 @@ class Sample:
         return f"{self.name.rpartition('#')[0].rsplit('/', 1)[-1]}#{self.key}"
 
     def image(self) -> EncodedImage:
+        if self.problem is not None:
+            raise ImageTooLargeError(f"{self.name}: {self.problem}")
         if self.data is None:
             raise ImageError(f"{self.name}: the sample has no image member ({', '.join(IMAGE_MEMBERS)})")
         return EncodedImage(self.data, f"{self.name}.{self.ext}")
 
 
 def open_stream(url: str) -> IO[bytes]:
-    """A readable byte stream of a shard: a local file, or anything ``webdataset.gopen`` opens (http, pipe:, ...)."""
+    """A readable byte stream of a shard: a local regular file (``mae.files.open_regular``: never a device or a
+    FIFO), or anything ``webdataset.gopen`` opens (http, pipe:, ...)."""
     if not _is_remote(url):
-        return open(url, "rb", buffering=1 << 20)
+        return open_regular(url, buffering=CHUNK)
     from webdataset import gopen  # imports torch: only for remote shards, inside workers that hold it anyway
 
     return gopen(url, "rb")
@@ -211,24 +271,35 @@ def iter_samples(url: str, wanted: Any = None) -> Iterator[tuple[int, Sample]]:
     """(index in the shard, sample) for every sample of a shard, in order; members are grouped by key.
 
     ``wanted(index) -> bool``: samples it refuses are passed over without their bytes being read (seeked past
-    in a local file). A sample with no image member is yielded with ``data=None`` (a bad sample, counted where
-    it is consumed).
+    in a local file). Only image and ``.cls`` members are read, at most ``MAX_IMAGE_BYTES`` a sample. A sample
+    with no image member is yielded with ``data=None``, one whose image is over the limit with ``problem`` set
+    (bad samples, counted where they are consumed).
     """
     with open_stream(url) as stream:
-        index, key, members = -1, None, {}
+        index, key, members, kept, problem = -1, None, {}, 0, None
         keep = True
-        for name, _size, read in tar_members(stream):
-            base, ext = _split_key(name)
-            if base != key:
-                if key is not None:
-                    yield index, _sample(url, key, members)
-                index, key, members = index + 1, base, {}
-                keep = wanted is None or wanted(index)
-            data = read(keep)
-            if keep:
-                members[ext] = data
+        try:
+            for name, size, read in tar_members(stream):
+                base, ext = _split_key(name)
+                if base != key:
+                    if key is not None:
+                        yield index, _sample(url, key, members, problem)
+                    index, key, members, kept, problem = index + 1, base, {}, 0, None
+                    keep = wanted is None or wanted(index)
+                if not keep or not (ext in IMAGE_MEMBERS or (ext == "cls" and size <= MAX_LABEL_BYTES)):
+                    read(False)
+                elif kept + size > MAX_IMAGE_BYTES:
+                    problem = f"member .{ext} is {size:,} bytes, over the limit of {MAX_IMAGE_BYTES:,} a sample"
+                    read(False)
+                else:
+                    members[ext] = read(True)
+                    kept += size
+        except MemberClaimError as e:  # refused at a header: the samples before it are whole
+            if key is not None and _split_key(e.member)[0] != key:
+                yield index, _sample(url, key, members, problem)
+            raise
         if key is not None:
-            yield index, _sample(url, key, members)
+            yield index, _sample(url, key, members, problem)
 
 
 def tar_members(stream: IO[bytes]) -> Iterator[tuple[str, int, Any]]:
@@ -236,19 +307,25 @@ def tar_members(stream: IO[bytes]) -> Iterator[tuple[str, int, Any]]:
     passes over them (a seek when the stream allows). Plain, ustar, GNU long names and pax ``path`` records are
     understood; gzip-compressed local shards are decompressed on the fly.
 
+    A member's size is a claim: in a local file it must fit in the bytes that are left, and reading it allocates
+    only as its bytes arrive. A compressed member over ``MAX_IMAGE_BYTES`` stops the shard at its header, since
+    passing over it would mean inflating all of it (a gzip bomb).
+
     Python's ``tarfile`` parses each header through several layers of objects: 50-75 us a member here, as much
     as decoding a small image. This reads the 512-byte headers directly.
     """
     head = stream.peek(2)[:2] if hasattr(stream, "peek") else b""
-    if head == b"\x1f\x8b":
+    compressed = head == b"\x1f\x8b"
+    end = _size_of(stream) if not compressed else None  # bytes in the file: what a member's size must fit in
+    if compressed:
         import gzip
 
         stream = gzip.GzipFile(fileobj=stream)
     seekable = getattr(stream, "seekable", lambda: False)()
     long_name: str | None = None
     while True:
-        header = stream.read(512)
-        if len(header) < 512:
+        header = stream.read(BLOCK)
+        if len(header) < BLOCK:
             if header.strip(b"\0"):
                 raise tarfile.ReadError("truncated tar header")
             return
@@ -256,15 +333,23 @@ def tar_members(stream: IO[bytes]) -> Iterator[tuple[str, int, Any]]:
             return  # the end-of-archive blocks
         size = _octal(header[124:136])
         kind = header[156:157]
-        padded = (size + 511) & ~511
+        padded = (size + BLOCK - 1) & ~(BLOCK - 1)
+        name = long_name or _ustar_name(header)
+        if end is not None and size > end - stream.tell():
+            raise MemberClaimError(name, f"member {name!r} claims {size:,} bytes; only "
+                                         f"{max(0, end - stream.tell()):,} are left in the file")
+        if compressed and size > MAX_IMAGE_BYTES:
+            raise MemberClaimError(name, f"member {name!r} claims {size:,} bytes, over the limit of "
+                                         f"{MAX_IMAGE_BYTES:,}: a compressed shard is not inflated past it")
         if kind in (b"L", b"x", b"g"):  # GNU long name, pax extended header, pax global header
+            if size > MAX_TAR_META_BYTES:
+                raise tarfile.ReadError(f"a tar name record of {size:,} bytes (at most {MAX_TAR_META_BYTES:,})")
             meta = _read_exactly(stream, padded)[:size]
             if kind == b"L":
                 long_name = meta.rstrip(b"\0").decode("utf-8", "replace")
             elif kind == b"x":
                 long_name = _pax_path(meta) or long_name
             continue
-        name = long_name or _ustar_name(header)
         long_name = None
         if kind not in (b"0", b"\0", b"7"):  # not a regular file: skip its data
             _skip(stream, padded, seekable)
@@ -314,8 +399,17 @@ def _pax_path(meta: bytes) -> str | None:
     return None
 
 
+def _size_of(stream: IO[bytes]) -> int | None:
+    """The byte size of a stream over a regular file (a member's size must fit in it); None for a pipe."""
+    try:
+        return os.fstat(stream.fileno()).st_size if stream.seekable() else None
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 def _read_exactly(stream: IO[bytes], n: int) -> bytes:
-    data = stream.read(n)
+    """``n`` bytes; memory grows with the bytes that arrive (1 MiB reads), not with ``n``."""
+    data = read_limited(stream, n, "a tar member") if n > CHUNK else stream.read(n)
     if len(data) < n:
         raise EOFError(f"the tar ends inside a member ({len(data)} of {n} bytes)")
     return data
@@ -324,8 +418,12 @@ def _read_exactly(stream: IO[bytes], n: int) -> bytes:
 def _skip(stream: IO[bytes], n: int, seekable: bool) -> None:
     if seekable:
         stream.seek(n, 1)
-    else:
-        _read_exactly(stream, n)
+        return
+    while n > 0:
+        block = stream.read(min(n, CHUNK))
+        if not block:
+            raise EOFError(f"the tar ends inside a member ({n} bytes short)")
+        n -= len(block)
 
 
 def _split_key(name: str) -> tuple[str, str]:
@@ -336,7 +434,7 @@ def _split_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def _sample(url: str, key: str, members: dict[str, bytes]) -> Sample:
+def _sample(url: str, key: str, members: dict[str, bytes], problem: str | None = None) -> Sample:
     name = f"{url}#{key}"
     ext = next((e for e in IMAGE_MEMBERS if e in members), "")
     label = -1
@@ -345,7 +443,7 @@ def _sample(url: str, key: str, members: dict[str, bytes]) -> Sample:
             label = int(members["cls"].decode().strip())
         except ValueError:
             label = -1
-    return Sample(key, members.get(ext) if ext else None, ext, label, name)
+    return Sample(key, members.get(ext) if ext else None, ext, label, name, problem if not ext else None)
 
 
 def count_samples(url: str) -> int:
@@ -539,7 +637,7 @@ def encode_item(item: Any) -> tuple[bytes, str]:
         return buf.getvalue(), "npy"
     if isinstance(item, EncodedImage):
         return item.data, "npy" if is_npy(item.data) else _ext_of(item.name) or "png"
-    data = Path(item).read_bytes()
+    data = read_bytes(item)  # a regular file within the byte limit, or an ImageError naming it
     return data, "npy" if is_npy(data) else _ext_of(str(item)) or "jpg"
 
 
@@ -611,8 +709,8 @@ def pack(source: Any, out: str | Path, splits: dict[str, np.ndarray], *, shard_s
                 i = int(i)
                 try:
                     data, ext = encode_item(source.items[i])
-                except OSError as e:
-                    index["skipped"].append(f"{source.ids[i]}: cannot read ({e.strerror or e})")
+                except ImageError as e:  # unreadable, not a regular file, over the byte limit: named
+                    index["skipped"].append(str(e))
                     bar.update(1)
                     continue
                 label = int(source.labels[i])

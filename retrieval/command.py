@@ -12,6 +12,7 @@ since the command runs where the files are, its absolute ``file`` too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -368,6 +369,14 @@ def index_check(args: argparse.Namespace) -> dict[str, Any] | int:
 
     if args.repair:
         report = Index.repair(args.index, args.artifact, progress=True)
+        if report["ok"]:  # uploads a killed writer stored but never committed (retrieval.uploads)
+            from retrieval.uploads import remove_orphan_uploads
+
+            with contextlib.closing(Index.open(args.index, gpu=False)) as idx:
+                removed = remove_orphan_uploads(idx)
+            report["orphan_uploads"] = [str(p) for p in removed]
+            if removed:
+                report["text"] += f"\n  removed {len(removed)} stored upload(s) that no item names"
     else:
         if args.artifact:
             raise UsageError("--artifact is for --repair (it embeds images again, or names the model)")

@@ -1,7 +1,7 @@
 """Where BentoML 1.4 does something this service must not do, and what we do instead (one place for all of them).
 
 Each piece below names the BentoML behaviour it works around; if BentoML changes, this is the file to revisit.
-Three more live where they act, each with its comment:
+Four more live where they act, each with its comment:
 
 - BentoML's ``PIL.Image`` and file parameter types answer an undecodable upload with a 500 (and fetch URLs given
   as text): every request is parsed by ``serving.images`` instead, through the IO descriptors of
@@ -9,7 +9,10 @@ Three more live where they act, each with its comment:
 - a batchable API over a list of PIL images has been reported to break adaptive batching: the encoder
   (``serving.encoder``) batches float32 arrays;
 - a service whose ``__init__`` raises is restarted in a loop by BentoML (24 tracebacks in 45 s) while the front
-  answers ``/healthz`` 200: the encoder stays up, unready, and says why.
+  answers ``/healthz`` 200: the encoder stays up, unready, and says why;
+- BentoML's own client (``bentoml.SyncHTTPClient``) sends every field of a multipart request as JSON text: a list
+  ``where=["label=3"]`` as the text ``["label=3"]``, ``min_score=None`` as ``null``: ``serving.params`` accepts
+  those forms (``json_text``), and tests/test_exposed.py drives every API through that client.
 
 BentoML also replaces the message of every 5xx answer of its API routes with "An unexpected error has occurred":
 the reason of a 503 from ``/search`` is therefore logged (``serving.errors.damaged_message``).

@@ -26,8 +26,11 @@ class RequestError(UserError, BentoMLException):
     """A request answered with ``status`` and the message: a 4xx, or a 503 when the server cannot serve it now
     (its index is damaged, its model cannot be loaded: what the operator can fix)."""
 
-    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST) -> None:
+    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST, headers: dict[str, str] | None = None
+                 ) -> None:
         super().__init__(message, error_code=HTTPStatus(status))
+        self.headers = dict(headers or {})
+        """Headers of the answer (``Retry-After`` of a 429), on the routes that answer through ``handled``."""
 
     @property
     def status(self) -> int:

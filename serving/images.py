@@ -203,7 +203,15 @@ _DATA_URL = re.compile(r"^data:[\w.+-]+/[\w.+-]+(;[\w=.+-]+)*;base64,", re.IGNOR
 
 
 async def _parse_json(request: Request, limits: Limits, allow_k: bool, extra: Sequence[str] = ()) -> ImagesRequest:
+    """Read the body, then decode it on a worker thread: JSON and base64 decoding grow with the body (up to
+    ``Limits.max_json_bytes``), and nothing that grows with a request's input runs on the event loop."""
+    import anyio
+
     body = b"".join([chunk async for chunk in request.stream()])
+    return await anyio.to_thread.run_sync(_json_request, body, limits, allow_k, extra)
+
+
+def _json_request(body: bytes, limits: Limits, allow_k: bool, extra: Sequence[str]) -> ImagesRequest:
     if not body.strip():
         raise RequestError('empty body: send {"images": ["<base64>", ...]} or multipart image files')
     try:

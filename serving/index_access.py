@@ -13,12 +13,20 @@ only through the index's public methods, so any engine behind that interface ser
 - **Writes run on another thread** and take ``INDEX/.lock``, as ``mae index add|remove`` do: one writer at a time
   across the CLI and every worker of every server, so reads go on while a write waits. A write that cannot get the
   lock within ``MAE_WRITE_WAIT_S`` seconds answers 409 (``serving.errors``): nothing changed, try again.
-- **The near-duplicate scan** reads the whole index: it runs on a third thread, once per generation and threshold
-  (the one cache of scans, ``_scans``), so searches are not held behind it.
+- **The near-duplicate scan** reads the whole index (each scan costs many searches, and holds the index's lock
+  block by block): it runs on a third thread, once per generation and threshold. Answers are cached (``_scans``,
+  the last ``SCAN_CACHE`` thresholds of the current generation) and a request for a scan already running waits for
+  it. A new scan is bounded twice: a client may have one running (a second, at a new threshold, is answered 429
+  with ``Retry-After``), and scans may take at most ``SCAN_SHARE`` of the time (after a scan of d seconds, none
+  starts for 3d: 429 too). Refused rather than queued: a queued request would hold its connection and still add
+  a full scan to the queue, while a 429 costs nothing and says when to come back. So no client, nor several, can
+  keep the index busy scanning while /search waits for it.
 
 Uploaded files (``POST /items``) are stored in the index's uploads folder under their sha256 (the catalogue points
 at them, thumbnails read them); bytes the index already holds are not stored again, and the answer names the item
-that holds them. Images are embedded before the write is queued, so the lock is held only for the commit.
+that holds them. Images are embedded before the write is queued, so the lock is held only for the commit. Uploads
+that a killed writer stored but never committed are removed when the server starts and after its writes
+(``retrieval.uploads``).
 """
 
 from __future__ import annotations
@@ -27,11 +35,16 @@ import asyncio
 import hashlib
 import io
 import logging
+import math
+import os
 import re
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -49,6 +62,10 @@ log = logging.getLogger("mae.serving")
 
 T = TypeVar("T")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+SCAN_CACHE = 8
+"""Near-duplicate answers kept per generation (one per threshold asked)."""
+SCAN_SHARE = 0.25
+"""The most of the time near-duplicate scans may take: a scan of d seconds is followed by 3d without a new one."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +104,14 @@ class IndexAccess:
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mae-index")
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mae-index-write")
         self._scanner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mae-duplicates")
-        self._scans: dict[tuple[int, float], list[list[tuple[int, float]]]] = {}
+        self._scans: OrderedDict[tuple[int, float], list[list[tuple[int, float]]]] = OrderedDict()
+        self._running: dict[tuple[int, float], asyncio.Future] = {}  # scans under way, shared by their askers
+        self._scanning: dict[str, tuple[int, float]] = {}  # client -> the scan it started and waits for
+        self._scan_seconds = 1.0  # the last scan's duration: a 429's Retry-After
+        self._next_scan = 0.0  # time.monotonic() from which a new scan may start (SCAN_SHARE)
+        self._swept = 0.0
+        if self._index is not None:
+            self._writer.submit(self._sweep)  # uploads a killed writer left behind
 
     @property
     def loaded(self) -> bool:
@@ -145,18 +169,23 @@ class IndexAccess:
 
         return await self._read(run)
 
-    async def duplicates(self, threshold: float, limit: int) -> Found[tuple[list[list[tuple[Row, float]]], int]]:
+    async def duplicates(self, threshold: float, limit: int, client: str = "?"
+                         ) -> Found[tuple[list[list[tuple[Row, float]]], int]]:
         """The first ``limit`` groups of near-copies (each member's row and best cosine) and how many there are.
 
-        The scan covers the whole index: it runs off the reader thread, once per generation and threshold.
+        The scan covers the whole index: it runs on the scan thread, once per generation and threshold (see the
+        module docstring); ``client`` (its address) may have one scan running at a time, or gets a 429.
         """
         index = self._need()
+        if (index.generation, threshold) not in self._scans and (index.generation, threshold) not in self._running:
+            self._refuse_scan(client)  # before the reader thread is asked anything: a refusal costs nothing
         generation = (await self._read(lambda: None)).generation
         key = (generation, threshold)
         groups = self._scans.get(key)
-        if groups is None:
-            groups = await asyncio.get_running_loop().run_in_executor(self._scanner, index.duplicates, threshold)
-            self._scans = {key: groups}
+        if groups is not None:
+            self._scans.move_to_end(key)
+        else:
+            groups = await self._scan(index, key, client)
         shown = groups[:limit]
 
         def rows() -> tuple[list[list[tuple[Row, float]]], int]:
@@ -164,6 +193,51 @@ class IndexAccess:
             return [[(found[i], s) for i, s in g if i in found] for g in shown], len(groups)
 
         return await self._read(rows)
+
+    async def _scan(self, index: Index, key: tuple[int, float], client: str) -> list[list[tuple[int, float]]]:
+        """The groups of ``key`` = (generation, threshold): a scan already under way is waited for; a new one is
+        started unless ``client`` has one running, or scans have had their share of the time (429)."""
+        running = self._running.get(key)
+        if running is None:
+            self._refuse_scan(client)
+            self._scanning[client] = key
+            running = self._running[key] = asyncio.ensure_future(self._run_scan(index, key, client))
+        return await asyncio.shield(running)  # a client that hangs up does not cancel the scan for the others
+
+    def _refuse_scan(self, client: str) -> None:
+        """A 429 with Retry-After when a new scan may not start now (see the module docstring)."""
+        now = time.monotonic()
+        if client in self._scanning:
+            why = (f"a near-duplicate scan of yours (threshold {self._scanning[client][1]}) is still running: one at a "
+                   "time per client")
+            wait = self._scan_seconds
+        elif self._running or now < self._next_scan:
+            why = (f"near-duplicate scans read the whole index and may take at most {SCAN_SHARE:.0%} of the server's "
+                   "time; one is running or has just run")
+            wait = max(self._next_scan - now, self._scan_seconds if self._running else 0.0)
+        else:
+            return
+        seconds = max(1, math.ceil(wait))
+        raise RequestError(f"{why}; ask again in {seconds} s (thresholds asked before are answered at once)",
+                           HTTPStatus.TOO_MANY_REQUESTS, {"Retry-After": str(seconds)})
+
+    async def _run_scan(self, index: Index, key: tuple[int, float], client: str) -> list[list[tuple[int, float]]]:
+        started = time.monotonic()
+        try:
+            groups = await asyncio.get_running_loop().run_in_executor(self._scanner, index.duplicates, key[1])
+        finally:
+            del self._scanning[client]
+            del self._running[key]
+            self._scan_seconds = time.monotonic() - started
+            self._next_scan = time.monotonic() + self._scan_seconds * (1 / SCAN_SHARE - 1)
+        if any(k[0] > key[0] for k in self._scans):  # a write came and was scanned meanwhile: this one is stale
+            return groups
+        for old in [k for k in self._scans if k[0] < key[0]]:
+            del self._scans[old]
+        self._scans[key] = groups
+        while len(self._scans) > SCAN_CACHE:
+            self._scans.popitem(last=False)
+        return groups
 
     async def summary(self) -> dict[str, Any]:
         """The index as /info shows it: its folder's name (the whole path only with absolute paths), size,
@@ -207,6 +281,7 @@ class IndexAccess:
             for path in written:
                 path.unlink(missing_ok=True)
             raise
+        self._sweep_now_and_then()
         rows = index.rows(result.ids)
         added = {rows[i].sha256: i for i in result.ids}
         # A writer elsewhere may have indexed the same bytes first: its item keeps its own file, ours goes.
@@ -234,18 +309,42 @@ class IndexAccess:
         written = {}
         for upload, it in zip(uploads, items):
             path = Path(it.path)
-            if it.sha256 not in stored and not path.exists():
-                path.parent.mkdir(exist_ok=True)
-                write_bytes_atomic(path, upload.data)
-                written[path] = it.sha256
+            if it.sha256 not in stored:
+                try:
+                    os.utime(path)  # a file left by a killed writer, about to be named: not an orphan any more
+                except FileNotFoundError:
+                    path.parent.mkdir(exist_ok=True)
+                    write_bytes_atomic(path, upload.data)
+                    written[path] = it.sha256
             stored.add(it.sha256)
         return written
+
+    def _sweep(self) -> None:
+        """Remove stored uploads that no committed generation names (``retrieval.uploads``); on the writer thread."""
+        from retrieval.uploads import remove_orphan_uploads
+
+        self._swept = time.monotonic()
+        try:
+            removed = remove_orphan_uploads(self._need())
+        except Exception as e:  # noqa: BLE001 - housekeeping: a damaged index is reported by the requests
+            log.warning("could not look for orphan uploads: %s", e)
+            return
+        if removed:
+            log.info("removed %d stored upload(s) that no item names (left by a writer killed before its commit)",
+                     len(removed))
+
+    def _sweep_now_and_then(self) -> None:
+        from retrieval.uploads import SWEEP_EVERY_S
+
+        if time.monotonic() - self._swept >= SWEEP_EVERY_S:
+            self._sweep()
 
     def _remove(self, item_id: int) -> list[int]:
         index = self._need()
         result = index.remove([item_id])
         if not result.ids:
             raise RequestError(f"no item {item_id} in the index", 404)
+        self._sweep_now_and_then()
         uploaded = [p for p in result.paths if Path(p).parent == index.uploads]
         still_used = index.ids_by_path(uploaded) if uploaded else {}
         for path in uploaded:

@@ -10,7 +10,8 @@ Mounted at / as one Starlette app (``PAGE``); keys and CORS are ``serving.auth``
     GET    /items/{id}/thumbnail       a small PNG (also at /thumbnail/{id}, the URL answers give)
     POST   /items                      images (multipart or JSON base64) + label / tags: embed and add (write key)
     DELETE /items/{id}                 remove (write key)
-    GET    /duplicates?threshold=&limit=   groups of near-copies
+    GET    /duplicates?threshold=&limit=   groups of near-copies (cached per threshold; a new scan while one runs or
+                                       has just run is a 429 with Retry-After: serving.index_access)
 
 Every route goes through ``handled``: the one mapping from exceptions to answers (``serving.errors``). The index
 is reached only through the worker's ``serving.index_access.IndexAccess``: reads see every committed write, and
@@ -48,7 +49,7 @@ from serving.params import (
     parse_min_score,
     parse_tags,
     parse_threshold,
-    parse_where,
+    parse_where_off_loop,
     per_image,
 )
 
@@ -88,7 +89,7 @@ def handled(route: Callable[[Request], Awaitable[Response]]) -> Callable[[Reques
             answer = client_error(e)
             if answer is None:
                 raise
-            return JSONResponse({"error": answer.message}, status_code=answer.status)
+            return JSONResponse({"error": answer.message}, status_code=answer.status, headers=answer.headers)
 
     return answered
 
@@ -150,7 +151,7 @@ async def similar(request: Request) -> Response:
     item_id = parse_id(request.path_params["item_id"])
     query = request.query_params
     only(query, ("k", "where", "min_score"), "k, where (repeatable), min_score")
-    k, where = parse_k(query.get("k")), parse_where(query.getlist("where"))
+    k, where = parse_k(query.get("k")), await parse_where_off_loop(query.getlist("where"))
     min_score = parse_min_score(query.get("min_score"))
     found = await access.similar(item_id, k, where, min_score)
     row, hits = found.value
@@ -165,8 +166,12 @@ async def add_items(request: Request) -> Response:
     access.require()  # before the body is read
     parsed = await parse_request(request, LIMITS, allow_k=False, extra=("label", "tags"))
     n = len(parsed.uploads)
-    labels = per_image("label", parsed.fields.get("label"), n, parse_label)
-    tags = per_image("tags", parsed.fields.get("tags"), n, parse_tags)
+
+    def fields() -> tuple[list[str | None], list[dict[str, str] | None]]:  # up to an image's worth of JSON each
+        return (per_image("label", parsed.fields.get("label"), n, parse_label),
+                per_image("tags", parsed.fields.get("tags"), n, parse_tags))
+
+    labels, tags = await anyio.to_thread.run_sync(fields)  # checked before anything is embedded or stored
     vectors = await front.embeddings(parsed.uploads)  # (N, D); bad images are 4xx here
     found = await access.add(parsed.uploads, vectors, labels, tags)
     return JSONResponse({"added": [access.item_json(row) for row in found.value.rows],
@@ -189,7 +194,7 @@ async def duplicates(request: Request) -> Response:
     only(query, ("threshold", "limit"), "threshold and limit")
     threshold = parse_threshold(query.get("threshold"), DUPLICATE_THRESHOLD)
     limit = parse_k(query.get("limit"), DUPLICATE_GROUPS) if query.get("limit") else DUPLICATE_GROUPS
-    found = await access.duplicates(threshold, limit)
+    found = await access.duplicates(threshold, limit, client=request.client.host if request.client else "?")
     groups, total = found.value
     return JSONResponse({"threshold": threshold,
                          "groups": [[dict(access.item_json(row), score=s) for row, s in g] for g in groups],

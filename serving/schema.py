@@ -16,7 +16,7 @@ from starlette.requests import Request
 
 from serving.environment import LIMITS
 from serving.images import parse_request
-from serving.params import parse_min_score, parse_where
+from serving.params import parse_min_score, parse_where_off_loop
 
 
 class ImagesInput(bentoml.IODescriptor):
@@ -52,7 +52,7 @@ class SearchInput(TopKInput):
     @classmethod
     async def from_http_request(cls, request: Request, serde: Any) -> SearchInput:
         parsed = await parse_request(request, LIMITS, allow_k=True, extra=("where", "min_score"))
-        where = parse_where(parsed.fields.get("where"))
+        where = await parse_where_off_loop(parsed.fields.get("where"))
         min_score = parse_min_score(parsed.fields.get("min_score"))
         return cls.model_construct(images=parsed.uploads, k=parsed.k, where=where, min_score=min_score)
 

@@ -43,7 +43,7 @@ from serving.encoder import EncoderService
 from serving.environment import LIMITS, SETTINGS, require_artifact
 from serving.errors import RequestError, client_error
 from serving.fair import FairPool
-from serving.guard import RequestGuard
+from serving.guard import RequestGuard, SecurityHeaders
 from serving.images import Upload, inspect_all, preprocess
 from serving.index_access import IndexAccess
 from serving.metrics import DECODE_SECONDS, ENCODER_SECONDS
@@ -236,6 +236,7 @@ class MAEService:
 
 # The middleware, outermost first (every request and answer of the service passes through it): the one place where
 # requests are refused before they reach a route, and where answers get headers.
+MAEService.add_asgi_middleware(SecurityHeaders)  # CSP, framing, nosniff on every answer, refusals included
 MAEService.add_asgi_middleware(FlatErrors)
 MAEService.add_asgi_middleware(Guard)  # API keys and CORS (serving.auth); inside FlatErrors, outside the routes
 MAEService.add_asgi_middleware(RequestGuard, allowed_hosts=SETTINGS.host_allow_list,

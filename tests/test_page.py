@@ -84,6 +84,8 @@ def open_page(browser, url: str):
     page = browser.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
+    # the server's Content-Security-Policy: anything the page does that it forbids is an error here
+    page.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None)
     page.goto(url, wait_until="load")
     page.wait_for_selector("body[data-state=ready]", timeout=30_000)
     return page, errors
@@ -120,7 +122,7 @@ def test_page_shows_labels_and_neighbours_for_a_picked_image(browser, server):
     assert first.locator(".path").inner_text() == f"{query_image.parent.name}/{query_image.name}"
     assert float(first.locator(".score").inner_text()) == pytest.approx(1.0, abs=1e-3)
     assert first.locator(".label").inner_text() == query_image.parent.name
-    page.wait_for_function("[...document.querySelectorAll('#neighbours img')].every(i => i.complete)")
+    page.wait_for_function("() => [...document.querySelectorAll('#neighbours img')].every(i => i.complete)")
     widths = page.eval_on_selector_all("#neighbours img", "imgs => imgs.map(i => i.naturalWidth)")
     assert len(widths) == K and min(widths) > 0, "a thumbnail did not load"
     shot = keep(page, server["tmp"], "page-results.png")
@@ -186,6 +188,7 @@ def test_page_with_a_write_key_adds_and_deletes(browser, server, tmp_path):
     page = browser.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None)
     page.goto(keyed.url + "/", wait_until="load")
     page.evaluate("localStorage.clear()")
     page.reload(wait_until="load")
@@ -214,7 +217,8 @@ def test_page_with_a_write_key_adds_and_deletes(browser, server, tmp_path):
     first = page.locator("#neighbours .neighbour").nth(0)
     assert first.locator(".label").inner_text() == "fresh"
     item_id = int(first.get_attribute("data-id"))
-    page.wait_for_function("[...document.querySelectorAll('#neighbours img')].every(i => i.complete && i.naturalWidth)")
+    page.wait_for_function(  # a function, not an expression: the page's policy forbids eval, which expressions use
+        "() => [...document.querySelectorAll('#neighbours img')].every(i => i.complete && i.naturalWidth)")
     headers = {"Authorization": f"Bearer {WRITE_KEY}"}
     assert request(f"{keyed.url}/items/{item_id}", headers=headers)[0] == 200
     page.evaluate("document.body.dataset.state = 'idle'")
