@@ -179,8 +179,7 @@ def add_images(index_path: str | Path, images: Sequence[str | Path], *, artifact
     labels = [collection_label(f, idx.manifest.get("images", [])) or lab for f, lab in zip(files, labels)]
     from tqdm.auto import tqdm
 
-    hashes = [sha256_file(f) if f.exists() else "" for f in tqdm(files, desc="hashing", unit="img",
-                                                                  disable=not progress or None)]
+    hashes = [_hash_or_blank(f) for f in tqdm(files, desc="hashing", unit="img", disable=not progress or None)]
     known = idx.ids_by_sha256([h for h in hashes if h])
     seen: set[str] = set()
     todo = []
@@ -204,6 +203,15 @@ def add_images(index_path: str | Path, images: Sequence[str | Path], *, artifact
         summary.update(metadata=str(sidecar.source), metadata_records=sidecar.records, metadata_items=matched)
     summary["ids"] = result.ids
     return summary
+
+
+def _hash_or_blank(file: Path) -> str:
+    """A file's sha256, or "" when it cannot be read (gone, a device, a FIFO): the embedding pass then skips it
+    and names it, as it does every unreadable image."""
+    try:
+        return sha256_file(file)
+    except OSError:
+        return ""
 
 
 def load_embedder(idx: index_lib.Index, artifact: str | Path | None, **kwargs: Any) -> Embedder:

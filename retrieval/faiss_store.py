@@ -34,7 +34,15 @@ import faiss
 import numpy as np
 
 from mae.errors import UserError
-from mae.files import fsync, fsync_dir, write_json_atomic
+from mae.files import (
+    MAX_JSON_BYTES,
+    FileTooLargeError,
+    NotRegularFileError,
+    fsync,
+    fsync_dir,
+    read_regular,
+    write_json_atomic,
+)
 from retrieval import faiss_log
 from retrieval.catalog import FILENAME as CATALOG_FILE
 from retrieval.catalog import Catalog, CatalogError
@@ -65,9 +73,11 @@ def read_manifest(path: Path) -> dict[str, Any]:
     """The committed manifest, checked field by field: a damaged one is refused by name, not with a TypeError."""
     file = path / MANIFEST
     try:
-        manifest = json.loads(file.read_bytes().decode("utf-8"))
+        manifest = json.loads(read_regular(file, MAX_JSON_BYTES).decode("utf-8"))
     except FileNotFoundError:
         raise damaged(path, f"{file} is missing") from None
+    except (NotRegularFileError, FileTooLargeError) as e:  # a FIFO or a device would block or never end
+        raise damaged(path, str(e)) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise damaged(path, f"{file} is not valid JSON ({e})") from e
     if not isinstance(manifest, dict):
