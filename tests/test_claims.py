@@ -225,6 +225,11 @@ def test_sources_that_are_not_regular_files_are_skipped_and_named(tmp_path, arti
             assert any(s.startswith(f"{path}: {kind}") for s in skipped), (path, skipped)
     assert json.loads(done[0].stdout)["count"] == 2 and np.load(tmp_path / "v.npy").shape[0] == 2
 
+    from cli.main import main  # and mae index add of the same list: the two are there, the four skipped by name
+
+    listing.write_text("\n".join([*map(str, good), "/dev/zero", str(fifo)]) + "\n")
+    assert main(["index", "add", "--index", str(tmp_path / "idx"), str(listing), "--workers", "0"]) == 0
+
 
 def test_packing_skips_sources_that_are_not_regular_files(tmp_path):
     """`mae data pack` of a list naming /dev/zero and a FIFO: both skipped and named in index.json, the image packed
@@ -257,6 +262,12 @@ def test_json_files_are_read_only_when_regular_and_bounded(tmp_path, monkeypatch
     os.mkfifo(tmp_path / "manifest.json")
     with pytest.raises(files.DamagedFileError, match="a FIFO"):  # at once: opening a FIFO would wait for a writer
         files.read_json(tmp_path / "manifest.json", "index manifest")
+    from retrieval.index import Index, IndexDamagedError
+
+    (tmp_path / "index").mkdir()
+    os.mkfifo(tmp_path / "index" / "manifest.json")  # an index whose manifest is a FIFO is damaged, not a hang
+    with pytest.raises(IndexDamagedError, match="a FIFO"):
+        Index.load(tmp_path / "index")
     monkeypatch.setattr(files, "MAX_JSON_BYTES", 10)
     (tmp_path / "big.json").write_text(json.dumps({"x": "y" * 20}))
     with pytest.raises(files.DamagedFileError, match="over the limit of 10"):
