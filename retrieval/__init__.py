@@ -1,4 +1,4 @@
-"""FAISS similarity indexes over image collections.
+"""Similarity indexes over image collections: one interface (retrieval.engine), FAISS folders and Milvus collections.
 
 faiss runs on OpenMP, whose idle threads spin by default. On shared cores that is ruinous: k-means training
 of an IVF-PQ index took 3-30x longer here with spinning threads than with passive waiting (6-64 s against

@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", help="the index for /search and the page's neighbours: a folder (FAISS, mae index "
                                    "build) or another engine's name (e.g. milvus:PATH.db)")
     p.add_argument("--host", default=d.host,
-                   help="address to bind (0.0.0.0 for every interface: see README 'Running it exposed')")
+                   help="address to bind (0.0.0.0 for every interface: see docs/serving.md 'Expose the server')")
     p.add_argument("--port", type=int, default=3000)
     p.add_argument("--allowed-hosts", default=d.allowed_hosts, metavar="NAMES",
                    help="comma-separated names clients reach the server by (Host header); default: loopback names")

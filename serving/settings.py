@@ -90,7 +90,7 @@ class Settings:
     """Seconds an HTTP write waits for another writer's index lock before answering 409."""
     host: str = "127.0.0.1"
     """Address to bind, for ``bentoml serve`` and the container too (``mae serve --host`` sets it): loopback
-    unless told otherwise; 0.0.0.0 (or ::) is every interface. See README "Running it exposed"."""
+    unless told otherwise; 0.0.0.0 (or ::) is every interface. See docs/serving.md "Expose the server"."""
     allowed_hosts: str = ""
     """Comma-separated names the HTTP Host header may carry (``*``: any). Empty: the loopback names and the bound
     address. A browser page on another site can make a browser send requests here (DNS rebinding); the Host it
