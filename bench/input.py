@@ -272,7 +272,8 @@ def main() -> None:
               f"{b['jpeg_mean']:,} on average at {next(iter(folders))}")
 
         # DataLoader: 1 and N workers; shards against a folder (these JPEGs, and small PNGs).
-        from mae.shards import open_shards, pack
+        from mae.packing import pack
+        from mae.shards import open_shards
 
         small = make_folder(tmp / "small", (32, 32), 2048, fmt="PNG")
         sources = {"500x375 JPEG": folders.get("500x375") or next(iter(folders.values())), "32x32 PNG": small}

@@ -49,7 +49,7 @@ def data_export(args: argparse.Namespace) -> dict[str, Any]:
 def data_pack(args: argparse.Namespace) -> dict[str, Any]:
     from mae.config import DataConfig
     from mae.errors import UsageError
-    from mae.shards import pack, parse_size
+    from mae.packing import pack, parse_size
     from mae.sources import load_source, split_data
 
     d = DataConfig()

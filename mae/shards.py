@@ -1,4 +1,4 @@
-"""WebDataset shards: ``mae data pack`` writes them, and every stage streams them.
+"""WebDataset shards: every stage streams them (``mae.packing`` writes them for ``mae data pack``).
 
 A shard is a plain tar of samples; the members of a sample share a key (``000000042.jpg``, ``000000042.cls``,
 ``000000042.json``), as WebDataset writes and reads them, so shards from elsewhere work too. ``mae data pack``
@@ -27,7 +27,6 @@ where passing over it means inflating it, the shard is read no further (a gzip b
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -41,9 +40,9 @@ from typing import IO, Any
 
 import numpy as np
 
-from mae.errors import AlreadyExistsError, NotFoundError, UsageError, UserError
+from mae.errors import NotFoundError, UserError
 from mae.files import CHUNK, MAX_JSON_BYTES, open_regular, read_limited
-from mae.images import MAX_IMAGE_BYTES, EncodedImage, ImageError, ImageTooLargeError, is_npy, read_bytes
+from mae.images import MAX_IMAGE_BYTES, EncodedImage, ImageError, ImageTooLargeError
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +56,6 @@ MAX_LABEL_BYTES = 64
 """A ``.cls`` member longer than this is not a class number: the sample is read as unlabelled."""
 MAX_TAR_META_BYTES = 2**20
 """GNU long names and pax records: far more than any path needs."""
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
 class ShardError(UserError, ValueError):
@@ -609,118 +606,3 @@ def slot_samples(shards: ShardSet, slot: int, slots: int) -> Iterator[tuple[int,
         for j in range(shard.count):
             if mine(j) and j not in seen:
                 yield first + j, None, f"{shard.url}: sample {j} is missing (the shard is shorter than its count)"
-
-
-# ----------------------------------------------------------------------------------------------- packing
-
-
-def parse_size(text: str) -> int:
-    """``512MB``, ``1GiB``, ``200k`` -> bytes (decimal units; KiB/MiB/GiB binary)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise UsageError(f"--shard-size: expected a size such as 512MB or 1GiB, got {text!r}")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def encode_item(item: Any) -> tuple[bytes, str]:
-    """A source item's bytes and member extension: files keep their bytes, arrays become PNG (8-bit grey, RGB,
-    RGBA) or .npy (anything else)."""
-    if isinstance(item, np.ndarray):
-        if item.dtype == np.uint8 and (item.ndim == 2 or item.shape[2] in (3, 4)):
-            from PIL import Image
-
-            buf = io.BytesIO()
-            Image.fromarray(item).save(buf, format="PNG")
-            return buf.getvalue(), "png"
-        buf = io.BytesIO()
-        np.save(buf, item, allow_pickle=False)
-        return buf.getvalue(), "npy"
-    if isinstance(item, EncodedImage):
-        return item.data, "npy" if is_npy(item.data) else _ext_of(item.name) or "png"
-    data = read_bytes(item)  # a regular file within the byte limit, or an ImageError naming it
-    return data, "npy" if is_npy(data) else _ext_of(str(item)) or "jpg"
-
-
-def _ext_of(name: str) -> str:
-    ext = os.path.splitext(name)[1].lower().lstrip(".")
-    return ext if ext in IMAGE_MEMBERS else ""
-
-
-class _ShardWriter:
-    """Deterministic tars (zero mtimes and owners) written to a temporary name and renamed when complete."""
-
-    def __init__(self, out: Path, prefix: str, max_bytes: int):
-        self.out, self.prefix, self.max_bytes = out, prefix, max_bytes
-        self.entries: list[dict[str, Any]] = []
-        self.tar: tarfile.TarFile | None = None
-
-    def add(self, key: str, members: dict[str, bytes], label_name: str | None) -> None:
-        size = sum(len(v) + 1024 for v in members.values())  # + a header and padding per member
-        current = self.entries[-1] if self.entries and self.tar is not None else None
-        if current is None or (current["count"] and current["bytes"] + size > self.max_bytes):
-            self._start()
-            current = self.entries[-1]
-        for ext, data in members.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
-            self.tar.addfile(info, io.BytesIO(data))
-        current["count"] += 1
-        current["bytes"] += size
-        if label_name is not None:
-            current["classes"][label_name] = current["classes"].get(label_name, 0) + 1
-
-    def _start(self) -> None:
-        self.close()
-        name = f"{self.prefix}-{len(self.entries):06d}.tar"
-        self.tmp = self.out / f".{name}.tmp"
-        self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed in close())
-        self.entries.append({"name": name, "count": 0, "bytes": 0, "classes": {}})
-
-    def close(self) -> None:
-        if self.tar is not None:
-            self.tar.close()
-            entry = self.entries[-1]
-            final = self.out / entry["name"]
-            entry["bytes"] = self.tmp.stat().st_size
-            os.replace(self.tmp, final)
-            self.tar = None
-
-
-def pack(source: Any, out: str | Path, splits: dict[str, np.ndarray], *, shard_size: int,
-         split_info: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Write ``source`` (a ``mae.sources.Source``) as shards in ``out``: each split (name -> item indices, e.g. the
-    seeded stratified train/val split every stage computes for the source) as ``NAME-NNNNNN.tar``, and
-    index.json (``split_info``: how the split was made). Returns the index."""
-    from tqdm.auto import tqdm
-
-    from mae.files import write_json_atomic
-
-    out = Path(out)
-    if (out / INDEX).exists():
-        raise AlreadyExistsError(f"{out / INDEX} exists: pack into an empty folder")
-    out.mkdir(parents=True, exist_ok=True)
-    index: dict[str, Any] = {"kind": INDEX_KIND, "format": INDEX_FORMAT, "source": source.name,
-                             "classes": list(source.classes), **(split_info or {}), "splits": {}, "skipped": []}
-    total = sum(len(v) for v in splits.values())
-    with tqdm(total=total, desc="packing", unit="img", disable=not progress or None, leave=False) as bar:
-        for split, chosen in splits.items():
-            writer = _ShardWriter(out, split, shard_size)
-            for i in chosen:
-                i = int(i)
-                try:
-                    data, ext = encode_item(source.items[i])
-                except ImageError as e:  # unreadable, not a regular file, over the byte limit: named
-                    index["skipped"].append(str(e))
-                    bar.update(1)
-                    continue
-                label = int(source.labels[i])
-                members = {ext: data, "json": json.dumps({"id": source.ids[i]}).encode()}
-                if label >= 0:
-                    members["cls"] = str(label).encode()
-                writer.add(f"{i:09d}", members, source.classes[label] if label >= 0 else None)
-                bar.update(1)
-            writer.close()
-            index["splits"][split] = writer.entries
-    write_json_atomic(out / INDEX, index)
-    return index
-

@@ -239,7 +239,7 @@ def test_packing_skips_sources_that_are_not_regular_files(tmp_path):
     script = f"""
 import json, numpy as np
 from pathlib import Path
-from mae.shards import pack
+from mae.packing import pack
 from mae.sources import Source
 items = [Path("{tmp_path}/g.png"), Path("/dev/zero"), Path("{tmp_path}/fifo.png")]
 source = Source("list", items, np.full(3, -1), [], [str(p) for p in items])
