@@ -299,12 +299,15 @@ def read_checkpoint(checkpoint: str | Path, pooling: str | None = None) -> Check
             labels = [str(i) for i in range(num_classes)]
         if len(labels) != num_classes:
             raise ArtifactError(f"{checkpoint}: {len(labels)} label names for a head of {num_classes} classes")
-    else:
-        pooling = pooling or DEFAULT_PRETRAINED_POOLING
+    else:  # a pretrained encoder, or a contrastive one (which records the pooling it was tuned for)
+        pooling = pooling or meta.get("pooling") or DEFAULT_PRETRAINED_POOLING
         labels = None
     if pooling == "avg" and not fc_norm and "norm.weight" not in state:
         raise ArtifactError(f"{checkpoint}: neither norm nor fc_norm weights; not a complete ViT encoder")
-    source = ArtifactSource(str(Path(checkpoint).resolve()), sha256_file(weights_file(checkpoint))).to_dict()
+    recipe = None
+    if meta.get("task") == "contrastive" and saved:  # how the embedding was trained (mae finetune --contrastive)
+        recipe = {"task": "contrastive", "stage": meta.get("stage"), **saved.get("contrastive", {})}
+    source = ArtifactSource(str(Path(checkpoint).resolve()), sha256_file(weights_file(checkpoint)), recipe).to_dict()
     return CheckpointEncoder(state, dataclasses.asdict(model_cfg), preprocessing, pooling, fc_norm,
                              list(labels) if labels else None, source, saved)
 

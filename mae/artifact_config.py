@@ -51,16 +51,20 @@ class ArtifactSource:
     """Absolute path of the checkpoint file or run folder, as it was at export."""
     sha256: str
     """sha256 of the checkpoint file's bytes."""
+    recipe: dict[str, Any] | None = None
+    """How the embedding was trained when that is not MAE pretraining or finetuning: a contrastive run's task,
+    stage, pooling and view recipe (``mae finetune --contrastive``)."""
 
     @classmethod
     def from_dict(cls, d: Any) -> ArtifactSource | None:
         """None for an artifact made without a checkpoint (``from_random_init``: an empty ``source``)."""
         if isinstance(d, dict) and isinstance(d.get("checkpoint"), str) and isinstance(d.get("sha256"), str):
-            return cls(d["checkpoint"], d["sha256"])
+            recipe = d.get("recipe")
+            return cls(d["checkpoint"], d["sha256"], recipe if isinstance(recipe, dict) else None)
         return None
 
-    def to_dict(self) -> dict[str, str]:
-        return dataclasses.asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 @dataclass(frozen=True, eq=False)

@@ -256,6 +256,97 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class ContrastiveConfig:
+    """How ``mae finetune --contrastive`` tunes a pretrained encoder into a search embedding without labels: MAE-CT
+    (Lehner et al., "Contrastive Tuning: A Little Help to Make Masked Autoencoders Forget", 2023). Defaults are the
+    official ViT-B/16 recipe (github.com/ml-jku/MAE-CT, ``yamls/stage2_maect_prepare_head`` and
+    ``stage3_maect_contrastive_tuning``): NNCLR projector + predictor heads on the pooled encoder output and a queue
+    of projections searched for each view's nearest neighbour; first the heads alone on the frozen encoder
+    (``head_epochs``), then the upper half of the blocks with layer-wise lr decay (``epochs``). Like ``finetune``,
+    a pretraining run carries it, and a contrastive run reads its optimiser and length from here alone.
+    """
+
+    augment: str = "crop"
+    """Views: crop (MAE-CT: RandomResizedCrop + flip), colour (MAE-CT_aug: + BYOL's colour jitter, grey, blur and
+    solarisation) or copy (copy-detection edits after SSCD: + rotation, resize, colour, blur, text or image
+    overlay, JPEG); see ``training/views.py``."""
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """RandomResizedCrop area range of each view (the official 0.08..1)."""
+    hflip: float = 0.5
+    """Probability of a horizontal flip of each view (0 for digits and text)."""
+    pooling: str = "avg"
+    """The embedding the heads train and the artifact serves: avg (mean of the normed patch tokens; the official
+    ViT-B/16 recipe) or token (the class token; the official ViT-L and ViT-H recipes)."""
+    positive: str = "neighbour"
+    """What a view is pulled towards: neighbour (NNCLR, the paper's: the other view's nearest neighbour in the
+    queue) or view (the other view itself, as SimCLR and SSCD: tells instances apart, for copy detection)."""
+    proj_hidden_dim: int = 2048
+    """Hidden width of the projector (Linear-BN-ReLU x 2, Linear-BN: NNCLR's)."""
+    pred_hidden_dim: int = 4096
+    """Hidden width of the predictor (Linear-BN-ReLU, Linear)."""
+    output_dim: int = 256
+    """Width of the projections the queue holds and the loss compares."""
+    queue_size: int = 65536
+    """Projections kept in the nearest-neighbour queue (first in, first out); at least one global batch."""
+    temperature: float = 0.15
+    """Softmax temperature of the contrastive loss (ViT-B 0.15; ViT-L 0.2)."""
+    topk: int = 20
+    """Tuning: the positive is drawn at random from a view's topk nearest neighbours (the head stage always
+    takes the nearest, as the official stage 2); 1 = the nearest."""
+    target_momentum: float = 0.99
+    """Tuning: EMA factor of the target projector whose projections fill and search the queue."""
+    frozen_blocks: int | None = None
+    """Lower blocks (and with block 0 the patch embedding and class token) that stay frozen while tuning: no
+    gradient is computed for them. null = half the depth (the paper's: 6 of 12, 12 of 24, 16 of 32)."""
+    layer_decay: float = 0.65
+    """Tuning: layer-wise lr decay; block i of D trains at layer_decay ** (D - i) x lr, the final norm at lr."""
+    head_epochs: int = 20
+    """Epochs of the first stage: the heads alone on the frozen encoder (0 skips it: the heads start untrained)."""
+    epochs: int = 20
+    """Epochs of the second stage: the upper blocks and the heads."""
+    batch_size: int = 128
+    """Images per device per step, two views each (the official run: 128 x 8 GPUs = 1024)."""
+    blr: float = 1e-4
+    """Base lr of the tuned encoder: lr = blr x 2 x effective batch / 256 (both views count, as the official code
+    scales it)."""
+    head_blr: float = 1e-4
+    """Base lr of the heads, in both stages (MAE-CT_aug's tuning: 5e-4)."""
+    weight_decay: float = 0.05
+    """AdamW weight decay of the tuned blocks (none on biases, norms, tokens)."""
+    head_weight_decay: float = 1e-5
+    """AdamW weight decay of the heads."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    warmup: float = 0.2
+    """Share of each stage's steps over which the lr rises linearly from 0 (then a half cosine to 0)."""
+
+    def validate(self) -> None:
+        from mae.errors import UsageError
+
+        choices = {"augment": ("crop", "colour", "copy"), "pooling": ("avg", "token"),
+                   "positive": ("neighbour", "view")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise UsageError(f"contrastive.{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
+        low, high = self.crop_scale
+        if not 0.0 < low <= high <= 1.0 or not 0.0 <= self.hflip <= 1.0:
+            raise UsageError(f"contrastive.crop_scale must satisfy 0 < low <= high <= 1 and contrastive.hflip be in "
+                             f"[0, 1]; got {self.crop_scale} and {self.hflip}")
+        if min(self.proj_hidden_dim, self.pred_hidden_dim, self.output_dim, self.queue_size, self.topk,
+               self.epochs, self.batch_size) < 1 or self.head_epochs < 0:
+            raise UsageError("contrastive widths, queue_size, topk, epochs and batch_size must be >= 1 and "
+                             "contrastive.head_epochs >= 0")
+        if self.temperature <= 0 or not 0.0 <= self.target_momentum < 1.0 or not 0.0 < self.layer_decay <= 1.0:
+            raise UsageError("contrastive.temperature must be > 0, target_momentum in [0, 1), layer_decay in (0, 1]")
+        if not 0.0 <= self.warmup < 1.0 or min(self.blr, self.head_blr) <= 0:
+            raise UsageError("contrastive.warmup must be in [0, 1) and the learning rates > 0")
+        if self.frozen_blocks is not None and self.frozen_blocks < 0:
+            raise UsageError(f"contrastive.frozen_blocks must be >= 0 or null; got {self.frozen_blocks}")
+        if min(self.weight_decay, self.head_weight_decay) < 0:
+            raise UsageError("contrastive weight decays must be >= 0")
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything a run needs; stored in its checkpoint as a plain dict."""
 
@@ -265,6 +356,8 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     """Finetune and linear-probe recipe (absent from older checkpoints: the defaults apply)."""
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    """Contrastive tuning recipe (absent from older checkpoints: the defaults apply)."""
     preset: str = "custom"
     """Name of the preset this config started from."""
 
@@ -287,6 +380,7 @@ class Config:
         cfg.model.validate()
         cfg.data.validate()
         cfg.finetune.validate()
+        cfg.contrastive.validate()
         return cfg
 
     def differences(self, other: Config) -> list[str]:

@@ -58,10 +58,13 @@ def init_config(init: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
     """
     state, saved, _ = load_weights_and_meta(init)
     if saved:
-        sections = {k: v for k, v in saved.items() if k in ("model", "data", "optim", "run", "finetune", "preset")}
+        sections = {k: v for k, v in saved.items()
+                    if k in ("model", "data", "optim", "run", "finetune", "contrastive", "preset")}
         cfg = Config.from_dict(sections)
         if "finetune" not in saved and cfg.preset in PRESETS:
             cfg = dataclasses.replace(cfg, finetune=PRESETS[cfg.preset]().finetune)
+        if "contrastive" not in saved and cfg.preset in PRESETS:
+            cfg = dataclasses.replace(cfg, contrastive=PRESETS[cfg.preset]().contrastive)
     else:
         cfg = Config(model=infer_model_config(state), data=DataConfig(), finetune=FinetuneConfig(), preset="official")
     return cfg, state
@@ -136,7 +139,7 @@ def load_encoder(vit: nn.Module, state: dict[str, torch.Tensor], source_grid: tu
     from timm.layers import resample_abs_pos_embed
 
     own = vit.state_dict()
-    drop = ("head.", "fc_norm.") + DECODER_PREFIXES
+    drop = ("head.", "fc_norm.", "nnclr.") + DECODER_PREFIXES  # nnclr.: a contrastive run's heads
     weights = {k: v for k, v in state.items()
                if not k.startswith(drop) and not (k.startswith("norm.") and k not in own)}
     pos = weights.get("pos_embed")
