@@ -299,9 +299,9 @@ def test_a_run_folder_of_another_kind_is_refused(tiny_pretrain_run, tmp_path):
 
 
 def test_tuning_raises_knn_over_the_untuned_encoder(tmp_path):
-    """A short run on digits (one grey channel, untrained tiny encoder, heads then the upper block) lifts kNN
-    top-1 on the held-out split well above the encoder it started from; measured 0.XX -> 0.YY here, the margin
-    asked is a third of that gain."""
+    """100 steps on digits (one grey channel, an untrained 2-block encoder: heads, then every block) lift kNN top-1
+    on the held-out split from 0.741 to 0.80 (measured over three seeds: 0.797-0.802); asked: half that gain.
+    In fp32 (run.amp=off), so that AVX2 and AVX-512 machines compute the same thing up to rounding."""
     from training import evaluate as ev
 
     cfg = get_preset("mae_vit_tiny_patch4_32").override([
@@ -309,8 +309,9 @@ def test_tuning_raises_knn_over_the_untuned_encoder(tmp_path):
         "model.num_heads=2", "model.decoder_embed_dim=32", "model.decoder_depth=1", "model.decoder_num_heads=2",
         "contrastive.crop_scale=0.5,1", "contrastive.hflip=0", "contrastive.batch_size=64",
         "contrastive.queue_size=512", "contrastive.proj_hidden_dim=256", "contrastive.pred_hidden_dim=256",
-        "contrastive.output_dim=64", "contrastive.blr=5e-4", "contrastive.head_blr=5e-4", "data.num_workers=0",
-        "run.steps=60", "run.log_every=20", "run.vis_every=1000", "run.ckpt_every=1000"])
+        "contrastive.output_dim=64", "contrastive.blr=2e-3", "contrastive.head_blr=2e-3",
+        "contrastive.frozen_blocks=0", "data.num_workers=0", "run.amp=off", "run.steps=100", "run.log_every=20",
+        "run.vis_every=1000", "run.ckpt_every=1000"])
     init = tmp_path / "init.pt"
     torch.manual_seed(0)
     save_checkpoint(init, {"model": MaskedAutoencoder(cfg.model).state_dict(), "step": 0, "epoch": 0,
@@ -322,7 +323,8 @@ def test_tuning_raises_knn_over_the_untuned_encoder(tmp_path):
         info = artifact.read_checkpoint(ckpt)
         train, val, _ = ev.embed_split(info.build(), info.preprocessing, split)
         knn[name] = ev.knn_top1(train, val, split.num_classes)
-    assert knn["tuned"] >= knn["untuned"] + 0.05, (knn, summary)
+    assert knn["tuned"] >= knn["untuned"] + 0.03, (knn, summary)
+    assert summary["val_knn_top1_after"] > summary["val_knn_top1_before"]
 
 
 DISTRIBUTED = """
