@@ -41,24 +41,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-# Contrastive tuning until ``mae finetune --contrastive`` exists: the same function, in its own process.
-TUNE = """
-import json, sys
-from training.contrastive import contrastive_config, tune
-from training.finetune import init_config
-init, out, data, *sets = sys.argv[1:]
-base, _ = init_config(init)
-print(json.dumps(tune(contrastive_config(base, sets), init, out, data, resume=True), default=str))
-"""
-
-
 def run_stage(name: str, argv: list[str], threads: int, log: Path) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    command = ["-c", TUNE, *argv[1:]] if argv[0] == "tune" else ["-m", "cli", *argv, "--json"]
-    print(f"[quality] {name}: {'mae ' + ' '.join(argv) if argv[0] != 'tune' else 'tune() ' + ' '.join(argv[1:])}",
-          flush=True)
-    proc = subprocess.Popen([sys.executable, *command], cwd=ROOT, env=env,
+    print(f"[quality] {name}: mae {' '.join(argv)}", flush=True)
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *argv, "--json"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
     proc.started = time.perf_counter()  # type: ignore[attr-defined]
     proc.stage = name  # type: ignore[attr-defined]
@@ -176,7 +163,8 @@ def main() -> None:
     # 3. contrastive tuning of the MAE encoder (alone, so that its CPU time compares with the pretraining's)
     tuned = out / "contrastive" / "checkpoint.pt"
     if "contrastive" not in results:
-        argv = ["tune", str(ckpt), str(out / "contrastive"), args.data, *args.ct_overrides]
+        argv = ["finetune", "--contrastive", "--init", str(ckpt), "--data", args.data, "--out",
+                str(out / "contrastive"), "--resume", *[a for s in args.ct_overrides for a in ("--set", s)]]
         results["contrastive"] = wait_all([run_stage("contrastive", argv, args.threads,
                                                      out / "contrastive.log")])["contrastive"]
         results_path.write_text(json.dumps(results, indent=2))

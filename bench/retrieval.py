@@ -715,7 +715,7 @@ def among_nearest(v: np.ndarray, kinds: list[str], family: np.ndarray, k: int) -
 def photo_copies(embedder: Any, seed: int) -> dict[str, float]:
     """The bundled photographs (pictures, not textures; chelsea is cat) and their edited copies: for each kind of
     edit, the share of copies whose nearest photograph by the cosine is their own original."""
-    from mae.data import PHOTOS, load_source
+    from mae.sources import PHOTOS, load_source
 
     source = load_source("photos")
     names = [n for n in PHOTOS if n not in ("chelsea", "brick", "grass", "gravel")]

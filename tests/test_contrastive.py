@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from mae import artifact
 from mae.checkpoint import load_checkpoint, save_checkpoint
 from mae.config import get_preset
-from mae.data import load_source
 from mae.dist import Dist
 from mae.errors import UsageError
 from mae.model import MaskedAutoencoder
+from mae.sources import load_source
 from training import contrastive as ct
+from training import nnclr
 from training.finetune import init_config, load_encoder
 from training.views import TwoViews, overlay_bank
 
@@ -48,7 +49,7 @@ def straight_run(tiny_pretrain_run, tmp_path_factory) -> tuple[Path, dict]:
 
 
 def test_queue_finds_the_nearest_other_image_and_replaces_the_oldest():
-    q = ct.NeighbourQueue(4, 2, torch.device("cpu"), seed=0)
+    q = nnclr.NeighbourQueue(4, 2, torch.device("cpu"), seed=0)
     q.push(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [-1.0, 0.0]]), torch.tensor([5, 6, 7, 8]),
            torch.tensor([10, 11, 12, 13]))
     z = F.normalize(torch.tensor([[1.0, 0.1], [1.0, 0.1]]), dim=1)
@@ -60,18 +61,18 @@ def test_queue_finds_the_nearest_other_image_and_replaces_the_oldest():
     q.push(torch.tensor([[0.0, -1.0]] * 3), torch.tensor([1, 2, 3]), torch.tensor([20, 21, 22]))  # wraps around
     assert q.ids.tolist() == [20, 21, 22, 13] and q.labels.tolist() == [1, 2, 3, 8] and q.ptr == 3
     state = q.state()
-    other = ct.NeighbourQueue(4, 2, torch.device("cpu"), seed=1)
+    other = nnclr.NeighbourQueue(4, 2, torch.device("cpu"), seed=1)
     other.load(state)
     assert torch.equal(other.vectors, q.vectors) and other.ptr == 3
     with pytest.raises(UsageError, match="queue_size"):
-        ct.NeighbourQueue(8, 2, torch.device("cpu"), seed=0).load(state)
+        nnclr.NeighbourQueue(8, 2, torch.device("cpu"), seed=0).load(state)
 
 
 def test_loss_is_infonce_of_predictions_against_the_neighbours():
     torch.manual_seed(0)
     pred = torch.randn(6, 8, requires_grad=True)
     positive = F.normalize(torch.randn(6, 8), dim=1)
-    loss = ct.nnclr_loss(pred, positive, 0.15, CPU)
+    loss = nnclr.nnclr_loss(pred, positive, 0.15, CPU)
     logits = positive @ F.normalize(pred, dim=1).T / 0.15
     expected = -torch.log_softmax(logits, dim=1).diagonal().mean()
     torch.testing.assert_close(loss, expected)
@@ -200,7 +201,7 @@ def test_copy_edits_reach_every_kind(monkeypatch):
 
 def test_overlay_bank_reads_training_images():
     cfg = get_preset("mae_vit_tiny_patch4_32")
-    from mae.data import ImageDataset
+    from mae.datasets import ImageDataset
 
     source = load_source("digits")
     bank = overlay_bank(ImageDataset(source, np.arange(100), TwoViews(cfg)), cfg, n=8)
@@ -229,8 +230,8 @@ def test_tuned_checkpoint_exports_the_tuned_encoder_with_onnx_parity(straight_ru
     assert all(0.0 <= r["nn_accuracy"] <= 1.0 for r in rows)
     # the tuned encoder is what the artifact embeds, with the pooling and the recipe it was tuned with
     art = artifact.load(artifact.from_checkpoint(out / "checkpoint.pt", tmp_path / "art"))
-    assert art.pooling == "avg" and art.config["source"]["recipe"]["task"] == "contrastive"
-    assert art.config["source"]["recipe"]["stage"] == "tune" and art.config["source"]["recipe"]["queue_size"] == 64
+    assert art.pooling == "avg" and art.config.source.recipe["task"] == "contrastive"
+    assert art.config.source.recipe["stage"] == "tune" and art.config.source.recipe["queue_size"] == 64
     for k, v in art.encoder.vit.state_dict().items():
         torch.testing.assert_close(v, ckpt["model"][k].float())
     record = export_onnx(tmp_path / "art", parity_images=16)
@@ -276,8 +277,8 @@ def test_resume_after_a_kill_is_exact(straight_run, tiny_pretrain_run, tmp_path,
     with pytest.raises(FileExistsError, match="--resume"):
         ct.tune(cfg, init, out, "digits")
     summary = ct.tune(cfg, init, out, "digits", resume=True)
-    expected_from = {("head", 3): ("head", 2), ("tune", 1): ("head", 4), ("tune", 3): ("tune", 2)}[stop]
-    assert (summary["resumed_from"]["stage"], summary["resumed_from"]["step"]) == expected_from
+    expected_from = {("head", 3): 2, ("tune", 1): 4, ("tune", 3): 6}[stop]  # steps count across both stages
+    assert summary["resumed_from_step"] == expected_from
     a, b = (load_checkpoint(p / "checkpoint.pt") for p in (straight_run[0], out))
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), f"{k} differs after resuming from {expected_from}"
@@ -317,7 +318,7 @@ def test_tuning_raises_knn_over_the_untuned_encoder(tmp_path):
     save_checkpoint(init, {"model": MaskedAutoencoder(cfg.model).state_dict(), "step": 0, "epoch": 0,
                            "config": cfg.to_dict()})
     summary = ct.tune(cfg, init, tmp_path / "tuned", "digits")
-    split = ev.Split.of(load_source("digits"), cfg.data.val_fraction, cfg.data.split_seed)
+    split = ev.split_of("digits", cfg.data.val_fraction, cfg.data.split_seed)
     knn = {}
     for name, ckpt in (("untuned", init), ("tuned", tmp_path / "tuned" / "checkpoint.pt")):
         info = artifact.read_checkpoint(ckpt)
@@ -332,6 +333,7 @@ import json, sys
 sys.path.insert(0, {root!r})
 from mae.dist import all_gather_objects
 from training import contrastive as ct
+from training import nnclr
 from tests.test_contrastive import tuned_config
 
 original = ct.ContrastiveTrainer.fit
@@ -360,14 +362,14 @@ def test_ddp_and_fsdp_on_two_processes(tiny_pretrain_run, tmp_path):
     import sys
 
     from tests.conftest import ROOT
-    from tests.test_distributed import _free_port
+    from tests.serving_support import free_port
 
     script = tmp_path / "distributed.py"
     script.write_text(DISTRIBUTED.format(root=str(ROOT), init=str(tiny_pretrain_run / "checkpoint.pt")))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     for name, extra in (("ddp", []), ("fsdp", ["run.fsdp=true"])):
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                               str(_free_port()), str(script), str(tmp_path / name), *extra], cwd=ROOT, env=env,
+                               str(free_port()), str(script), str(tmp_path / name), *extra], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"world_size": 2, "effective_batch": 16,
@@ -377,4 +379,40 @@ def test_ddp_and_fsdp_on_two_processes(tiny_pretrain_run, tmp_path):
     assert len(losses["ddp"]) == 4
     np.testing.assert_allclose(losses["fsdp"], losses["ddp"], rtol=1e-4)
     art = artifact.load(artifact.from_checkpoint(tmp_path / "fsdp" / "checkpoint.pt", tmp_path / "art"))
-    assert art.config["source"]["recipe"]["task"] == "contrastive"
+    assert art.config.source.recipe["task"] == "contrastive"
+
+
+def test_cli_tunes_an_unlabelled_folder_exports_and_indexes_it(tiny_pretrain_run, tmp_path):
+    """The label-free path end to end, as a user types it: mae finetune --contrastive on a flat folder (no
+    classes), mae export of its checkpoint (the recipe recorded), mae index build and mae search with it."""
+    import shutil
+
+    from mae.sources import export_source
+    from tests.conftest import run_cli
+
+    photos = tmp_path / "unlabelled"
+    photos.mkdir()
+    for path in export_source(load_source("digits"), tmp_path / "export", range(0, 400, 4)):
+        shutil.move(path, photos / path.name)  # one flat folder: no class subfolders, no labels
+    run = tmp_path / "tuned"
+    sets = [a for s in [*CT, "run.steps=4"] for a in ("--set", s)]
+    done = run_cli("finetune", "--contrastive", "--init", str(tiny_pretrain_run / "checkpoint.pt"), "--data",
+                   str(photos), "--out", str(run), "--augment", "copy", *sets, "--json")
+    summary = json.loads(done.stdout)
+    assert summary["task"] == "contrastive" and summary["steps"] == 4 and summary["augment"] == "copy"
+    assert "val_knn_top1_after" not in summary and (run / "neighbours.png").exists()  # no labels, still pictures
+    again = run_cli("finetune", "--contrastive", "--init", str(tiny_pretrain_run / "checkpoint.pt"), "--data",
+                    str(photos), "--out", str(run), check=False)
+    assert again.returncode == 1 and "--resume" in again.stderr and "Traceback" not in again.stderr
+    probe = run_cli("finetune", "--linear-probe", "--init", str(tiny_pretrain_run / "checkpoint.pt"), "--data",
+                    "digits", "--out", str(run), "--resume", check=False)
+    assert probe.returncode == 1 and "mae finetune --contrastive" in probe.stderr
+
+    run_cli("export", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(tmp_path / "art"))
+    config = json.loads((tmp_path / "art" / "config.json").read_text())
+    assert config["source"]["recipe"]["augment"] == "copy" and config["pooling"] == "avg"
+    run_cli("index", "build", "--artifact", str(tmp_path / "art"), "--images", str(photos), "--out",
+            str(tmp_path / "index"))
+    query = sorted(photos.glob("*.png"))[7]
+    found = json.loads(run_cli("search", "--index", str(tmp_path / "index"), str(query), "-k", "1", "--json").stdout)
+    assert found["neighbours"][0]["file"] == str(query) and found["neighbours"][0]["score"] > 0.999

@@ -23,7 +23,9 @@ def test_demo_runs_every_stage_then_a_rerun_reuses_them(tmp_path: Path):
     for picture in (p["loss_curve"], p["reconstruction"], ctx["retrieval"]["contact_sheet"]):
         assert Path(picture).stat().st_size > 1000, picture
     table = ctx["evaluate"]
-    for row in ("raw", "random", "mae"):
+    c = ctx["contrastive"]
+    assert c["task"] == "contrastive" and c["steps"] >= 2 and Path(c["neighbours"]).stat().st_size > 1000
+    for row in ("raw", "random", "mae", "tuned"):
         assert 0.1 < table[row]["knn_top1"] <= 1 and 0.1 < table[row]["probe_top1"] <= 1, row
     assert 0 <= table["finetuned"]["top1"] <= 1
     config = json.loads((out / "artifact" / "config.json").read_text())

@@ -25,20 +25,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_json_flag(p)
     p.set_defaults(handler="training.pretrain:main")
 
-    p = sub.add_parser("finetune", help="finetune (or linear-probe) a pretrained encoder for classification")
+    p = sub.add_parser("finetune", help="finetune (or linear-probe) a pretrained encoder for classification, or "
+                                        "tune it into a search embedding without labels (--contrastive)")
     p.add_argument("--init", required=True, help="RUN/checkpoint.pt of a pretraining run, or official MAE weights")
-    p.add_argument("--data", required=True, help=LABELLED_DATA_HELP)
+    p.add_argument("--data", required=True, help=LABELLED_DATA_HELP + "; --contrastive needs no labels: any "
+                                                  "folder, list or shards")
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, best.pt, config.json, metrics.jsonl")
-    p.add_argument("--linear-probe", action="store_true",
-                   help="frozen encoder, class token (finetune.probe_pool), BatchNorm1d(affine=False) + Linear, "
-                        "crop + flip only")
-    p.add_argument("--epochs", type=int,
-                   help="epochs (finetune.epochs, or finetune.probe_epochs with --linear-probe)")
-    p.add_argument("--batch-size", type=int, help="images per device per micro-step (finetune.batch_size, or "
-                                                  "finetune.probe_batch_size with --linear-probe)")
+    stage = p.add_mutually_exclusive_group()
+    stage.add_argument("--linear-probe", action="store_true",
+                       help="frozen encoder, class token (finetune.probe_pool), BatchNorm1d(affine=False) + Linear, "
+                            "crop + flip only")
+    stage.add_argument("--contrastive", action="store_true",
+                       help="MAE-CT: NNCLR heads on the frozen encoder, then the upper blocks with layer decay; no "
+                            "labels (contrastive.*); mae export of its checkpoint serves the tuned embedding")
+    p.add_argument("--augment", choices=("crop", "colour", "copy"),
+                   help="--contrastive views (contrastive.augment): crop (MAE-CT), colour (MAE-CT_aug), copy "
+                        "(copy-detection edits: JPEG, crops, rotations, resizes, colour, text and image overlays)")
+    p.add_argument("--epochs", type=int, help="epochs (finetune.epochs, finetune.probe_epochs with --linear-probe, "
+                                              "contrastive.epochs with --contrastive)")
+    p.add_argument("--batch-size", type=int, help="images per device per micro-step (finetune.batch_size, "
+                                                  "finetune.probe_batch_size or contrastive.batch_size)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    # The recipe is finetune.*; optim.* describes the pretraining and is refused here (training.finetune).
-    add_overrides_flag(p, "finetune.layer_decay=0.65 or finetune.blr=1e-3")
+    # The recipe is finetune.* (contrastive.*); optim.* describes the pretraining and is refused here.
+    add_overrides_flag(p, "finetune.layer_decay=0.65, finetune.blr=1e-3 or contrastive.queue_size=8192")
     add_json_flag(p)
     p.set_defaults(handler="training.finetune:main")
 

@@ -34,28 +34,28 @@ encoder that the official runs log beside the weights is not kept (the released 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
-import time
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from mae import artifact as artifact_lib
 from mae.checkpoint import load_checkpoint
-from mae.config import Config, ModelConfig, OptimConfig
-from mae.dist import barrier
+from mae.config import Config, ModelConfig, OptimConfig, length_overrides
+from mae.dist import Dist, barrier
 from mae.errors import UsageError
-from mae.files import write_json_atomic
+from training.data import eval_loader, training_data
 from training.finetune import init_config, load_encoder
-from training.loop import Dist, RunDir, Trainer, eval_loader, init_distributed, shutdown_distributed, training_data
+from training.loop import Trainer
+from training.nnclr import NeighbourQueue, NNCLRHead, gather, nnclr_loss
+from training.run import resumed_config, run_training
+from training.rundir import RunDir
 from training.views import TwoViews, describe, indexed, overlay_bank
 
 VIEWS = 2
@@ -97,6 +97,14 @@ def stage_steps(cfg: Config, steps_per_epoch: int) -> dict[str, int]:
     return {"head": head, "tune": total - head}
 
 
+def stage_optim(cfg: Config, stage: str) -> OptimConfig:
+    """A stage's optimiser: AdamW at ``contrastive.blr`` (tuning) or ``head_blr`` (heads) x 2 views x batch / 256
+    (two views per image make the loss's batch twice the images'); warmup and schedule are the stage's own."""
+    c = cfg.contrastive
+    return OptimConfig(batch_size=c.batch_size, blr=(c.blr if stage == "tune" else c.head_blr) * VIEWS,
+                       weight_decay=c.weight_decay, betas=c.betas, warmup_epochs=0.0, min_lr=0.0)
+
+
 def frozen_depth(cfg: Config) -> int:
     """Blocks kept frozen while tuning (``contrastive.frozen_blocks``, null = half the depth)."""
     depth = cfg.model.depth
@@ -107,55 +115,6 @@ def frozen_depth(cfg: Config) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- model
-
-
-def projector(dim: int, hidden: int, out: int) -> nn.Sequential:
-    """NNCLR's projector (the official ``create_projector``): 3 Linear layers, BN after each, ReLU between."""
-    return nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(),
-                         nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(),
-                         nn.Linear(hidden, out, bias=False), nn.BatchNorm1d(out))
-
-
-def predictor(dim: int, hidden: int) -> nn.Sequential:
-    """NNCLR's predictor (the official ``create_predictor``): Linear-BN-ReLU, Linear."""
-    return nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(),
-                         nn.Linear(hidden, dim, bias=False))
-
-
-class NNCLRHead(nn.Module):
-    """Projector, predictor and the EMA target projector (no gradient; it fills and searches the queue)."""
-
-    def __init__(self, dim: int, proj_hidden: int, pred_hidden: int, out: int):
-        super().__init__()
-        self.projector = projector(dim, proj_hidden, out)
-        self.predictor = predictor(out, pred_hidden)
-        self.target = copy.deepcopy(self.projector)
-        self.target.requires_grad_(False)
-
-    def forward(self, pooled: torch.Tensor, use_target: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """pooled (N, D) -> (prediction (N, P), the projection the queue sees (N, P), without gradient)."""
-        projected = self.projector(pooled)
-        predicted = self.predictor(projected)
-        if not use_target:  # stage 1 (the official NnclrHead): the projector's own output
-            return predicted, projected.detach()
-        with torch.no_grad():
-            return predicted, self.target(pooled)
-
-    @torch.no_grad()
-    def copy_to_target(self) -> None:
-        """target <- projector (the official stage-3 start: its target projector is loaded from stage 2's)."""
-        for t, o in zip(self.target.parameters(), self.projector.parameters()):
-            t.copy_(o)
-        for t, o in zip(self.target.buffers(), self.projector.buffers()):
-            t.copy_(o)
-
-    @torch.no_grad()
-    def update_target(self, momentum: float) -> None:
-        """target <- momentum x target + (1 - momentum) x projector; buffers copied (the official ``update_ema``)."""
-        for t, o in zip(self.target.parameters(), self.projector.parameters()):
-            t.mul_(momentum).add_(o, alpha=1.0 - momentum)
-        for t, o in zip(self.target.buffers(), self.projector.buffers()):
-            t.copy_(o)
 
 
 class ContrastiveViT(VisionTransformer):
@@ -237,113 +196,6 @@ def build_model(cfg: Config, state: dict[str, torch.Tensor], source_grid: tuple[
     return model
 
 
-# ----------------------------------------------------------------------------------------------- the queue
-
-
-class NeighbourQueue:
-    """The support set: ``size`` L2-normalised projections with the label and sample index each came from.
-
-    Starts as random unit vectors (index -1), as the official head's buffer; every rank pushes the whole gathered
-    batch, so every rank holds the same queue. Its state travels in the checkpoint (``state``/``load``).
-    """
-
-    def __init__(self, size: int, dim: int, device: torch.device, seed: int):
-        gen = torch.Generator().manual_seed(seed)
-        self.vectors = F.normalize(torch.randn(size, dim, generator=gen), dim=1).to(device)
-        self.labels = torch.full((size,), -1, dtype=torch.int64, device=device)
-        self.ids = torch.full((size,), -1, dtype=torch.int64, device=device)
-        self.ptr = 0
-
-    @property
-    def size(self) -> int:
-        return len(self.vectors)
-
-    @torch.no_grad()
-    def nearest(self, z: torch.Tensor, ids: torch.Tensor, topk: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """z (N, P) normalised -> (queue index (N,), that projection (N, P)): the nearest entry that is not the
-        image itself, or one drawn uniformly from the ``topk`` nearest (``torch``'s generator, reseeded per step)."""
-        sim = z @ self.vectors.T  # (N, Q)
-        sim[(self.ids[None, :] == ids[:, None]) & (ids[:, None] >= 0)] = -1.0
-        if topk <= 1:
-            idx = sim.argmax(dim=1)
-        else:
-            candidates = sim.topk(min(topk, self.size), dim=1).indices  # (N, k)
-            pick = torch.randint(candidates.shape[1], (len(z),), device=z.device)
-            idx = candidates[torch.arange(len(z), device=z.device), pick]
-        return idx, self.vectors[idx]
-
-    @torch.no_grad()
-    def push(self, z: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> None:
-        """Replace the oldest entries with a batch (wrapping around; any batch size)."""
-        n = min(len(z), self.size)
-        at = (self.ptr + torch.arange(n, device=z.device)) % self.size
-        self.vectors[at] = z[-n:].to(self.vectors.dtype)
-        self.labels[at] = labels[-n:]
-        self.ids[at] = ids[-n:]
-        self.ptr = int((self.ptr + n) % self.size)
-
-    def state(self) -> dict[str, Any]:
-        return {"vectors": self.vectors.cpu(), "labels": self.labels.cpu(), "ids": self.ids.cpu(), "ptr": self.ptr}
-
-    def load(self, state: dict[str, Any]) -> None:
-        if tuple(state["vectors"].shape) != tuple(self.vectors.shape):
-            raise UsageError(f"the checkpoint's queue holds {tuple(state['vectors'].shape)} projections, this run "
-                             f"expects {tuple(self.vectors.shape)} (contrastive.queue_size x output_dim)")
-        device = self.vectors.device
-        self.vectors = state["vectors"].to(device, torch.float32)
-        self.labels, self.ids = state["labels"].to(device), state["ids"].to(device)
-        self.ptr = int(state["ptr"])
-
-
-# ----------------------------------------------------------------------------------------------- across ranks
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient for this rank's slice (solo-learn's, as the official
-    ``AllGatherGradAutograd``); works on gloo, which has no reduce_scatter."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = [torch.zeros_like(x) for _ in range(torch_dist.get_world_size())]
-        torch_dist.all_gather(out, x.contiguous())
-        return tuple(out)
-
-    @staticmethod
-    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
-        stacked = torch.stack(grads)
-        torch_dist.all_reduce(stacked)
-        return stacked[torch_dist.get_rank()]
-
-
-def gather(x: torch.Tensor, dist: Dist, grad: bool = False) -> tuple[torch.Tensor, int]:
-    """Every rank's rows of ``x`` in rank order, and where this rank's start. Batches may differ in size (an
-    unreadable image is skipped on one rank), so rows are padded for the collective and the padding dropped."""
-    if not dist.enabled:
-        return x, 0
-    sizes = torch.tensor([len(x)], device=x.device)
-    all_sizes = [torch.zeros_like(sizes) for _ in range(dist.world)]
-    torch_dist.all_gather(all_sizes, sizes)
-    counts = [int(s) for s in all_sizes]
-    pad = max(counts) - len(x)
-    padded = torch.cat([x, x.new_zeros(pad, *x.shape[1:])]) if pad else x
-    if grad:
-        parts = _GatherWithGrad.apply(padded)
-    else:
-        parts = [torch.zeros_like(padded) for _ in range(dist.world)]
-        torch_dist.all_gather(parts, padded.contiguous())
-    return torch.cat([p[:c] for p, c in zip(parts, counts)]), sum(counts[: dist.rank])
-
-
-def nnclr_loss(predicted: torch.Tensor, positive: torch.Tensor, temperature: float, dist: Dist) -> torch.Tensor:
-    """InfoNCE of the official ``nnclr_loss_fn``: each row's positive (N, P) against the normalised predictions of
-    the whole batch (all ranks, with gradient); the matching prediction is the target class."""
-    p = F.normalize(predicted.float(), dim=-1)
-    everyone, start = gather(p, dist, grad=True)
-    logits = positive.float() @ everyone.T / temperature  # (N, N_all)
-    target = torch.arange(start, start + len(p), device=p.device)
-    return F.cross_entropy(logits, target)
-
-
 # ----------------------------------------------------------------------------------------------- training
 
 
@@ -385,10 +237,9 @@ class ContrastiveTrainer(Trainer):
             model.nnclr.copy_to_target()  # the official stage 3 starts its target projector from stage 2's
         if dist.device.type == "cuda" and dist.enabled:  # the official sync_batchnorm (torch has none on CPU)
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        base = c.blr if self.tuning else c.head_blr
-        optim = OptimConfig(batch_size=c.batch_size, blr=base * VIEWS, weight_decay=c.weight_decay, betas=c.betas,
-                            warmup_epochs=0.0, min_lr=0.0)
-        groups = parameter_groups(model, c.weight_decay, c.head_weight_decay, c.layer_decay, c.head_blr / base)
+        optim = stage_optim(cfg, stage)
+        groups = parameter_groups(model, c.weight_decay, c.head_weight_decay, c.layer_decay,
+                                  c.head_blr * VIEWS / optim.blr)
         super().__init__(cfg, run, dist, model, train_set, optimizer_groups=groups, optim=optim, epochs=1,
                          normalize=train_set.transform.normalizer())
         self.stage_steps = stage_steps(cfg, self.steps_per_epoch)
@@ -450,7 +301,7 @@ class ContrastiveTrainer(Trainer):
         """kNN top-1 among the validation images (each against the others; labelled data only)."""
         if not self.labelled or not (self.dist.is_main or self.fsdp):  # a sharded model's forward needs every rank
             return {}
-        embedded, labels = embed_images(self.model, self.val_images(), self.dist.device, self._autocast)
+        embedded, labels = embed_images(self.model, self.val_images(), self.dist.device, self.autocast)
         self.val_figures = {"val_knn_top1": leave_one_out_knn(embedded, labels)}
         return self.val_figures if self.dist.is_main else {}
 
@@ -544,8 +395,7 @@ def neighbour_sheet(images: torch.Tensor, rows: list[tuple[str, torch.Tensor]], 
     (one row per query and embedding, e.g. before and after tuning)."""
     from PIL import Image, ImageDraw
 
-    from mae.data import denormalize
-    from mae.visualize import thumbnail
+    from mae.visualize import denormalize, thumbnail
 
     picks = np.linspace(0, len(images) - 1, min(queries, len(images))).round().astype(int)
     pixels = denormalize(images.float(), mean, std)  # (N, C, H, W) in [0, 1]
@@ -577,82 +427,114 @@ def neighbour_sheet(images: torch.Tensor, rows: list[tuple[str, torch.Tensor]], 
 # ----------------------------------------------------------------------------------------------- the run
 
 
-def tune(cfg: Config, init_checkpoint: str | Path, out: str | Path, data: str | Any, resume: bool = False
-         ) -> dict[str, Any]:
-    """Contrastive tuning of ``init_checkpoint``'s encoder into the run folder ``out``, both stages; returns a
-    summary (paths, steps, kNN among the validation images before and after, time).
+class ContrastiveRun:
+    """Both stages of one contrastive run, as ``training.run.run_training`` drives a trainer.
 
-    ``cfg``: the init's config with the run's overrides (``contrastive_config``); ``data``: a ``--data`` spec or a
-    loaded ``mae.data.Source``. Each stage starts from the checkpoint file (stage 1's last, or the one resumed),
-    so a run killed anywhere and resumed computes what it would have straight through.
+    ``fit`` trains the heads, then the upper blocks: each stage is a ``ContrastiveTrainer`` that starts from the
+    checkpoint the stage before it left (weights and queue), so a run killed anywhere and resumed computes what it
+    would have straight through. ``step``, ``total_steps`` and the metrics count both stages in one sequence.
     """
-    cfg.contrastive.validate()
-    dist = init_distributed()
-    trainer = None
-    try:
-        run = RunDir(out, dist)
-        if run.checkpoint.exists() and not resume:
-            raise FileExistsError(f"{run.checkpoint} exists: pass --resume to continue that run, "
-                                  "or choose another --out")
-        init_cfg, init_state = init_config(init_checkpoint)
-        source_grid = init_cfg.model.grid_size
+
+    def __init__(self, cfg: Config, run: RunDir, dist: Dist, data: str | Any, init_state: dict[str, torch.Tensor],
+                 source_grid: tuple[int, int] | None):
+        cfg.contrastive.validate()
+        self.cfg, self.run, self.dist = cfg, run, dist
+        self.init_state, self.source_grid = init_state, source_grid
         c = cfg.contrastive
         transform = TwoViews(cfg)
-        sets = training_data(data, cfg, dist, transform, c.batch_size, val_limit=VAL_IMAGES, val_fallback=64)
-        train = indexed(sets.train, transform, cfg.run.seed)
+        self.sets = training_data(data, cfg, dist, transform, c.batch_size, val_limit=VAL_IMAGES, val_fallback=64)
+        self.train = indexed(self.sets.train, transform, cfg.run.seed)
         if c.augment == "copy":
-            transform.set_overlays(overlay_bank(sets.train, cfg))
-        saved = load_checkpoint(run.checkpoint, map_location="cpu") if resume and run.checkpoint.exists() else None
-        if saved is not None and (saved.get("task") != "contrastive" or saved.get("stage") not in STAGES):
-            raise UsageError(f"{run.checkpoint} is a {saved.get('task', 'pretraining')} run, not a contrastive one; "
-                             "choose another --out")
-        resumed_from = None if saved is None else {"stage": saved["stage"], "step": int(saved["step"])}
-        run.write_config(cfg, {"task": "contrastive", "init": str(init_checkpoint), "data_source": str(data),
-                               "world_size": dist.world, "augment": describe(c.augment),
-                               "frozen_blocks": frozen_depth(cfg)})
-        started = time.perf_counter()
-        last: dict[str, Any] = {}
-        summary: dict[str, Any] = {}
-        for stage in STAGES:
-            if saved is not None and STAGES.index(saved["stage"]) > STAGES.index(stage):
-                continue  # resumed past this stage
-            model = build_model(cfg, init_state, source_grid)
-            handed_on = saved is not None and saved["stage"] != stage  # stage 1 finished: its weights and queue
-            if handed_on:
-                model.load_state_dict(saved["model"])
-            trainer = ContrastiveTrainer(cfg, StageRun(out, dist, stage), dist, train, sets.val, stage, model,
-                                         saved["queue"] if handed_on else None, sets.labelled)
-            summary.update(stage_steps=trainer.stage_steps, effective_batch=trainer.effective_batch,
-                           steps_per_epoch=trainer.steps_per_epoch)
-            if trainer.total_steps == 0:  # contrastive.head_epochs=0: the heads start untrained
-                trainer = None
-                continue
-            if saved is not None and not handed_on:
-                trainer.resume()
-            last = trainer.fit()
-            summary["skipped_images"] = summary.get("skipped_images", 0) + trainer.skipped_images
-            trainer = None
-            barrier(dist)
-            saved = load_checkpoint(run.checkpoint, map_location="cpu")  # every rank: where the next stage starts
-        seconds = time.perf_counter() - started
-        summary.update({
-            "task": "contrastive", "run": str(run.path), "checkpoint": str(run.checkpoint),
-            "init": str(init_checkpoint), "augment": c.augment, "pooling": c.pooling,
-            "steps": sum(summary["stage_steps"].values()), "resumed_from": resumed_from,
-            "loss": last.get("loss"), "nn_accuracy": last.get("nn_accuracy"), "val_knn_top1": last.get("val_knn_top1"),
-            "seconds": round(seconds, 1), "world_size": dist.world, "rank": dist.rank, "device": str(dist.device),
-        })
-        if dist.is_main:
-            from mae.visualize import loss_curve
+            transform.set_overlays(overlay_bank(self.sets.train, cfg))
+        self.trainer: ContrastiveTrainer = self._stage("head", None)
+        self.stage_steps = self.trainer.stage_steps
+        self.total_steps = sum(self.stage_steps.values())
+        self.steps_per_epoch, self.effective_batch = self.trainer.steps_per_epoch, self.trainer.effective_batch
+        self.tuned_state: dict[str, torch.Tensor] | None = None
 
-            summary.update(before_and_after(cfg, init_state, source_grid, saved["model"], sets.val, run.path,
-                                            sets.labelled, dist.device))
-            summary["loss_curve"] = str(loss_curve(run.metrics, run.path / "loss_curve.png", ("loss",)))
-            write_json_atomic(run.path / "summary.json", summary)
-        return summary
-    finally:
-        trainer = None  # the wrapped model goes before its process group (see shutdown_distributed)
-        shutdown_distributed()
+    def _stage(self, stage: str, handed_on: dict[str, Any] | None) -> ContrastiveTrainer:
+        """The trainer of ``stage``: from the init's encoder with fresh heads, or from ``handed_on`` (the
+        checkpoint the heads stage left: its weights, queue and count of skipped images)."""
+        model = build_model(self.cfg, self.init_state, self.source_grid)
+        if handed_on is not None:
+            model.load_state_dict(handed_on["model"])
+        trainer = ContrastiveTrainer(self.cfg, StageRun(self.run.path, self.dist, stage), self.dist, self.train,
+                                     self.sets.val, stage, model, handed_on and handed_on["queue"],
+                                     self.sets.labelled)
+        if handed_on is not None:
+            trainer.skipped_images = int(handed_on.get("skipped_images", 0))
+        return trainer
+
+    @property
+    def step(self) -> int:
+        return self.trainer.run.offset + self.trainer.step
+
+    @property
+    def skipped_images(self) -> int:
+        return self.trainer.skipped_images
+
+    @property
+    def base_lr(self) -> float:
+        return self.trainer.base_lr
+
+    def resume(self) -> None:
+        """Continue the checkpoint in the run folder, in the stage it was saved in."""
+        saved = load_checkpoint(self.run.checkpoint, map_location="cpu")
+        if saved.get("task") != "contrastive" or saved.get("stage") not in STAGES:
+            raise UsageError(f"{self.run.checkpoint} is a {saved.get('task', 'pretraining')} run, not a contrastive "
+                             "one; choose another --out")
+        if saved["stage"] != self.trainer.stage:
+            self.trainer = self._stage(saved["stage"], None)
+        self.trainer.resume()
+
+    def fit(self) -> dict[str, Any]:
+        """Train what is left of both stages; returns the last logged metrics."""
+        last: dict[str, Any] = {}
+        while True:
+            if self.trainer.total_steps > 0:  # contrastive.head_epochs=0: the heads start untrained
+                last = self.trainer.fit()
+                barrier(self.dist)
+                handed_on = load_checkpoint(self.run.checkpoint, map_location="cpu")  # every rank: the next start
+            else:
+                handed_on = None
+            if self.trainer.stage == STAGES[-1]:
+                self.tuned_state = handed_on["model"]
+                return last
+            following = STAGES[STAGES.index(self.trainer.stage) + 1]
+            self.trainer = None  # type: ignore[assignment]  # its wrapped model goes before the next is built
+            self.trainer = self._stage(following, handed_on)
+
+    def run_record(self) -> dict[str, Any]:
+        c = self.cfg.contrastive
+        return {"augment": describe(c.augment), "frozen_blocks": frozen_depth(self.cfg),
+                "stage_steps": self.stage_steps,
+                "stage_lr": {s: stage_optim(self.cfg, s).effective_lr(self.effective_batch) for s in STAGES}}
+
+    def summary(self, last: dict[str, Any]) -> dict[str, Any]:
+        """Where each stage stands and, on rank 0, the untuned and tuned encoders side by side (kNN among the
+        validation images, the neighbour sheet)."""
+        c = self.cfg.contrastive
+        out = {"stage_steps": self.stage_steps, "augment": c.augment, "pooling": c.pooling,
+               "nn_accuracy": last.get("nn_accuracy"), "val_knn_top1": last.get("val_knn_top1")}
+        if self.dist.is_main and self.tuned_state is not None:
+            out.update(before_and_after(self.cfg, self.init_state, self.source_grid, self.tuned_state, self.sets.val,
+                                        self.run.path, self.sets.labelled, self.dist.device))
+        return out
+
+
+def tune(cfg: Config, init_checkpoint: str | Path, out: str | Path, data: str | Any, resume: bool = False,
+         loaded: tuple[Config, dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+    """Contrastive tuning of ``init_checkpoint``'s encoder into the run folder ``out``, both stages; returns the
+    run's summary (paths, steps, kNN among the validation images before and after, time).
+
+    ``cfg``: the init's config with the run's overrides (``contrastive_config``); ``data``: a ``--data`` spec or a
+    source opened by ``mae.sources.open_data``; ``loaded``: ``init_config(init_checkpoint)`` when the caller has it.
+    """
+    init_cfg, init_state = loaded or init_config(init_checkpoint)
+    grid = init_cfg.model.grid_size
+    return run_training(out, lambda run, dist: ContrastiveRun(cfg, run, dist, data, init_state, grid),
+                        resume=resume, record={"task": "contrastive", "init": str(init_checkpoint),
+                                               "data_source": str(data)})
 
 
 def before_and_after(cfg: Config, init_state: dict[str, torch.Tensor], source_grid: tuple[int, int] | None,
@@ -677,3 +559,25 @@ def before_and_after(cfg: Config, init_state: dict[str, torch.Tensor], source_gr
         out["val_knn_top1_after"] = leave_one_out_knn(after, labels)
     return out
 
+
+
+def main(args) -> dict[str, Any]:
+    """``mae finetune --contrastive --init C --data D --out RUN [--augment crop|colour|copy] [--epochs N]
+    [--batch-size B] [--resume] [--set contrastive.k=v]``."""
+    sets = length_overrides(args.epochs, None, args.batch_size, prefix="contrastive.")
+    sets += [f"contrastive.augment={args.augment}"] if args.augment else []
+    sets += list(args.overrides)
+    loaded = init_config(args.init)
+    cfg = resumed_config(args.out, contrastive_config(loaded[0], sets), resume=args.resume, asked=bool(sets))
+    s = tune(cfg, args.init, args.out, args.data, resume=args.resume, loaded=loaded)
+    knn = (f": val kNN top-1 {s['val_knn_top1_before']:.4f} -> {s['val_knn_top1_after']:.4f} (untuned -> tuned)"
+           if "val_knn_top1_after" in s else "")
+    s["text"] = (
+        f"contrastive tuning ({s['augment']} views, {s['pooling']} pooling): {s['steps']} steps "
+        f"({s['stage_steps']['head']} heads + {s['stage_steps']['tune']} tuning) in {s['seconds']} s on "
+        f"{s['device']} (x{s['world_size']}){knn}\n"
+        f"  checkpoint      {s['checkpoint']}\n  metrics         {Path(s['run']) / 'metrics.jsonl'}\n"
+        f"  loss curve      {s.get('loss_curve')}\n  neighbours      {s.get('neighbours')} (before / after, "
+        f"per query)\n  export with     mae export --checkpoint {s['checkpoint']} --out ARTIFACT"
+    )
+    return s

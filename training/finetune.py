@@ -318,6 +318,10 @@ def finetune(cfg: Config, init: str | Path, out: str | Path, data: str, state: d
                         resume=resume, record={"task": task_name(linear_probe), "init": str(init), "data_source": data})
 
 
+RESUME_WITH = {"finetune": "mae finetune (without --linear-probe)", "linear_probe": "mae finetune --linear-probe",
+               "contrastive": "mae finetune --contrastive"}
+
+
 def task_name(linear_probe: bool) -> str:
     """What a finetune run's checkpoint, config and summary call its task."""
     return "linear_probe" if linear_probe else "finetune"
@@ -325,6 +329,12 @@ def task_name(linear_probe: bool) -> str:
 
 def main(args) -> dict[str, Any]:
     """``mae finetune --init C --data D --out RUN [--linear-probe] [--epochs N] [--resume] [--set k=v]``."""
+    if getattr(args, "contrastive", False):
+        from training.contrastive import main as contrastive_main
+
+        return contrastive_main(args)
+    if getattr(args, "augment", None):
+        raise UsageError("--augment chooses the views of --contrastive; add --contrastive or drop it")
     checkpoint = Path(args.out) / CHECKPOINT
     prefix = "finetune.probe_" if args.linear_probe else "finetune."
     sets = length_overrides(args.epochs, None, args.batch_size, prefix=prefix) + list(args.overrides)
@@ -334,8 +344,8 @@ def main(args) -> dict[str, Any]:
         task = task_name(args.linear_probe)
         saved_task = load_checkpoint(checkpoint).get("task", task)
         if saved_task != task:
-            raise UsageError(f"{checkpoint} is a {saved_task} run; {'drop' if not args.linear_probe else 'add'} "
-                             "--linear-probe to resume it")
+            raise UsageError(f"{checkpoint} is a {saved_task} run; resume it with "
+                             f"{RESUME_WITH.get(saved_task, 'the command that made it')}")
     cfg = resumed_config(args.out, cfg, resume=args.resume, asked=bool(sets))
     summary = finetune(cfg, args.init, args.out, args.data, state, linear_probe=args.linear_probe,
                        resume=args.resume, source_grid=init_cfg.model.grid_size)

@@ -37,8 +37,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from mae.config import Config
-from mae.data import RRC_RATIO, ImageDataset, ImageItem, Normalize, ShardTrainStream
-from mae.images import Box, load_pixels, random_resized_crop_box
+from mae.datasets import ImageDataset, Normalize, ShardTrainStream
+from mae.images import Box, ImageItem, load_pixels, random_resized_crop_box
+from training.augment import RRC_RATIO
 
 AUGMENTS = ("crop", "colour", "copy")
 REFERENCE_SIDE = 224  # the size the recipes' pixel figures (blur sigma, text size) were chosen for
@@ -182,8 +183,8 @@ def indexed(train: Any, transform: TwoViews, seed: int) -> IndexedViews | Indexe
 def overlay_bank(train: Any, cfg: Config, n: int = OVERLAY_BANK) -> list[np.ndarray]:
     """Up to ``n`` training images (seeded picks; the first ones of a shard stream) at the model's input size, for
     the copy recipe's image overlays. Unreadable ones are left out."""
-    from mae.data import head_source
     from mae.images import ImageError
+    from mae.sources import head_source
 
     if isinstance(train, ShardTrainStream):
         source = head_source(train.shards, n)
