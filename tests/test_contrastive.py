@@ -408,6 +408,9 @@ def test_cli_tunes_an_unlabelled_folder_exports_and_indexes_it(tiny_pretrain_run
                     "digits", "--out", str(run), "--resume", check=False)
     assert probe.returncode == 1 and "mae finetune --contrastive" in probe.stderr
 
+    scored = json.loads(run_cli("evaluate", "--checkpoint", str(run / "checkpoint.pt"), "--data", "digits",
+                                "--json").stdout)  # the tuned encoder scored like any other: kNN and probe
+    assert "avg pooling" in scored["model"] and 0.1 < scored["knn_top1"] <= 1 and 0.1 < scored["probe_top1"] <= 1
     run_cli("export", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(tmp_path / "art"))
     config = json.loads((tmp_path / "art" / "config.json").read_text())
     assert config["source"]["recipe"]["augment"] == "copy" and config["pooling"] == "avg"
