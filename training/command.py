@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from mae.flags import DATA_HELP, LABELLED_DATA_HELP, add_json_flag, add_overrides_flag
 
@@ -49,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     # The recipe is finetune.* (contrastive.*); optim.* describes the pretraining and is refused here.
     add_overrides_flag(p, "finetune.layer_decay=0.65, finetune.blr=1e-3 or contrastive.queue_size=8192")
     add_json_flag(p)
-    p.set_defaults(handler="training.finetune:main")
+    p.set_defaults(handler="training.command:finetune")
 
     p = sub.add_parser("evaluate", help="kNN, linear-probe and (finetuned) top-1/top-5 on a labelled split")
     what = p.add_mutually_exclusive_group(required=True)
@@ -63,3 +64,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes for decoding images")
     add_json_flag(p)
     p.set_defaults(handler="training.evaluate:main")
+
+
+def finetune(args: argparse.Namespace) -> dict[str, Any]:
+    """``mae finetune``: ``--contrastive`` is a stage of its own (``training.contrastive``), the rest
+    ``training.finetune``; imported here, when the command runs."""
+    from importlib import import_module
+
+    return import_module("training.contrastive" if args.contrastive else "training.finetune").main(args)

@@ -329,10 +329,6 @@ def task_name(linear_probe: bool) -> str:
 
 def main(args) -> dict[str, Any]:
     """``mae finetune --init C --data D --out RUN [--linear-probe] [--epochs N] [--resume] [--set k=v]``."""
-    if getattr(args, "contrastive", False):
-        from training.contrastive import main as contrastive_main
-
-        return contrastive_main(args)
     if getattr(args, "augment", None):
         raise UsageError("--augment chooses the views of --contrastive; add --contrastive or drop it")
     checkpoint = Path(args.out) / CHECKPOINT
