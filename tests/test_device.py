@@ -88,6 +88,16 @@ def test_each_stage_measured_what_it_claims(dry_run):
     assert ft["steps"] == 10 and ft["layer_decay"] < 1 and ft["mixup"] > 0
     assert ft["items"]["init"]["source"] == "the pretrain_loop stage's checkpoint"
 
+    ct = dry_run["stages"]["contrastive"]["result"]
+    tune = ct["items"]["tune"]
+    assert ct["items"]["init"]["source"] == "the pretrain_loop stage's checkpoint"
+    assert tune["steps"] == 12 and tune["stage_steps"] == {"head": 3, "tune": 9} and tune["losses_finite"]
+    assert tune["frozen_blocks"] == 1  # half of the toy's 2 blocks train
+    assert all(tune[k] > 0 for k in ("images_per_s", "head_images_per_s", "tflops", "mfu_measured_peak"))
+    assert tune["gflop_per_image"] > tune["head_gflop_per_image"]  # the upper blocks' backward
+    check = ct["items"]["flop_formula_check"]
+    assert check["head_counter_over_analytic"] == check["tune_counter_over_analytic"] == pytest.approx(1.0, abs=1e-3)
+
     embed = dry_run["stages"]["embed"]["result"]
     assert embed["inductor_export"]["passed"] is True
     runners = {r["runner"] for r in embed["rows"]}
@@ -113,6 +123,21 @@ def test_analytic_flops_match_torchs_counter():
     assert analytic_step_flops(vit_l, 1) == pytest.approx(124.2e9, rel=1e-3)  # the figure the goals are read with
 
 
+@pytest.mark.parametrize("frozen", [None, 0, 2])  # half the blocks (the default), the stem trained, all frozen
+def test_contrastive_flops_match_torchs_counter(frozen):
+    from bench.device.stages.contrastive import counted_step_flops, tuning_step_flops
+    from mae.config import get_preset
+
+    heads = ["contrastive.proj_hidden_dim=48", "contrastive.pred_hidden_dim=96", "contrastive.output_dim=16"]
+    cfg = get_preset("mae_vit_tiny_patch4_32").override(
+        device.TOY + heads + ([] if frozen is None else [f"contrastive.frozen_blocks={frozen}"]))
+    for stage in ("head", "tune"):
+        counted = counted_step_flops(cfg, 3, stage, torch.device("cpu"))
+        assert counted == pytest.approx(tuning_step_flops(cfg, 3, stage), rel=1e-6), stage
+    vit_b = get_preset("mae_vit_base_patch16")
+    assert tuning_step_flops(vit_b, 1) == pytest.approx(140.2e9, rel=1e-3)  # the figure the docstring gives
+
+
 def test_a_hung_stage_is_stopped_at_its_budget_and_keeps_its_partial_result(tmp_path):
     result = tmp_path / "r.json"
     code = (f"import json, time; open({str(result)!r}, 'w').write(json.dumps({{'status': 'running', "
@@ -130,6 +155,7 @@ def test_a_stage_gets_the_time_earlier_ones_left_within_the_deadline():
     assert harness.stage_timeout("finetune", -30.0, 1000.0, dry=False) == own  # an overrun costs no one else
     assert harness.stage_timeout("finetune", 25.0, 20.0, dry=False) == 20.0  # never past the deadline
     assert sum(b for b, _ in harness.BUDGETS.values()) <= harness.RUN_BUDGET["gpu"] <= 480
+    assert sum(d for _, d in harness.BUDGETS.values()) <= harness.RUN_BUDGET["dry"]
 
 
 def test_a_failing_stage_fails_alone(tmp_path, monkeypatch):
@@ -161,6 +187,9 @@ def test_goals_are_judged_from_the_figures_and_never_from_missing_ones():
         {"name": "embed", "status": "ok", "result": {"batches": [1, 32, 256], "rows": [
             {"view": "model", "runner": "inductor package bf16", "batch": 256, "images_per_s": 9000.0,
              "vs_eager": 2.4}]}},
+        {"name": "contrastive", "status": "ok", "result": {"images_per_s": 2100.0, "autocast": "bfloat16",
+                                                            "losses_finite": True, "mfu_measured_peak": 0.31,
+                                                            "mfu_nominal_peak": 0.3, "nominal_peak_tflops": 989.4}},
         {"name": "serving", "status": "ok", "result": {"on_over_off": 4.2, "errors": 0}}]}
     goals = {g["goal"]: g["status"] for g in report.judge_goals(record)}
     assert goals["ViT-L/16 MAE pretraining >= 2,500 img/s"] == "met"
@@ -173,6 +202,13 @@ def test_goals_are_judged_from_the_figures_and_never_from_missing_ones():
     assert goals["GPU-compiled embedding at batch 256 >= 8,000 img/s"] == "met"
     assert goals["serving: batching on >= 5x off at 32 clients"] == "missed"
     assert goals["serving: 0 errors"] == "met"
+    tuning = "ViT-B/16 contrastive tuning runs in bf16 with finite losses; img/s and MFU reported"
+    assert goals[tuning] == "met"
+    shown = {g["goal"]: g["shown"] for g in report.judge_goals(record)}
+    assert shown[tuning] == "2100 img/s, MFU 30.0% (datasheet peak)"
+    record["stages"][3]["result"]["autocast"] = "off"  # ran in fp32: the goal is missed, and says why
+    fp32 = next(g for g in report.judge_goals(record) if g["goal"] == tuning)
+    assert fp32["status"] == "missed" and "autocast off" in fp32["shown"]
     md = report.markdown({**record, "started": "now", "command": "x", "budget_s": 470, "goals": report.judge_goals(
         record)})
     assert "| serving: 0 errors | 0 errors | met |" in md

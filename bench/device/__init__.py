@@ -17,9 +17,10 @@ The package:
 - ``stage``: the stage protocol (what a stage module exports) and ``Stage``, what a stage's process records with;
 - ``report``: device.json, device.md and the goals judged from the figures;
 - ``stages/``: one module per stage, listed in order in ``stages.STAGES`` (environment, pytest_gpu,
-  pretrain_step, pretrain_loop, finetune, embed, serving; each module's docstring says what it proves). Adding a
-  stage is one module there and its line in that list;
-- ``inputs``: what several stages share (photo-like JPEGs, the pretraining run's size).
+  pretrain_step, pretrain_loop, finetune, contrastive, embed, serving; each module's docstring says what it
+  proves). Adding a stage is one module there and its line in that list;
+- ``inputs``: what several stages share (photo-like JPEGs, the pretraining run's size, the finetuning stages'
+  init checkpoint).
 
 ``--dry-run`` runs all of it at toy size on the CPU: tiny ViTs, a handful of steps, small images. What needs
 CUDA is skipped by name with the reason; torch.compile uses the ``aot_eager`` backend there (the same

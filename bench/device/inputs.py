@@ -1,4 +1,5 @@
-"""What several stages share in the work folder: photo-like JPEGs and the size of the pretraining run."""
+"""What several stages share in the work folder: photo-like JPEGs, the size of the pretraining run and the checkpoint
+the finetuning stages start from."""
 
 from __future__ import annotations
 
@@ -73,3 +74,29 @@ def loop_plan(dry: bool) -> dict[str, Any]:
     return {"preset": "mae_vit_base_patch16", "sets": [], "batch": 128, "steps": 240, "ckpt_every": 120,
             "log_every": 10, "workers": max(1, min(14, cores - 2)), "model": "ViT-B/16"}
 
+
+
+def init_checkpoint(work: Path, plan: dict[str, Any]) -> tuple[Path, str]:
+    """The checkpoint a finetuning stage starts from, and where it came from: the pretrain_loop stage's when it left
+    one of ``plan``'s model (``loop_plan``), else a fresh MAE of that config written to ``work`` (so that a failed
+    pretraining run fails alone)."""
+    import torch
+
+    from mae.checkpoint import save_checkpoint
+    from mae.config import Config, get_preset
+    from mae.model import MaskedAutoencoder
+
+    cfg = get_preset(plan["preset"]).override(plan["sets"])
+    pretrained = work / "pretrain" / "checkpoint.pt"
+    if pretrained.exists():
+        saved = torch.load(pretrained, map_location="cpu", weights_only=True, mmap=True).get("config") or {}
+        if Config.from_dict({"model": saved.get("model", {})}).model == cfg.model:
+            return pretrained, "the pretrain_loop stage's checkpoint"
+        why = f"the pretrain_loop stage's checkpoint is not a {plan['model']}"
+    else:
+        why = "the pretrain_loop stage left no checkpoint"
+    init = work / "init.pt"
+    torch.manual_seed(0)
+    save_checkpoint(init, {"model": MaskedAutoencoder(cfg.model).state_dict(), "step": 0, "epoch": 0,
+                           "config": cfg.to_dict()})
+    return init, f"random-init MAE ({why})"

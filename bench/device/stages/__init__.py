@@ -7,7 +7,16 @@ column of all stages must still sum to at most that.
 
 from __future__ import annotations
 
-from bench.device.stages import embed, environment, finetune, pretrain_loop, pretrain_step, pytest_gpu, serving
+from bench.device.stages import (
+    contrastive,
+    embed,
+    environment,
+    finetune,
+    pretrain_loop,
+    pretrain_step,
+    pytest_gpu,
+    serving,
+)
 
 STAGES = (
     environment,  # first, always: the later stages see the site folder it installs the carried wheels into
@@ -15,6 +24,7 @@ STAGES = (
     pretrain_step,
     pretrain_loop,
     finetune,  # finetunes the checkpoint pretrain_loop leaves
+    contrastive,  # tunes the same checkpoint (MAE-CT)
     embed,
     serving,
 )

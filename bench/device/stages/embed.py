@@ -1,4 +1,4 @@
-"""Stage 6, embed: ViT-B/16 embedding at batch 1 / 32 / 256: torch eager bf16, torch.compile, and the AOTInductor
+"""Stage 7, embed: ViT-B/16 embedding at batch 1 / 32 / 256: torch eager bf16, torch.compile, and the AOTInductor
 package (``mae export --inductor``: parity on real images first), on device tensors and through ``Embedder.run``
 (numpy in and out); onnxruntime on the CPU as the reference row. The dry run compiles the package for the CPU (for
 real) and runs torch.compile with the ``aot_eager`` backend."""
@@ -14,7 +14,7 @@ from typing import Any
 from bench.device.stage import SKIPPED, Goal, Stage, device, no_cuda_reason, num
 
 NAME = "embed"
-BUDGET = (110, 150)
+BUDGET = (90, 150)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import shutil
 import statistics
 from typing import Any
 
-from bench.device.inputs import loop_plan, photo_folder
+from bench.device.inputs import init_checkpoint, loop_plan, photo_folder
 from bench.device.stage import Goal, Stage, cli_json
 
 NAME = "finetune"
@@ -21,25 +21,9 @@ def run(st: Stage) -> None:
     with st.item("images") as e:
         folder = photo_folder(st.work, st.dry)
         e["folder"] = str(folder)
-    with st.item("init") as e:
-        init = st.work / "pretrain" / "checkpoint.pt"
-        if init.exists():
-            e["checkpoint"] = str(init)
-            e["source"] = "the pretrain_loop stage's checkpoint"
-        else:  # fail alone: a fresh MAE of the same config stands in for the pretraining run
-            import torch
-
-            from mae.checkpoint import save_checkpoint
-            from mae.config import get_preset
-            from mae.model import MaskedAutoencoder
-
-            cfg = get_preset(plan["preset"]).override(plan["sets"])
-            init = st.work / "init.pt"
-            torch.manual_seed(0)
-            save_checkpoint(init, {"model": MaskedAutoencoder(cfg.model).state_dict(), "step": 0, "epoch": 0,
-                                   "config": cfg.to_dict()})
-            e["checkpoint"] = str(init)
-            e["source"] = "random-init MAE (the pretrain_loop stage left no checkpoint)"
+    with st.item("init") as e:  # fails alone: a fresh MAE of the same config stands in for the pretraining run
+        init, e["source"] = init_checkpoint(st.work, plan)
+        e["checkpoint"] = str(init)
     out = st.work / "finetune"
     shutil.rmtree(out, ignore_errors=True)
     args = ["finetune", "--init", str(init), "--data", str(folder), "--out", str(out), "--batch-size", str(batch),

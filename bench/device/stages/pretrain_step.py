@@ -13,7 +13,7 @@ from typing import Any
 from bench.device.stage import TOY, Goal, Stage, device, free_memory, num, sig
 
 NAME = "pretrain_step"
-BUDGET = (130, 90)
+BUDGET = (110, 90)
 NOMINAL_BF16_TFLOPS = {"H200": 989.4, "H100 80GB HBM3": 989.4, "H100 SXM": 989.4}
 """Dense bf16 datasheet peaks (SXM parts), by a substring of torch's device name: the usual MFU denominator."""
 PHASES = [("eager", [("hf", False), ("ours", False)]), ("regional", [("ours-compiled-regional", "regional")]),

@@ -1,4 +1,4 @@
-"""Stage 7, serving: ``mae serve`` on the GPU (torch backend), ``POST /embed`` from 32 clients, batching off vs on.
+"""Stage 8, serving: ``mae serve`` on the GPU (torch backend), ``POST /embed`` from 32 clients, batching off vs on.
 Needs bentoml and aiohttp (the GPU machine gets them from the wheels ``bench/device_wheels.sh`` carries)."""
 
 from __future__ import annotations
