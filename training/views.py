@@ -173,7 +173,7 @@ class IndexedShardStream(ShardTrainStream):
 
 
 def indexed(train: Any, transform: TwoViews, seed: int) -> IndexedViews | IndexedShardStream:
-    """A training set of ``training.loop.training_data`` as the same set, through ``transform``, with indices."""
+    """A training set of ``training.data.training_data`` as the same set, through ``transform``, with indices."""
     if isinstance(train, ShardTrainStream):
         return IndexedShardStream(train.shards, transform, seed, train.rank, train.world, train.buffer,
                                   train.batch_size)
