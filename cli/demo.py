@@ -243,7 +243,8 @@ def summary_table(ctx: dict[str, Any]) -> list[str]:
         f"(mae finetune --linear-probe: {ctx['probe']['best_val_top1']:.4f})",
         f"    MAE encoder kNN                {e['mae']['knn_top1']:.4f}",
         f"    tuned encoder kNN (no labels)  {e['tuned']['knn_top1']:.4f}   (mae finetune --contrastive, "
-        f"{ctx['contrastive']['steps']} steps; probe {e['tuned']['probe_top1']:.4f})",
+        f"{ctx['contrastive']['steps']} steps, {ctx['contrastive']['pooling']} pooling; probe "
+        f"{e['tuned']['probe_top1']:.4f})",
         f"    finetuned top-1                {e['finetuned']['top1']:.4f}",
         f"  artifact        {ctx['artifact']} (sha256 {ctx['artifact_sha256'][:12]})",
     ]
