@@ -280,6 +280,11 @@ class ContrastiveConfig:
     positive: str = "neighbour"
     """What a view is pulled towards: neighbour (NNCLR, the paper's: the other view's nearest neighbour in the
     queue) or view (the other view itself, as SimCLR and SSCD: tells instances apart, for copy detection)."""
+    koleo: float = 0.0
+    """Weight of SSCD's KoLeo term (Sablayrolles et al. 2019; Pizzi et al. 2022) on the L2-normalised pooled
+    embedding, the one the artifact serves: -mean log of each image's distance to its nearest other image in the
+    batch. It spreads the embedding over the sphere so that distinct images stay apart and a cosine threshold
+    separates copies (SSCD: 30 with temperature 0.05). 0 = off, the paper's MAE-CT."""
     proj_hidden_dim: int = 2048
     """Hidden width of the projector (Linear-BN-ReLU x 2, Linear-BN: NNCLR's)."""
     pred_hidden_dim: int = 4096
@@ -342,8 +347,8 @@ class ContrastiveConfig:
             raise UsageError("contrastive.warmup must be in [0, 1) and the learning rates > 0")
         if self.frozen_blocks is not None and self.frozen_blocks < 0:
             raise UsageError(f"contrastive.frozen_blocks must be >= 0 or null; got {self.frozen_blocks}")
-        if min(self.weight_decay, self.head_weight_decay) < 0:
-            raise UsageError("contrastive weight decays must be >= 0")
+        if min(self.weight_decay, self.head_weight_decay, self.koleo) < 0:
+            raise UsageError("contrastive weight decays and contrastive.koleo must be >= 0")
 
 
 @dataclass(frozen=True)

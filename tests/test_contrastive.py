@@ -80,6 +80,21 @@ def test_loss_is_infonce_of_predictions_against_the_neighbours():
     assert pred.grad is not None and pred.grad.abs().sum() > 0
 
 
+def test_koleo_is_the_entropy_estimate_and_spreads_the_closest_pair():
+    x = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]], requires_grad=True)
+    # nearest other rows: 0-1 (distance 0.632), 1-0, 2-1 (0.894), 3-? (1.414 to 0 and 2, sqrt(3.6) to 1)
+    v = F.normalize(x.detach(), dim=1)
+    d = torch.cdist(v, v) + torch.eye(4) * 9
+    torch.testing.assert_close(nnclr.koleo_loss(x), -torch.log(d.min(1).values).mean(), atol=1e-6, rtol=0)
+    nnclr.koleo_loss(x).backward()
+    # a small step down the gradient moves rows 0 and 1 apart, and the loss falls
+    with torch.no_grad():
+        moved = x - 0.05 * x.grad
+    assert float(F.cosine_similarity(moved[0], moved[1], dim=0)) < float(F.cosine_similarity(x[0], x[1], dim=0))
+    assert nnclr.koleo_loss(moved) < nnclr.koleo_loss(x)
+    assert float(nnclr.koleo_loss(torch.ones(1, 4, requires_grad=True))) == 0.0  # one image: nothing to spread
+
+
 def _model(frozen: int | None, depth: int = 4) -> ct.ContrastiveViT:
     cfg = get_preset("mae_vit_tiny_patch4_32").override([f"model.depth={depth}", "model.embed_dim=64",
                                                          "model.num_heads=2"])
@@ -96,7 +111,7 @@ def test_stages_train_what_the_paper_trains_and_frozen_blocks_get_no_gradient():
         ran_with_grad = {}
         for i, block in enumerate(model.blocks):
             block.register_forward_hook(lambda m, a, out, i=i, ran=ran_with_grad: ran.update({i: out.requires_grad}))
-        predicted, projected = model(x)
+        predicted, projected, _ = model(x)
         assert predicted.shape == projected.shape == (2, 4, 16) and not projected.requires_grad
         predicted.sum().backward()
         grads = {n: p.grad is not None for n, p in model.named_parameters()}
@@ -413,7 +428,9 @@ def test_cli_tunes_an_unlabelled_folder_exports_and_indexes_it(tiny_pretrain_run
     assert "avg pooling" in scored["model"] and 0.1 < scored["knn_top1"] <= 1 and 0.1 < scored["probe_top1"] <= 1
     run_cli("export", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(tmp_path / "art"))
     config = json.loads((tmp_path / "art" / "config.json").read_text())
-    assert config["source"]["recipe"]["augment"] == "copy" and config["pooling"] == "avg"
+    recipe = config["source"]["recipe"]
+    assert recipe["augment"] == "copy" and config["pooling"] == "avg"
+    assert recipe["positive"] == "view" and recipe["crop_scale"] == [0.7, 1.0]  # --augment copy's whole recipe
     run_cli("index", "build", "--artifact", str(tmp_path / "art"), "--images", str(photos), "--out",
             str(tmp_path / "index"))
     query = sorted(photos.glob("*.png"))[7]

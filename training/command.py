@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "labels (contrastive.*); mae export of its checkpoint serves the tuned embedding")
     p.add_argument("--augment", choices=("crop", "colour", "copy"),
                    help="--contrastive views (contrastive.augment): crop (MAE-CT), colour (MAE-CT_aug), copy "
-                        "(copy-detection edits: JPEG, crops, rotations, resizes, colour, text and image overlays)")
+                        "(to find copies: JPEG, crops of 70-100%%, rotations, resizes, colour, text and image "
+                        "overlays, each view pulled towards its own image's other view: contrastive.positive=view)")
     p.add_argument("--epochs", type=int, help="epochs (finetune.epochs, finetune.probe_epochs with --linear-probe, "
                                               "contrastive.epochs with --contrastive)")
     p.add_argument("--batch-size", type=int, help="images per device per micro-step (finetune.batch_size, "

@@ -173,3 +173,18 @@ def nnclr_loss(predicted: torch.Tensor, positive: torch.Tensor, temperature: flo
     logits = positive.float() @ everyone.T / temperature  # (N, N_all)
     target = torch.arange(start, start + len(p), device=p.device)
     return F.cross_entropy(logits, target)
+
+
+def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """The Kozachenko-Leonenko entropy estimate's loss (SSCD's and DINOv2's ``KoLeoLoss``): for the L2-normalised
+    rows of ``x`` (N, D), -mean log of each row's distance to its nearest other row. Minimising it pushes every
+    image away from its closest neighbour in the batch, spreading the embedding over the sphere."""
+    if len(x) < 2:
+        return x.sum() * 0.0
+    v = F.normalize(x, dim=-1, eps=eps)
+    with torch.no_grad():  # the nearest other row; the distance to it carries the gradient
+        sim = v @ v.T
+        sim.fill_diagonal_(-2.0)
+        nearest = sim.argmax(dim=1)
+    distance = F.pairwise_distance(v, v[nearest], eps=eps)
+    return -torch.log(distance + eps).mean()
