@@ -267,6 +267,17 @@ def test_tuned_encoder_differs_only_above_the_frozen_blocks(straight_run, tiny_p
     assert all(k.startswith(("head.", "fc_norm.")) for k in load_encoder(vit, state))
 
 
+def test_koleo_spreads_the_tuned_embedding_only_while_the_encoder_trains(tiny_pretrain_run, tmp_path):
+    init = tiny_pretrain_run / "checkpoint.pt"
+    out = tmp_path / "koleo"
+    ct.tune(tuned_config(init, "run.steps=4", "contrastive.koleo=2"), init, out, "digits")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [("koleo" in r) for r in rows] == [r["stage"] == "tune" for r in rows] == [False, False, True, True]
+    assert all(np.isfinite(r["koleo"]) for r in rows if "koleo" in r)
+    with pytest.raises(UsageError, match="koleo"):
+        get_preset("mae_vit_tiny_patch4_32").override(["contrastive.koleo=-1"])
+
+
 class Stop(Exception):
     pass
 
