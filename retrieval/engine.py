@@ -57,10 +57,11 @@ DUPLICATE_K = 16
 # 0.95 the groups would chain distinct digits (precision 0.02). That encoder puts another digit closer than one
 # of the copies for 80% of the originals, so no threshold does better with it alone: the pixel check
 # (retrieval.verify, the default of ``mae index duplicates``) does, from the looser candidates it proposes.
-# Re-measured for contrastively tuned encoders (``mae finetune --contrastive``, colour or copy views): they rank
-# copies far better (micro-AP 0.16 -> 0.63-0.66, cropped copies among the 16 nearest 75% -> 94-97%), but distinct
-# digits drawn alike still reach cosines of 0.995+: 0.997 keeps precision >= 0.95 for the mini preset's recipe
-# (0.965, recall 0.10) but not for copy views (0.947), so 0.998 stays the default for every encoder.
+# Re-measured for contrastively tuned encoders (``mae finetune --contrastive``, the preset's recipe and the
+# ``--augment copy`` runs of docs/benchmarks.md): they rank copies far better (micro-AP 0.16 -> 0.66, and 0.93
+# with --augment copy), but distinct digits drawn alike still reach cosines of 0.995+, and where precision falls
+# under 0.95 depends on the run (0.997 for some, 0.995 for others). 0.998 keeps it >= 0.959 for every one of
+# them, so it stays the default.
 DUPLICATE_THRESHOLD = 0.998
 DUPLICATE_BLOCK = 1024
 
