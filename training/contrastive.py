@@ -285,7 +285,7 @@ class ContrastiveTrainer(Trainer):
             if c.koleo and pooled.requires_grad:  # the head stage's encoder is frozen: nothing to spread
                 spread = (koleo_loss(pooled[0].float()) + koleo_loss(pooled[1].float())) / 2
                 loss = loss + c.koleo * spread
-                metrics["koleo"] = float(spread)
+                metrics["koleo"] = float(spread.detach())
         if self.labelled and idx0 is not None:
             metrics["nn_accuracy"] = float((self.queue.labels[idx0] == y).float().mean())
         all_z, _ = gather(z[0], self.dist)
