@@ -185,7 +185,7 @@ def counted_step_flops(cfg: Any, batch: int, stage: str, dev: Any) -> float:
             module.fused_attn = False
     x = torch.randn(batch, VIEWS, cfg.model.in_chans, *cfg.model.img_size, device=dev)  # (N, 2, C, H, W)
     with FlopCounterMode(display=False) as counter:
-        predicted, _ = model(x)
+        predicted, _, _ = model(x)
         predicted.float().square().mean().backward()
     return float(counter.get_total_flops())
 
