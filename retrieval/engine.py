@@ -58,7 +58,7 @@ DUPLICATE_K = 16
 # of the copies for 80% of the originals, so no threshold does better with it alone: the pixel check
 # (retrieval.verify, the default of ``mae index duplicates``) does, from the looser candidates it proposes.
 # Re-measured for contrastively tuned encoders (``mae finetune --contrastive``, the preset's recipe and the
-# ``--augment copy`` runs of docs/benchmarks.md): they rank copies far better (micro-AP 0.16 -> 0.66, and 0.93
+# ``--augment copy`` runs of docs/benchmarks.md): they rank copies far better (micro-AP 0.16 -> 0.66, and 0.96
 # with --augment copy), but distinct digits drawn alike still reach cosines of 0.995+, and where precision falls
 # under 0.95 depends on the run (0.997 for some, 0.995 for others). 0.998 keeps it >= 0.959 for all of them but
 # one (batch 1024, whose cosines pack tighter: 0.707; it needs 0.9983), so it stays the default and the docs say

@@ -571,8 +571,8 @@ def before_and_after(cfg: Config, init_state: dict[str, torch.Tensor], source_gr
 # ``--augment copy`` tunes for finding copies: besides the copy edits, each view is pulled towards the other view
 # of its own image (SSCD's instance discrimination: a neighbour's positive would pull distinct look-alikes
 # together), with crops that keep most of the picture, as copies do (digits, bench/retrieval.py --duplicates, 2 + 8
-# epochs: micro-AP 0.659 with the colour recipe, 0.661 copy views from crops of 35-100%, 0.772 with these; 0.933
-# at 2 + 32 epochs of batch 512, docs/benchmarks.md).
+# epochs: micro-AP 0.659 with the colour recipe, 0.661 copy views from crops of 35-100%, 0.772 with these; 0.961
+# at 2 + 64 epochs of batch 512, docs/benchmarks.md).
 COPY_RECIPE = ("contrastive.positive=view", "contrastive.crop_scale=0.7,1")
 
 
